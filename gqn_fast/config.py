@@ -1,0 +1,76 @@
+"""The GQN configuration shared by the reference and the fast model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+REPRESENTATIONS = ("tower", "pool", "pyramid")
+
+# Image and latent grid sizes are fixed by the architecture (GQN_SPEC.md): 64x64 images,
+# a 16x16 grid for r, the core states and z.
+IMAGE_SIZE = 64
+GRID_SIZE = 16
+VIEWPOINT_DIM = 7
+
+
+@dataclass(frozen=True)
+class GQNConfig:
+    """Hyper-parameters of a GQN; see ../shared/GQN_SPEC.md for what each one means.
+
+    representation: "tower" (r is r_dim x 16 x 16), "pool" or "pyramid" (r_dim x 1 x 1).
+    L: number of generation steps. z_dim: latent channels per step.
+    hidden: ConvLSTM hidden channels. canvas: channels of the 64x64 canvas u.
+    r_dim: channels of the scene representation r.
+    share_cores: one set of core weights for all L steps instead of one per step.
+    """
+
+    representation: str = "tower"
+    L: int = 12
+    z_dim: int = 3
+    hidden: int = 128
+    canvas: int = 128
+    r_dim: int = 256
+    share_cores: bool = False
+
+    def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}"
+            )
+        for name in ("L", "z_dim", "hidden", "canvas", "r_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.r_dim % 8 and self.representation == "pyramid":
+            raise ValueError(f"r_dim: the pyramid net needs a multiple of 8, got {self.r_dim}")
+        if self.r_dim % 2:
+            raise ValueError(f"r_dim: expected an even number, got {self.r_dim}")
+        if not isinstance(self.share_cores, bool):
+            raise TypeError(f"share_cores: expected a bool, got {type(self.share_cores).__name__}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GQNConfig":
+        """`"paper"`: Eslami et al. 2018. `"small"`: trains on a 2-core CPU in minutes."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GQNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+PRESETS = {
+    "paper": GQNConfig(),
+    "small": GQNConfig(
+        representation="tower", L=6, z_dim=3, hidden=32, canvas=32, r_dim=64, share_cores=False
+    ),
+}

@@ -1,0 +1,91 @@
+"""Checks on the tensors a GQN is called with, shared by the reference and the fast model."""
+
+from __future__ import annotations
+
+import torch
+
+from gqn_fast.config import IMAGE_SIZE, VIEWPOINT_DIM
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(name: str, t, ndim: int, tail: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim or tuple(t.shape[ndim - len(tail):]) != tail:
+        raise ValueError(f"{name}: expected shape {what}, got {_shape(t)}")
+
+
+def _check_values(name: str, t: torch.Tensor, unit_range: bool) -> None:
+    # Value checks read the tensor back to the host; under torch.compile they would break
+    # the graph, so they run in eager mode only (shapes are checked either way).
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    if unit_range and not bool(((t >= 0) & (t <= 1)).all()):
+        lo, hi = float(t.min()), float(t.max())
+        raise ValueError(f"{name}: expected values in [0, 1], got a range [{lo:.4g}, {hi:.4g}]")
+
+
+def check_context(context_x, context_v) -> None:
+    """context_x [B, M, 3, 64, 64] in [0, 1] and context_v [B, M, 7], M >= 1."""
+    s = IMAGE_SIZE
+    _check_tensor("context_x", context_x, 5, (3, s, s), f"[B, M, 3, {s}, {s}]")
+    _check_tensor("context_v", context_v, 3, (VIEWPOINT_DIM,), f"[B, M, {VIEWPOINT_DIM}]")
+    if context_x.shape[1] == 0:
+        raise ValueError("context_x: expected at least one context view (M >= 1), got M = 0")
+    if context_x.shape[:2] != context_v.shape[:2]:
+        raise ValueError(
+            f"context_v: expected [B, M] = {list(context_x.shape[:2])} as in context_x, "
+            f"got {list(context_v.shape[:2])}"
+        )
+    if context_v.device != context_x.device:
+        raise ValueError(
+            f"context_v: expected device {context_x.device} as context_x, got {context_v.device}"
+        )
+    _check_values("context_x", context_x, unit_range=True)
+    _check_values("context_v", context_v, unit_range=False)
+
+
+def check_query(context_x, query_v, query_x=None) -> None:
+    """query_v [B, 7] and, when given, query_x [B, 3, 64, 64] in [0, 1], B as in the context."""
+    s = IMAGE_SIZE
+    batch = context_x.shape[0]
+    _check_tensor("query_v", query_v, 2, (VIEWPOINT_DIM,), f"[B, {VIEWPOINT_DIM}]")
+    pairs = [("query_v", query_v)]
+    if query_x is not None:
+        _check_tensor("query_x", query_x, 4, (3, s, s), f"[B, 3, {s}, {s}]")
+        pairs.append(("query_x", query_x))
+    for name, t in pairs:
+        if t.shape[0] != batch:
+            raise ValueError(
+                f"{name}: expected batch size {batch} as in context_x, got {t.shape[0]}"
+            )
+        if t.device != context_x.device:
+            raise ValueError(f"{name}: expected device {context_x.device}, got {t.device}")
+    _check_values("query_v", query_v, unit_range=False)
+    if query_x is not None:
+        _check_values("query_x", query_x, unit_range=True)
+
+
+def check_noise(noise, L: int, batch: int, z_dim: int, grid: int) -> None:
+    """noise [L, B, z_dim, 16, 16] of standard-normal draws, one slice per step."""
+    if noise is None:
+        return
+    expected = (L, batch, z_dim, grid, grid)
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"noise: expected shape {list(expected)}, got {_shape(noise)}")
+    _check_values("noise", noise, unit_range=False)
+
+
+def check_sigma(sigma) -> None:
+    value = float(sigma) if not isinstance(sigma, torch.Tensor) else None
+    if value is not None and not value > 0:
+        raise ValueError(f"sigma: expected a positive pixel standard deviation, got {sigma!r}")

@@ -1,0 +1,55 @@
+"""The ConvLSTM cell and GQN's inference and generator cores (GQN_SPEC.md, "Cores")."""
+
+import torch
+from torch import nn
+
+
+class ConvLSTMCell(nn.Module):
+    """An LSTM whose matrix products are convolutions.
+
+    One conv over cat[input, h] gives 4 * hidden channels in PyTorch's gate order (i, f, g, o):
+    c' = sigmoid(f) c + sigmoid(i) tanh(g);  h' = sigmoid(o) tanh(c').
+    """
+
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels + hidden, 4 * hidden, kernel_size, padding=kernel_size // 2
+        )
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        i, f, g, o = self.conv(torch.cat([x, h], dim=1)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class InferenceCore(nn.Module):
+    """Reads the query image, the viewpoint, r, the generator's state and its canvas."""
+
+    def __init__(self, v_dim: int, r_dim: int, hidden: int, canvas: int):
+        super().__init__()
+        # 64x64 -> 16x16 so that the query image and the canvas meet the 16x16 state.
+        self.downsample_x = nn.Conv2d(3, 3, kernel_size=4, stride=4)
+        self.downsample_u = nn.Conv2d(canvas, canvas, kernel_size=4, stride=4)
+        self.cell = ConvLSTMCell(3 + v_dim + r_dim + hidden + canvas, hidden)
+
+    def forward(self, x_q, v_q, r, h_g, u, h_e, c_e):
+        inputs = torch.cat(
+            [self.downsample_x(x_q), v_q, r, h_g, self.downsample_u(u)], dim=1
+        )
+        return self.cell(inputs, h_e, c_e)
+
+
+class GeneratorCore(nn.Module):
+    """Updates its state from the viewpoint, r and z, then draws on the 64x64 canvas."""
+
+    def __init__(self, v_dim: int, r_dim: int, z_dim: int, hidden: int, canvas: int):
+        super().__init__()
+        self.cell = ConvLSTMCell(v_dim + r_dim + z_dim, hidden)
+        self.upsample_h = nn.ConvTranspose2d(hidden, canvas, kernel_size=4, stride=4)
+
+    def forward(self, v_q, r, z, h_g, c_g, u):
+        h_g, c_g = self.cell(torch.cat([v_q, r, z], dim=1), h_g, c_g)
+        u = u + self.upsample_h(h_g)
+        return h_g, c_g, u
