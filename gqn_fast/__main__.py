@@ -1,0 +1,5 @@
+import sys
+
+from gqn_fast.cli import main
+
+sys.exit(main())
