@@ -116,6 +116,10 @@ class GQN(nn.Module):
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=mean)
 
+    def forward(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
+        """Calling the model computes its ELBO (what DistributedDataParallel wraps)."""
+        return self.elbo(context_x, context_v, query_x, query_v, sigma, noise)
+
     @torch.no_grad()
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
         """The mean image [B, 3, 64, 64] of a scene seen from query_v, z drawn from the prior."""

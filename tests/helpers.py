@@ -29,3 +29,24 @@ def assert_close_rms(out, ref, limit, name="output"):
     err = rel_rms(out, ref)
     # `not err <= limit` so that NaN fails too.
     assert err <= limit, f"{name}: relative RMS error {err:.3g} exceeds {limit:.1g}"
+
+
+def tiny_config(**overrides):
+    """A GQN small enough for many hypothesis examples on a CPU."""
+    from gqn_fast import GQNConfig
+
+    values = dict(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16)
+    values.update(overrides)
+    return GQNConfig(**values)
+
+
+def random_scene_batch(batch, views, dtype=torch.float32, generator=None):
+    """(context_x, context_v, query_x, query_v) with images in [0, 1] and 7-d viewpoints."""
+    from gqn_fast.reference import transform_viewpoint
+
+    g = generator
+    context_x = torch.rand(batch, views, 3, 64, 64, generator=g, dtype=dtype)
+    context_v = transform_viewpoint(torch.randn(batch, views, 5, generator=g, dtype=dtype))
+    query_x = torch.rand(batch, 3, 64, 64, generator=g, dtype=dtype)
+    query_v = transform_viewpoint(torch.randn(batch, 5, generator=g, dtype=dtype))
+    return context_x, context_v, query_x, query_v

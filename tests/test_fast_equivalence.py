@@ -1,0 +1,119 @@
+"""gqn_fast.GQN against the reference: same weights, same noise, same numbers and gradients.
+
+The reference runs in float64 as the oracle; the fast model runs in the dtype under test with
+the same weights rounded to it, so the error measured is the fast path's own. Its limit is the
+dtype's RMS limit, or, where the quantity itself is ill-conditioned (a KL near zero is a sum of
+cancelling terms), 4x the error of the reference itself run in that dtype: the fast path may not
+be worse than plain PyTorch at the same precision.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gqn_fast import GQN, GQNConfig
+from gqn_fast.reference import GQN as ReferenceGQN
+from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
+
+
+@st.composite
+def configs(draw, max_L=3):
+    representation = draw(st.sampled_from(["tower", "pool", "pyramid"]))
+    return GQNConfig(
+        representation=representation,
+        L=draw(st.integers(1, max_L)),
+        z_dim=draw(st.integers(1, 4)),
+        hidden=draw(st.integers(2, 10)),
+        canvas=draw(st.integers(2, 10)),
+        r_dim=draw(st.sampled_from([8, 16, 24])),
+        share_cores=draw(st.booleans()),
+    )
+
+
+def outputs_and_gradients(model, inputs, noise, sigma):
+    """[(label, tensor)] for every ELBO output, every gradient of the loss, and generate's image."""
+    out = model.elbo(*inputs, sigma=sigma, noise=noise)
+    params = dict(model.named_parameters())
+    wrt = list(params.values()) + inputs
+    grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+    labels = list(params) + ["context_x", "context_v", "query_x", "query_v"]
+    # A parameter the computation never touches has a zero gradient.
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+    context_x, context_v, _, query_v = (t.detach() for t in inputs)
+    image = model.generate(context_x, context_v, query_v, noise=noise)
+    results = [(name, getattr(out, name)) for name in ["loss", "nll", "kl", "mean"]]
+    return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
+
+
+def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7):
+    """Every output and every gradient of fast (in dtype) against the float64 reference."""
+    torch.manual_seed(seed)
+    oracle = ReferenceGQN(config).double()
+    plain, fast = ReferenceGQN(config).to(dtype), GQN(config).to(dtype)
+    plain.load_state_dict(oracle.state_dict())
+    fast.load_state_dict(oracle.state_dict())
+    data = random_scene_batch(batch, views, dtype=torch.float64)
+    noise = torch.randn(config.L, batch, config.z_dim, 16, 16, dtype=torch.float64)
+
+    def run(model, dt):
+        inputs = [t.to(dt).requires_grad_() for t in data]
+        return outputs_and_gradients(model, inputs, noise.to(dt), sigma)
+
+    expected, plain_results, fast_results = run(oracle, torch.float64), run(plain, dtype), run(fast, dtype)
+    for (label, want), (_, plain_got), (_, got) in zip(expected, plain_results, fast_results):
+        limit = max(RMS_LIMITS[dtype], 4 * rel_rms(plain_got, want))
+        assert_close_rms(got, want, limit, label)
+
+
+@given(config=configs(), batch=st.integers(1, 3), views=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_cpu_path_matches_reference(config, batch, views, seed):
+    compare(config, batch, views, seed)
+
+
+@pytest.mark.parametrize("share_cores", [False, True])
+def test_small_preset_matches_reference(share_cores):
+    compare(GQNConfig.preset("small", share_cores=share_cores, L=3), batch=2, views=2, seed=0)
+
+
+def test_state_dict_loads_both_ways():
+    config = GQNConfig.preset("small")
+    reference, fast = ReferenceGQN(config), GQN(config)
+    assert list(reference.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(reference.state_dict())
+    reference.load_state_dict(fast.state_dict())
+    for (name, a), b in zip(reference.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_no_canvas_is_saved_for_backward():
+    """The reference keeps 128x64x64-style canvases for backward; the fast path keeps none."""
+    config = GQNConfig.preset("small", L=3)
+    saved = {"fast": [], "reference": []}
+    for name, cls in [("fast", GQN), ("reference", ReferenceGQN)]:
+        model = cls(config)
+        pack = lambda t, bucket=saved[name]: bucket.append(tuple(t.shape)) or t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.elbo(*random_scene_batch(2, 2), sigma=0.7).loss.backward()
+
+    def is_canvas(shape):  # a [B, canvas, 64, 64] tensor
+        return len(shape) == 4 and shape[1] == config.canvas and shape[-2:] == (64, 64)
+
+    assert any(is_canvas(s) for s in saved["reference"])
+    assert not any(is_canvas(s) for s in saved["fast"])
+
+
+def test_fullgraph_compile_matches_eager():
+    torch._dynamo.reset()
+    config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=4, canvas=4, r_dim=8)
+    model = GQN(config)
+    batch = random_scene_batch(2, 2)
+    noise = torch.randn(2, 2, 2, 16, 16)
+    compiled = torch.compile(model.elbo, fullgraph=True, backend="aot_eager")
+    eager = model.elbo(*batch, sigma=0.7, noise=noise)
+    out = compiled(*batch, sigma=0.7, noise=noise)
+    assert_close_rms(out.loss, eager.loss, 1e-6, "compiled loss")
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    eager_grads = torch.autograd.grad(eager.loss, list(model.parameters()))
+    for g, e in zip(grads, eager_grads):
+        assert_close_rms(g, e, 1e-5, "compiled grad")

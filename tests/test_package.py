@@ -1,0 +1,49 @@
+"""Install layout: gqn_fast, gqn_fast.kernels and gqn_fast.reference, and no top-level
+`kernels` or `reference` (a top-level `kernels` would shadow the package transformers probes for)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import importlib.util, json
+import gqn_fast, gqn_fast.kernels, gqn_fast.reference
+print(json.dumps({
+    "kernels_file": gqn_fast.kernels.__file__,
+    "reference_file": gqn_fast.reference.__file__,
+    "top_kernels": importlib.util.find_spec("kernels") is not None,
+    "top_reference": importlib.util.find_spec("reference") is not None,
+}))
+"""
+
+
+def test_installed_names_resolve_to_the_source_folders(tmp_path):
+    """The installed package (editable in development and CI) maps the folders to gqn_fast.*."""
+    import json
+
+    # Run from a neutral folder, so the repository root is not on sys.path.
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    found = json.loads(out.stdout)
+    assert Path(found["kernels_file"]).resolve().parent.name == "kernels"
+    assert Path(found["reference_file"]).resolve().parent.name == "reference"
+    assert not found["top_kernels"] and not found["top_reference"]
+
+
+def test_wheel_holds_only_gqn_fast(tmp_path):
+    """`pip install .` installs the wheel built here: its files must all live under gqn_fast/."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("gqn_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"gqn_fast"}
+    for module in ["gqn_fast/kernels/__init__.py", "gqn_fast/reference/gqn.py", "gqn_fast/data/__init__.py"]:
+        assert module in names
