@@ -17,7 +17,7 @@ def add_speedups(rows: list[dict]) -> None:
     """speedup = baseline time / this time, against the reference in eager mode (models) or the
     eager PyTorch math (kernels), at the same workload, size, mode and precision."""
     def key(r):
-        return (r["workload"], r.get("preset"), r["batch"], r["precision"], r.get("mode"))
+        return (r["workload"], r.get("preset"), r.get("batch"), r.get("precision"), r.get("mode"))
 
     baselines = {}
     for r in rows:
@@ -42,7 +42,7 @@ COLUMNS = [
     ("mode", "mode"), ("provider", "provider"), ("median_ms", "median ms"), ("p20_ms", "p20"),
     ("p80_ms", "p80"), ("speedup", "speedup"), ("TFLOPs", "TFLOP/s"), ("GBps", "GB/s"),
     ("share_of_copy_bw", "of copy BW"), ("share_of_matmul", "of matmul"),
-    ("peak_bytes", "peak MiB"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
+    ("images_per_s", "images/s"), ("batches_per_s", "batches/s"), ("peak_bytes", "peak MiB"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
     ("error", "error"),
 ]
 

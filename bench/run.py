@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import measured_limits, nominal_peaks  # noqa: E402
 
+import data_bench  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from gqn_fast import GQNConfig  # noqa: E402
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                                               args.smoke, sizes["repeats"], log)
     if "data" in groups:
         log("data:")
-        rows += workloads.data_rows(args.smoke, log)
+        rows += data_bench.data_rows(smoke=args.smoke, log=log)
 
     for r in rows:
         if "TFLOPs" in r:

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # command -> module with `register(subparsers)`; imported lazily so `--help` stays fast.
-COMMAND_MODULES = ["gqn_fast.data.commands"]
+COMMAND_MODULES = ["gqn_fast.data.commands", "gqn_fast.train", "gqn_fast.evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class TrainArgs:
     data: str | None = None
+    builtin_scenes: int = 2000
     preset: str = "small"
     steps: int = 2000
     batch: int = 16
@@ -87,7 +88,8 @@ def setup_distributed(requested_device: str | None):
 
 def train(args: TrainArgs) -> torch.nn.Module:
     """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf."""
-    from gqn_fast.data import builtin_dataset, make_loader, to_model_inputs
+    from gqn_fast.data.builtin import builtin_dataset
+    from gqn_fast.data.loader import make_loader, to_model_inputs
 
     rank, world, device = setup_distributed(args.device)
     main = rank == 0
@@ -97,7 +99,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
     if args.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: expected 'fp32' or 'bf16', got {args.precision!r}")
 
-    data_root = Path(args.data) if args.data else builtin_dataset("rooms")
+    data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
     torch.manual_seed(args.seed)
     model = model_class(args.impl)(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(0), betas=(0.9, 0.999), eps=1e-8)
@@ -129,13 +131,10 @@ def train(args: TrainArgs) -> torch.nn.Module:
         torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     )
 
-    def loader_from(epoch, start):
-        loader = make_loader(
-            data_root, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
-            num_workers=args.workers, distributed=world > 1, start_batch=start,
-        )
-        loader.set_epoch(epoch)
-        return loader
+    loader = make_loader(
+        data_root, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
+        num_workers=args.workers, distributed=world > 1,
+    )
 
     writer = MetricsWriter(out) if main else None
     if main:
@@ -153,7 +152,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
         if world > 1:
             dist.barrier()
 
-    loader = loader_from(epoch, batch_in_epoch)
+    loader.set_epoch(epoch, start_batch=batch_in_epoch)
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
     sums = None
@@ -163,7 +162,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
                 batch = next(batches)
             except StopIteration:
                 epoch, batch_in_epoch = epoch + 1, 0
-                loader = loader_from(epoch, 0)
+                loader.set_epoch(epoch)
                 batches = iter(loader)
                 continue
             context_x, context_v, query_x, query_v = to_model_inputs(batch, device)
@@ -187,11 +186,17 @@ def train(args: TrainArgs) -> torch.nn.Module:
             last_ckpt = step % args.checkpoint_every == 0 or step == args.steps
             if last_log or last_ckpt:
                 loss, nll_v, kl_v = (sums / window_steps).tolist()
-                if not all(math.isfinite(v) for v in (loss, nll_v, kl_v)):
+                # The loss is of the parameters before this step's update; a checkpoint holds
+                # those after it, so they are checked too before one is written.
+                finite = all(math.isfinite(v) for v in (loss, nll_v, kl_v))
+                if finite and last_ckpt:
+                    finite = bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+                if not finite:
                     good = list_checkpoints(ckpt_dir)
                     where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
                     raise TrainingDiverged(
-                        f"the loss became {loss} by step {step} (sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
+                        f"the loss or the weights became NaN or infinite by step {step} "
+                        f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
                         f"{where}. Try a lower learning rate or --precision fp32."
                     )
                 rate = window_steps / (time.perf_counter() - window_start)
@@ -270,6 +275,8 @@ def register(subparsers) -> None:
     defaults = TrainArgs()
     p = subparsers.add_parser("train", help="train a GQN (on the built-in rooms set unless --data)")
     p.add_argument("--data", help="dataset folder (default: the built-in rooms set, generated on first use)")
+    p.add_argument("--builtin-scenes", type=int, default=defaults.builtin_scenes,
+                   help="size of the built-in rooms set used without --data (made once, then cached)")
     p.add_argument("--preset", choices=["small", "paper"], default=defaults.preset)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch, help="scenes per step (per process)")
@@ -291,7 +298,7 @@ def register(subparsers) -> None:
 
 def run_command(ns: argparse.Namespace) -> int:
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    for name in ("steps", "batch", "max_context", "log_every", "image_every", "checkpoint_every", "keep"):
+    for name in ("steps", "batch", "builtin_scenes", "max_context", "log_every", "image_every", "checkpoint_every", "keep"):
         if getattr(args, name) < 1:
             raise SystemExit(f"gqn-fast train: --{name.replace('_', '-')} must be at least 1")
     try:

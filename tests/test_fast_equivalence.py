@@ -9,10 +9,10 @@ be worse than plain PyTorch at the same precision.
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gqn_fast import GQN, GQNConfig
+from gqn_fast import GQN, GQNConfig, kernels
 from gqn_fast.reference import GQN as ReferenceGQN
 from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
 
@@ -117,3 +117,13 @@ def test_fullgraph_compile_matches_eager():
     eager_grads = torch.autograd.grad(eager.loss, list(model.parameters()))
     for g, e in zip(grads, eager_grads):
         assert_close_rms(g, e, 1e-5, "compiled grad")
+
+
+@given(config=configs(max_L=2), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+@settings(max_examples=4)
+def test_triton_path_matches_reference_under_interpreter(config, batch, seed):
+    """The same comparison with the fused kernels running in Triton's CPU interpreter."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.use_triton(torch.zeros(1)), "the kernels did not take the Triton path"
+        compare(config, batch, views=1, seed=seed)

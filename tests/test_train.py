@@ -1,0 +1,147 @@
+"""The training command: exact resume, NaN handling, refusing other configs, DDP, and the
+eval and sample commands on what it wrote."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gqn_fast import cli
+from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
+from gqn_fast.train import TrainArgs, TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from gqn_fast.data.builtin import make_dataset
+
+    root = tmp_path_factory.mktemp("data") / "rooms"
+    return make_dataset(root, "rooms", scenes=24, seed=3, workers=1, progress=False)
+
+
+def args_for(dataset, out, **overrides):
+    values = dict(data=str(dataset), preset="small", steps=4, batch=3, max_context=3, out=str(out),
+                  log_every=1, image_every=1000, checkpoint_every=2, keep=2, device="cpu")
+    values.update(overrides)
+    return TrainArgs(**values)
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    """N steps straight == N/2 steps, stop, resume to N: identical parameters on the CPU."""
+    straight = train(args_for(dataset, tmp_path / "straight", steps=6, checkpoint_every=3))
+    train(args_for(dataset, tmp_path / "split", steps=3, checkpoint_every=3))
+    resumed = train(args_for(dataset, tmp_path / "split", steps=6, checkpoint_every=3, resume=True))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert load_checkpoint(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])["step"] == 6
+
+
+def test_resume_crosses_epochs_exactly(dataset, tmp_path):
+    straight = train(args_for(dataset, tmp_path / "a", steps=10, checkpoint_every=5))
+    train(args_for(dataset, tmp_path / "b", steps=5, checkpoint_every=5))
+    resumed = train(args_for(dataset, tmp_path / "b", steps=10, checkpoint_every=5, resume=True))
+    state = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
+    assert state["data"]["epoch"] >= 1  # 7 batches per epoch: step 10 is in the second
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(dataset), "--steps", "4", "--batch", "2", "--max-context", "2",
+                     "--out", str(out), "--log-every", "2", "--checkpoint-every", "2", "--keep", "1",
+                     "--image-every", "4", "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in ("loss", "nll", "kl", "nll_above_floor", "bits_per_dim", "sigma", "lr", "steps_per_s"):
+        assert all(key in r for r in records)
+    assert len(list_checkpoints(out / "checkpoints")) == 1  # --keep 1
+    assert (out / "images" / "step-00000004.png").stat().st_size > 0
+
+    ckpt = str(list_checkpoints(out / "checkpoints")[-1])
+    assert cli.main(["eval", ckpt, "--scenes", "2", "--max-context", "2", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert [c["context_views"] for c in metrics["curve"]] == [1, 2]
+    assert metrics["scenes"] == 2 and metrics["neg_elbo_nats"] > 0
+    assert (out / "eval" / "context_curve.png").stat().st_size > 0
+
+    assert cli.main(["sample", ckpt, "--scenes", "1", "--samples", "2", "--frames", "4",
+                     "--context", "2", "--device", "cpu"]) == 0
+    assert (out / "samples" / "scene-0000.png").exists()
+    from PIL import Image
+
+    gif = Image.open(out / "samples" / "scene-0000-fly-around.gif")
+    assert gif.n_frames == 4
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(args_for(dataset, out, steps=2, checkpoint_every=2))
+    good = list_checkpoints(out / "checkpoints")[-1]
+    before = good.read_bytes()
+    # From step 2 on, a NaN learning rate poisons every weight.
+    import gqn_fast.train as training
+
+    real = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda step: float("nan") if step >= 2 else real(step))
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite by step \d+.*last good checkpoint is .*step-00000002\.pt"):
+        train(args_for(dataset, out, steps=8, checkpoint_every=2, resume=True))
+    assert list_checkpoints(out / "checkpoints")[-1] == good
+    assert good.read_bytes() == before
+
+
+def test_checkpoint_of_another_config_is_refused(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(args_for(dataset, out, steps=2))
+    with pytest.raises(CheckpointError, match=r"made for L=8, but this run has L=12"):
+        train(args_for(dataset, out, steps=4, preset="paper", resume=True))
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints; pass --resume"):
+        train(args_for(dataset, out, steps=4))
+
+
+def test_interrupted_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "step-00000001.pt"
+    atomic_save({"version": 1, "step": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"version": 1, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    path = tmp_path / "step-00000001.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="step-00000001.pt: cannot be read"):
+        load_checkpoint(path)
+
+
+def _ddp_worker(rank, world, port, dataset, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = train(args_for(dataset, out, steps=3, batch=2, checkpoint_every=3))
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_ranks_identical(dataset, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(dataset), tmp_path), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # Rank 0 alone writes the run folder.
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
+    assert (tmp_path / "metrics.jsonl").exists()
