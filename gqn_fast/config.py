@@ -73,6 +73,6 @@ PRESETS = {
     "small": GQNConfig(
         # Shared cores: the constant inputs' conv work is then done once instead of L times,
         # which is where the fast path gains most on a CPU (GQN_SPEC.md, the fast path).
-        representation="tower", L=8, z_dim=3, hidden=32, canvas=32, r_dim=64, share_cores=True
+        representation="tower", L=6, z_dim=3, hidden=32, canvas=32, r_dim=64, share_cores=True
     ),
 }

@@ -96,7 +96,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
 def test_checkpoint_of_another_config_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     train(args_for(dataset, out, steps=2))
-    with pytest.raises(CheckpointError, match=r"made for L=8, but this run has L=12"):
+    with pytest.raises(CheckpointError, match=r"made for L=6, but this run has L=12"):
         train(args_for(dataset, out, steps=4, preset="paper", resume=True))
     with pytest.raises(CheckpointError, match=r"already holds checkpoints; pass --resume"):
         train(args_for(dataset, out, steps=4))

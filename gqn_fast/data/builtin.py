@@ -1,0 +1,230 @@
+"""Writing the built-in datasets: `make_dataset` (the `gqn-fast data make` command) and
+`builtin_dataset`, the default training set generated into a cache folder on first use.
+
+On the CPU, scenes are rendered in chunks by a pool of worker processes (one CPU thread
+each, so every core works, and the caller's torch settings are left alone) that write
+straight into the memory-mapped arrays of the split: nothing but one chunk per worker is
+ever in memory. On a GPU they are rendered in this process, in bigger chunks. A set is built in a temporary
+folder beside its destination and renamed into place once complete, so an interrupted run
+leaves no half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gqn_fast.data.camera import FOV_DEGREES
+from gqn_fast.data.format import SPLITS, SplitWriter, open_split
+from gqn_fast.data.scenes import get_family, render_scenes
+
+DEFAULT_SCENES = 20_000
+DEFAULT_SEED = 0
+TEST_FRACTION = 0.1
+# Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
+CHUNK_SCENES = 32
+GPU_CHUNK_SCENES = 1024
+# Below this many scenes a second worker process costs more than it saves.
+MIN_SCENES_FOR_WORKERS = 256
+
+
+def split_sizes(scenes: int, test_fraction: float = TEST_FRACTION) -> dict[str, int]:
+    """Scenes per split: test gets round(scenes * test_fraction), at least one; train the rest."""
+    if not isinstance(scenes, int) or isinstance(scenes, bool) or scenes < 2:
+        raise ValueError(f"scenes: expected an int >= 2 (one train and one test scene), got {scenes!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    test = min(scenes - 1, max(1, round(scenes * test_fraction)))
+    return {"train": scenes - test, "test": test}
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Worker side: each process keeps its split arrays open across tasks.
+_open_writers: dict = {}
+
+
+def _worker_init() -> None:
+    # One thread per process: the renderer's ops are too short for OpenMP (see render.py).
+    # Done only here, in a process of our own: toggling threads in a process that goes on
+    # running torch leaves its small ops slow.
+    torch.set_num_threads(1)
+
+
+def _render_chunk(task) -> int:
+    out, family, seed, split, start, stop, num_scenes, num_views, device = task
+    key = (out, split)
+    if key not in _open_writers:
+        _open_writers[key] = SplitWriter(Path(out) / split, num_scenes, num_views, resume=True)
+    images, cameras = render_scenes(family, seed, split, start, stop, device=device)
+    _open_writers[key].write(start, images, cameras)
+    return (stop - start) * num_views
+
+
+def _write_splits(out: Path, family: str, seed: int, sizes: dict, workers: int, device, progress: bool, chunk: int):
+    num_views = get_family(family).num_views
+    writers = {split: SplitWriter(out / split, n, num_views) for split, n in sizes.items()}
+    tasks = [
+        (str(out), family, seed, split, start, min(start + chunk, n), n, num_views, device)
+        for split, n in sizes.items()
+        for start in range(0, n, chunk)
+    ]
+    total = sum(sizes.values()) * num_views
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    bar = tqdm(total=total, unit="img", desc=f"{family} -> {out.name}", disable=not progress)
+    try:
+        if on_cpu:
+            # fork where there is one (as DataLoader): spawn would re-run an unguarded __main__.
+            # A forked child is safe with torch because _worker_init drops it to one thread.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with context.Pool(workers, initializer=_worker_init) as pool:
+                for images in pool.imap_unordered(_render_chunk, tasks):
+                    bar.update(images)
+        else:
+            for task in tasks:
+                bar.update(_render_chunk(task))
+    finally:
+        bar.close()
+        _open_writers.clear()
+    return writers
+
+
+def make_dataset(
+    out,
+    family: str = "rooms",
+    scenes: int = DEFAULT_SCENES,
+    seed: int = DEFAULT_SEED,
+    test_fraction: float = TEST_FRACTION,
+    workers: int | None = None,
+    device=None,
+    progress: bool = True,
+    overwrite: bool = False,
+    chunk: int | None = None,
+) -> Path:
+    """Render a built-in dataset (train and test splits) into the folder `out`; returns it.
+
+    `scenes` counts both splits (test: `test_fraction` of them). `workers` processes render on
+    the CPU (default: one per core, or 1 for small sets); with a CUDA `device` the renderer
+    runs there instead, in this process. `chunk`: scenes per rendering task.
+    """
+    get_family(family)
+    sizes = split_sizes(scenes, test_fraction)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    if workers is None:
+        workers = default_workers() if scenes >= MIN_SCENES_FOR_WORKERS else 1
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive int, got {workers!r}")
+    if chunk is None:
+        on_gpu = device is not None and torch.device(device).type != "cpu"
+        chunk = GPU_CHUNK_SCENES if on_gpu else CHUNK_SCENES
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writers = _write_splits(tmp, family, seed, sizes, workers, device, progress, chunk)
+        for split, writer in writers.items():
+            writer.finish(
+                name=family,
+                source=f"gqn-fast built-in renderer: {family}, seed {seed}",
+                generator={"family": family, "seed": seed, "fov_degrees": FOV_DEGREES, "scenes": scenes},
+            )
+        del writers
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def default_cache_dir() -> Path:
+    """$GQN_FAST_CACHE, else ~/.cache/gqn_fast."""
+    env = os.environ.get("GQN_FAST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gqn_fast"
+
+
+def is_complete(root) -> bool:
+    """True when every split of the dataset at `root` opens and checks out."""
+    try:
+        for split in SPLITS:
+            open_split(Path(root) / split)
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock across processes (e.g. every rank of a torchrun job); POSIX only."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, the rename still keeps the set whole
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def builtin_dataset(
+    name: str = "rooms",
+    scenes: int = DEFAULT_SCENES,
+    seed: int = DEFAULT_SEED,
+    cache_dir=None,
+    progress: bool = True,
+    workers: int | None = None,
+    device=None,
+) -> Path:
+    """The built-in dataset `name` ("rooms", "shepard_metzler", "shepard_metzler_7") of
+    `scenes` scenes: its folder `<cache>/<name>-<scenes>-<seed>`, generated on first use.
+
+    The cache is `cache_dir`, else $GQN_FAST_CACHE, else ~/.cache/gqn_fast. Concurrent
+    callers wait on a lock file, and only one of them generates.
+    """
+    get_family(name)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / f"{name}-{scenes}-{seed}"
+    with _file_lock(cache / f".{root.name}.lock"):
+        if is_complete(root):
+            return root
+        if root.exists():
+            shutil.rmtree(root)  # an incomplete set from an older version or a crash
+        for stale in cache.glob(f"{root.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+        return make_dataset(root, name, scenes, seed, workers=workers, device=device, progress=progress)
+
+
+def dataset_summary(root) -> str:
+    """One line per split: scenes, views, source."""
+    lines = []
+    for split in SPLITS:
+        images, _, manifest = open_split(Path(root) / split)
+        lines.append(
+            f"{split}: {manifest['num_scenes']} scenes x {manifest['num_views']} views "
+            f"({images.nbytes / 2**30:.2f} GiB) from {manifest['source']}"
+        )
+    return "\n".join(lines)
+

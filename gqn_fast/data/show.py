@@ -1,0 +1,34 @@
+"""`gqn-fast data show`: a PNG grid of a dataset's scenes (rows) and their views (columns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gqn_fast.data.loader import SceneDataset
+
+GAP = 2  # pixels between tiles
+MAX_VIEWS = 16  # columns by default: mazes have 300 views
+
+
+def save_grid(root, out=None, split: str = "train", scenes: int = 8, views: int | None = None,
+              first: int = 0) -> Path:
+    """Write scenes first..first+scenes-1 of a split, up to `views` views each, as one PNG; returns its path."""
+    dataset = SceneDataset(root, split)
+    if not isinstance(scenes, int) or scenes < 1:
+        raise ValueError(f"scenes: expected a positive int, got {scenes!r}")
+    if not 0 <= first < len(dataset):
+        raise ValueError(f"first: expected a scene index in [0, {len(dataset)}), got {first!r}")
+    rows = min(scenes, len(dataset) - first)
+    cols = min(views or MAX_VIEWS, dataset.num_views)
+    tile = 64 + GAP
+    grid = np.full((rows * tile + GAP, cols * tile + GAP, 3), 255, np.uint8)
+    for r in range(rows):
+        images, _ = dataset[first + r]
+        for c in range(cols):
+            grid[GAP + r * tile : GAP + r * tile + 64, GAP + c * tile : GAP + c * tile + 64] = images[c].numpy()
+    out = Path(out) if out is not None else Path(root) / f"preview-{split}.png"
+    Image.fromarray(grid).save(out)
+    return out
