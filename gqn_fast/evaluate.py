@@ -158,16 +158,25 @@ def _device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run_eval(ns: argparse.Namespace) -> int:
-    from gqn_fast.data.format import open_split
+def _open(ns: argparse.Namespace, command: str):
+    """(device, model, checkpoint state, test images, test cameras), or None after saying why."""
+    from gqn_fast.data.format import DatasetFormatError, open_split
 
     device = _device(ns.device)
     try:
         model, state = load_model(Path(ns.checkpoint), device)
-    except CheckpointError as error:
-        print(f"gqn-fast eval: {error}")
+        images, cameras, _ = open_split(data_folder(state, ns.data) / "test")
+    except (CheckpointError, DatasetFormatError, FileNotFoundError) as error:
+        print(f"gqn-fast {command}: {error}")
+        return None
+    return device, model, state, images, cameras
+
+
+def run_eval(ns: argparse.Namespace) -> int:
+    opened = _open(ns, "eval")
+    if opened is None:
         return 1
-    images, cameras, _ = open_split(data_folder(state, ns.data) / "test")
+    device, model, state, images, cameras = opened
     K = ns.max_context or images.shape[1] - 1
     sigma = pixel_sigma(state["step"])
     metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.seed, device)
@@ -185,15 +194,10 @@ def run_eval(ns: argparse.Namespace) -> int:
 
 
 def run_sample(ns: argparse.Namespace) -> int:
-    from gqn_fast.data.format import open_split
-
-    device = _device(ns.device)
-    try:
-        model, state = load_model(Path(ns.checkpoint), device)
-    except CheckpointError as error:
-        print(f"gqn-fast sample: {error}")
+    opened = _open(ns, "sample")
+    if opened is None:
         return 1
-    images, cameras, _ = open_split(data_folder(state, ns.data) / "test")
+    device, model, _, images, cameras = opened
     out = Path(ns.out) if ns.out else Path(ns.checkpoint).parent.parent / "samples"
     context = min(ns.context, images.shape[1] - 1)
     files = sample(model, images, cameras, out, ns.scenes, ns.samples, context, ns.frames, ns.seed, device)

@@ -21,9 +21,12 @@ def _check_tensor(name: str, t, ndim: int, tail: tuple, what: str) -> None:
 
 
 def _check_values(name: str, t: torch.Tensor, unit_range: bool) -> None:
-    # Value checks read the tensor back to the host; under torch.compile they would break
-    # the graph, so they run in eager mode only (shapes are checked either way).
+    # Value checks read the tensor back to the host; under torch.compile they would break the
+    # graph and in CUDA-graph capture they are illegal, so they run in eager mode only (shapes
+    # are checked either way).
     if torch.compiler.is_compiling():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or inf")

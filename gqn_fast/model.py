@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM
 from gqn_fast.folding import downsample_after_upsample, observation_after_upsample
-from gqn_fast.inputs import check_context, check_noise, check_query, check_sigma
 from gqn_fast.kernels import conv_lstm_gates, gaussian_nll, gaussian_sample_kl
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
@@ -128,12 +127,9 @@ class GQN(reference.GQN):
         return like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE)
 
     def elbo(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
-        check_context(context_x, context_v)
-        check_query(context_x, query_v, query_x)
-        check_sigma(sigma)
+        self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
         c = self.config
         B = query_x.shape[0]
-        check_noise(noise, c.L, B, c.z_dim, GRID_SIZE)
 
         r = self.represent(context_x, context_v)
         inference_const, generator_const = self._constant_preactivations(
@@ -167,11 +163,9 @@ class GQN(reference.GQN):
 
     @torch.no_grad()
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
-        check_context(context_x, context_v)
-        check_query(context_x, query_v)
+        self.check_inputs(context_x, context_v, query_v, noise=noise)
         c = self.config
         B = query_v.shape[0]
-        check_noise(noise, c.L, B, c.z_dim, GRID_SIZE)
 
         r = self.represent(context_x, context_v)
         _, generator_const = self._constant_preactivations(None, tile(query_v, GRID_SIZE), r)

@@ -62,6 +62,15 @@ class GQN(nn.Module):
         self.posterior = nn.Conv2d(c.hidden, 2 * c.z_dim, kernel_size=5, padding=2)
         self.observation = nn.Conv2d(c.canvas, 3, kernel_size=1)
 
+    def check_inputs(self, context_x, context_v, query_v, query_x=None, sigma=None, noise=None):
+        """Raise ValueError / TypeError naming any argument of elbo / generate that is wrong."""
+        check_context(context_x, context_v)
+        check_query(context_x, query_v, query_x)
+        if sigma is not None:
+            check_sigma(sigma)
+        c = self.config
+        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE)
+
     def represent(self, context_x: torch.Tensor, context_v: torch.Tensor) -> torch.Tensor:
         """r = sum over the M context views of psi(x^k, v^k), tiled to 16x16: [B, r_dim, 16, 16]."""
         B, M = context_x.shape[:2]
@@ -87,12 +96,9 @@ class GQN(nn.Module):
         sigma: the pixel standard deviation (see gqn_fast.schedules.pixel_sigma).
         noise: optional [L, B, z_dim, 16, 16] standard-normal draws for the posterior samples.
         """
-        check_context(context_x, context_v)
-        check_query(context_x, query_v, query_x)
-        check_sigma(sigma)
+        self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
         c = self.config
         B = query_x.shape[0]
-        check_noise(noise, c.L, B, c.z_dim, GRID_SIZE)
 
         r = self.represent(context_x, context_v)
         v_q = tile(query_v, GRID_SIZE)
@@ -123,11 +129,9 @@ class GQN(nn.Module):
     @torch.no_grad()
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
         """The mean image [B, 3, 64, 64] of a scene seen from query_v, z drawn from the prior."""
-        check_context(context_x, context_v)
-        check_query(context_x, query_v)
+        self.check_inputs(context_x, context_v, query_v, noise=noise)
         c = self.config
         B = query_v.shape[0]
-        check_noise(noise, c.L, B, c.z_dim, GRID_SIZE)
 
         r = self.represent(context_x, context_v)
         v_q = tile(query_v, GRID_SIZE)
