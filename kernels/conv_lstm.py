@@ -1,0 +1,256 @@
+"""The ConvLSTM cell's gate math, fused: one read of the preactivations and the cell state,
+one write of h and c' (and the same for the backward).
+
+    i, f, g, o = preact.chunk(4, dim=1)          # PyTorch's gate order
+    c' = sigmoid(f) c + sigmoid(i) tanh(g)
+    h  = sigmoid(o) tanh(c')
+
+Layout: kernels, host launch functions, then the torch.library op with its autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import (
+    accurate_tanh,
+    as_batch_channel_space,
+    channels_contiguous,
+    check_floating,
+    check_like,
+    check_min_dim,
+    compute_dtype,
+    empty_output_like,
+    launch_device,
+    load_tile,
+    sigmoid_derivative,
+    sigmoid_derivative_torch,
+    store_tile,
+    tanh_derivative,
+    tanh_derivative_torch,
+    tile_indices,
+    tile_shape,
+    tl,
+    triton,
+    use_triton,
+    wrap_triton,
+)
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels. Grid: (space tiles, hidden-channel tiles, batch); each program handles a
+# [BLOCK_C, BLOCK_S] tile of hidden channels and reads the four gates' matching tiles.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_lstm_gates_forward_kernel(
+    preact_ptr, c_ptr, h_ptr, c_new_ptr,
+    hidden, space,
+    preact_stride_b, preact_stride_c, preact_stride_s,
+    c_stride_b, c_stride_c, c_stride_s,
+    h_stride_b, h_stride_c, h_stride_s,
+    c_new_stride_b, c_new_stride_c, c_new_stride_s,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    b, ch, sp, mask = tile_indices(hidden, space, BLOCK_C, BLOCK_S)
+    preact_strides = (preact_stride_b, preact_stride_c, preact_stride_s)
+    a_i = load_tile(preact_ptr, b, ch, sp, *preact_strides, mask)
+    a_f = load_tile(preact_ptr, b, ch + hidden, sp, *preact_strides, mask)
+    a_g = load_tile(preact_ptr, b, ch + 2 * hidden, sp, *preact_strides, mask)
+    a_o = load_tile(preact_ptr, b, ch + 3 * hidden, sp, *preact_strides, mask)
+    c = load_tile(c_ptr, b, ch, sp, c_stride_b, c_stride_c, c_stride_s, mask)
+
+    c_new = tl.sigmoid(a_f) * c + tl.sigmoid(a_i) * accurate_tanh(a_g)
+    h = tl.sigmoid(a_o) * accurate_tanh(c_new)
+
+    store_tile(h_ptr, h, b, ch, sp, h_stride_b, h_stride_c, h_stride_s, mask)
+    store_tile(c_new_ptr, c_new, b, ch, sp, c_new_stride_b, c_new_stride_c, c_new_stride_s, mask)
+
+
+@triton.jit
+def _conv_lstm_gates_backward_kernel(
+    preact_ptr, c_ptr, grad_h_ptr, grad_c_new_ptr, grad_preact_ptr, grad_c_ptr,
+    hidden, space,
+    preact_stride_b, preact_stride_c, preact_stride_s,
+    c_stride_b, c_stride_c, c_stride_s,
+    grad_h_stride_b, grad_h_stride_c, grad_h_stride_s,
+    grad_c_new_stride_b, grad_c_new_stride_c, grad_c_new_stride_s,
+    grad_preact_stride_b, grad_preact_stride_c, grad_preact_stride_s,
+    grad_c_stride_b, grad_c_stride_c, grad_c_stride_s,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    b, ch, sp, mask = tile_indices(hidden, space, BLOCK_C, BLOCK_S)
+    # Recompute the forward from preact and c: cheaper than saving 4 activations and c'.
+    preact_strides = (preact_stride_b, preact_stride_c, preact_stride_s)
+    a_i = load_tile(preact_ptr, b, ch, sp, *preact_strides, mask)
+    a_f = load_tile(preact_ptr, b, ch + hidden, sp, *preact_strides, mask)
+    a_g = load_tile(preact_ptr, b, ch + 2 * hidden, sp, *preact_strides, mask)
+    a_o = load_tile(preact_ptr, b, ch + 3 * hidden, sp, *preact_strides, mask)
+    c = load_tile(c_ptr, b, ch, sp, c_stride_b, c_stride_c, c_stride_s, mask)
+    i = tl.sigmoid(a_i)
+    f = tl.sigmoid(a_f)
+    g = accurate_tanh(a_g)
+    c_new = f * c + i * g
+
+    grad_h = load_tile(grad_h_ptr, b, ch, sp, grad_h_stride_b, grad_h_stride_c, grad_h_stride_s, mask)
+    grad_c_new = load_tile(grad_c_new_ptr, b, ch, sp, grad_c_new_stride_b, grad_c_new_stride_c, grad_c_new_stride_s, mask)
+
+    # Derivatives in the tail-accurate forms: sigmoid(x) sigmoid(-x), 4e/(1+e)^2.
+    grad_c_total = grad_c_new + grad_h * tl.sigmoid(a_o) * tanh_derivative(c_new)
+    grad_a_i = grad_c_total * g * sigmoid_derivative(a_i)
+    grad_a_f = grad_c_total * c * sigmoid_derivative(a_f)
+    grad_a_g = grad_c_total * i * tanh_derivative(a_g)
+    grad_a_o = grad_h * accurate_tanh(c_new) * sigmoid_derivative(a_o)
+
+    grad_preact_strides = (grad_preact_stride_b, grad_preact_stride_c, grad_preact_stride_s)
+    store_tile(grad_preact_ptr, grad_a_i, b, ch, sp, *grad_preact_strides, mask)
+    store_tile(grad_preact_ptr, grad_a_f, b, ch + hidden, sp, *grad_preact_strides, mask)
+    store_tile(grad_preact_ptr, grad_a_g, b, ch + 2 * hidden, sp, *grad_preact_strides, mask)
+    store_tile(grad_preact_ptr, grad_a_o, b, ch + 3 * hidden, sp, *grad_preact_strides, mask)
+    store_tile(grad_c_ptr, grad_c_total * f, b, ch, sp, grad_c_stride_b, grad_c_stride_c, grad_c_stride_s, mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host functions: check inputs, pick the path and the tile, launch.
+# ---------------------------------------------------------------------------------------
+
+
+def _check_gates_inputs(preact, c) -> None:
+    check_floating("preact", preact)
+    check_min_dim("preact", preact, 2, "[B, 4H, *spatial]")
+    if preact.shape[1] % 4 != 0:
+        raise ValueError(
+            f"preact: expected 4*H channels on dim 1 (gates i, f, g, o), got {preact.shape[1]}, "
+            "not divisible by 4"
+        )
+    c_shape = (preact.shape[0], preact.shape[1] // 4, *preact.shape[2:])
+    check_like("c", c, "preact", preact, shape=c_shape)
+
+
+def _gates_launch_shape(c3: torch.Tensor):
+    batch, hidden, space = c3.shape
+    block_c, block_s = tile_shape(hidden, space, channels_contiguous(c3))
+    grid = (triton.cdiv(space, block_s), triton.cdiv(hidden, block_c), batch)
+    return grid, block_c, block_s
+
+
+def conv_lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_gates_inputs(preact, c)
+    if not use_triton(preact):
+        return _conv_lstm_gates_forward_torch(preact, c)
+    preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
+    h3, h = empty_output_like(c3, c.shape)
+    c_new3, c_new = empty_output_like(c3, c.shape)
+    grid, block_c, block_s = _gates_launch_shape(c3)
+    hidden, space = c3.shape[1], c3.shape[2]
+    if c.numel() > 0:
+        with launch_device(c):
+            wrap_triton(_conv_lstm_gates_forward_kernel)[grid](
+                preact3, c3, h3, c_new3, hidden, space,
+                *preact3.stride(), *c3.stride(), *h3.stride(), *c_new3.stride(),
+                BLOCK_C=block_c, BLOCK_S=block_s,
+            )  # fmt: skip
+    return h, c_new
+
+
+def conv_lstm_gates_backward(
+    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_gates_inputs(preact, c)
+    check_like("grad_h", grad_h, "c", c)
+    check_like("grad_c_new", grad_c_new, "c", c)
+    if not use_triton(preact):
+        return _conv_lstm_gates_backward_torch(preact, c, grad_h, grad_c_new)
+    preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
+    grad_h3, grad_c_new3 = as_batch_channel_space(grad_h), as_batch_channel_space(grad_c_new)
+    grad_preact3, grad_preact = empty_output_like(preact3, preact.shape)
+    grad_c3, grad_c = empty_output_like(c3, c.shape)
+    grid, block_c, block_s = _gates_launch_shape(c3)
+    hidden, space = c3.shape[1], c3.shape[2]
+    if c.numel() > 0:
+        with launch_device(c):
+            wrap_triton(_conv_lstm_gates_backward_kernel)[grid](
+                preact3, c3, grad_h3, grad_c_new3, grad_preact3, grad_c3, hidden, space,
+                *preact3.stride(), *c3.stride(), *grad_h3.stride(), *grad_c_new3.stride(),
+                *grad_preact3.stride(), *grad_c3.stride(),
+                BLOCK_C=block_c, BLOCK_S=block_s,
+            )  # fmt: skip
+    return grad_preact, grad_c
+
+
+def _conv_lstm_gates_forward_torch(preact, c):
+    """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
+    dtype = compute_dtype(preact.dtype)
+    a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
+    c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
+    h = torch.sigmoid(a_o) * torch.tanh(c_new)
+    return h.to(preact.dtype), c_new.to(preact.dtype)
+
+
+def _conv_lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
+    dtype = compute_dtype(preact.dtype)
+    a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
+    c, grad_h, grad_c_new = c.to(dtype), grad_h.to(dtype), grad_c_new.to(dtype)
+    i, f, g = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g)
+    c_new = f * c + i * g
+    grad_c_total = grad_c_new + grad_h * torch.sigmoid(a_o) * tanh_derivative_torch(c_new)
+    grad_preact = torch.cat(
+        [
+            grad_c_total * g * sigmoid_derivative_torch(a_i),
+            grad_c_total * c * sigmoid_derivative_torch(a_f),
+            grad_c_total * i * tanh_derivative_torch(a_g),
+            grad_h * torch.tanh(c_new) * sigmoid_derivative_torch(a_o),
+        ],
+        dim=1,
+    )
+    return grad_preact.to(preact.dtype), (grad_c_total * f).to(preact.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The op: torch.library.triton_op, so torch.compile traces into it (the kernels, or on the
+# CPU the PyTorch path) without a graph break. triton_op registers its function as the
+# fake (meta) implementation itself: the function only allocates outputs and launches
+# through wrap_triton, which both run on FakeTensors. The backward is an op of its own.
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("gqn_fast::conv_lstm_gates", mutates_args=())
+def _conv_lstm_gates_op(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_lstm_gates_forward(preact, c)
+
+
+@torch.library.triton_op("gqn_fast::conv_lstm_gates_backward", mutates_args=())
+def _conv_lstm_gates_backward_op(
+    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_lstm_gates_backward(preact, c, grad_h, grad_c_new)
+
+
+def _conv_lstm_gates_setup_context(ctx, inputs, output):
+    # Saves the two inputs, the least that determines the backward: the kernel recomputes
+    # the four gate activations and c' from them rather than storing them (5 more tensors).
+    preact, c = inputs
+    ctx.save_for_backward(preact, c)
+
+
+def _conv_lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
+    preact, c = ctx.saved_tensors
+    grad_h = torch.zeros_like(c) if grad_h is None else grad_h
+    grad_c_new = torch.zeros_like(c) if grad_c_new is None else grad_c_new
+    return _conv_lstm_gates_backward_op(preact, c, grad_h, grad_c_new)
+
+
+_conv_lstm_gates_op.register_autograd(
+    _conv_lstm_gates_autograd_backward, setup_context=_conv_lstm_gates_setup_context
+)
+
+
+def conv_lstm_gates(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConvLSTM gate math: (h, c') from preact [B, 4H, *spatial] (gates i, f, g, o on dim 1)
+    and the cell state c [B, H, *spatial].
+
+    c' = sigmoid(f) c + sigmoid(i) tanh(g), h = sigmoid(o) tanh(c'). Computes in fp32 (fp64
+    for fp64 inputs); h and c' have the inputs' dtype and c's memory format. Differentiable
+    once in preact and c (the backward is not itself differentiable).
+    """
+    return _conv_lstm_gates_op(preact, c)

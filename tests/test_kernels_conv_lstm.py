@@ -1,0 +1,216 @@
+"""gqn_fast.kernels.conv_lstm_gates against a float64 oracle, on every path (test_kernels_dispatch)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gqn_fast.kernels import conv_lstm_gates
+from test_kernels_dispatch import (
+    LAYOUTS,
+    assert_matches_oracle,
+    path_cases,
+    random_values,
+    select_path,
+    sigmoid64,
+    tanh64,
+    with_fixtures,
+    with_layout,
+)
+
+# ---------------------------------------------------------------------------------------
+# The oracle: the ConvLSTM gate math in float64 autograd (sigmoid64 / tanh64: see there).
+# ---------------------------------------------------------------------------------------
+
+
+def gates_oracle(preact, c):
+    i, f, g, o = preact.double().chunk(4, dim=1)
+    c_new = sigmoid64(f) * c.double() + sigmoid64(i) * tanh64(g)
+    h = sigmoid64(o) * tanh64(c_new)
+    return h, c_new
+
+
+def check_against_oracle(preact, c, grad_h, grad_c_new):
+    h, c_new = conv_lstm_gates(preact, c)
+    assert h.dtype == c_new.dtype == preact.dtype and h.shape == c_new.shape == c.shape
+    grads = torch.autograd.grad((h, c_new), (preact, c), (grad_h, grad_c_new))
+    preact64 = preact.detach().double().requires_grad_()
+    c64 = c.detach().double().requires_grad_()
+    h_ref, c_new_ref = gates_oracle(preact64, c64)
+    grads_ref = torch.autograd.grad((h_ref, c_new_ref), (preact64, c64), (grad_h.double(), grad_c_new.double()))
+    assert_matches_oracle(h, h_ref, "h")
+    assert_matches_oracle(c_new, c_new_ref, "c_new")
+    assert_matches_oracle(grads[0], grads_ref[0], "grad preact")
+    assert_matches_oracle(grads[1], grads_ref[1], "grad c")
+    return h, c_new
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs and gradients, drawn shapes, values (extremes of +-30 included) and layouts
+# ---------------------------------------------------------------------------------------
+
+
+@path_cases()
+@with_fixtures
+@given(
+    batch=st.integers(1, 4),
+    hidden=st.integers(1, 9),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    scale=st.sampled_from([1e-3, 1.0, 5.0]),
+    extreme_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_lstm_gates_matches_float64_oracle(
+    device, interpret, dtype, nan_poison, monkeypatch, batch, hidden, height, width, scale, extreme_fraction, layout, seed
+):
+    select_path(monkeypatch, interpret)
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda channels, extreme: random_values(  # noqa: E731
+        (batch, channels, height, width), scale, extreme, extreme_fraction, gen, dtype, device, requires_grad=False
+    )
+    preact = with_layout(draw(4 * hidden, 30.0), layout).requires_grad_()
+    c = with_layout(draw(hidden, 30.0), layout).requires_grad_()
+    grad_h, grad_c_new = draw(hidden, 1.0), draw(hidden, 1.0)
+    h, _ = check_against_oracle(preact, c, grad_h, grad_c_new)
+    if layout == "channels_last" and c.is_contiguous(memory_format=torch.channels_last):
+        assert h.is_contiguous(memory_format=torch.channels_last)
+
+
+@path_cases(dtypes=[torch.float32])
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5), (2, 7, 1, 1), (1, 3, 2, 3, 4)],  # no spatial dims, 1x1, two spatial dims and more
+    ids=["2d", "1x1", "5d"],
+)
+def test_conv_lstm_gates_any_rank(device, interpret, dtype, nan_poison, monkeypatch, shape):
+    select_path(monkeypatch, interpret)
+    c = torch.randn(shape, device=device, requires_grad=True)
+    preact = torch.randn((shape[0], 4 * shape[1], *shape[2:]), device=device, requires_grad=True)
+    check_against_oracle(preact, c, torch.randn_like(c), torch.randn_like(c))
+
+
+@path_cases(dtypes=[torch.float32])
+def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison, monkeypatch):
+    """Expanded (stride 0) and sliced inputs and gradients, and preact as a slice of a bigger
+    conv output, as the model's chunked tensors are."""
+    select_path(monkeypatch, interpret)
+    conv_out = torch.randn(2, 4 * 3 + 5, 4, 6, device=device)
+    preact = conv_out[:, 5:].detach().requires_grad_()
+    c = torch.randn(3, 1, 1, device=device).expand(2, 3, 4, 6).detach().requires_grad_()
+    grad_h = torch.randn(1, 3, 4, 1, device=device).expand(2, 3, 4, 6)
+    grad_c_new = torch.randn(2, 3, 4, 12, device=device)[..., ::2]
+    check_against_oracle(preact, c, grad_h, grad_c_new)
+
+
+def test_conv_lstm_gates_cpu_and_interpreter_agree(monkeypatch):
+    preact = torch.randn(3, 4 * 6, 5, 7, requires_grad=True)
+    c = torch.randn(3, 6, 5, 7, requires_grad=True)
+    grads_out = (torch.randn(3, 6, 5, 7), torch.randn(3, 6, 5, 7))
+    results = []
+    for interpret in (False, True):
+        select_path(monkeypatch, interpret)
+        outs = conv_lstm_gates(preact, c)
+        results.append(outs + torch.autograd.grad(outs, (preact, c), grads_out))
+    for torch_path, interpreted in zip(*results):
+        torch.testing.assert_close(interpreted, torch_path, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_lstm_gates_gradcheck_float64(monkeypatch):
+    for interpret in (False, True):
+        select_path(monkeypatch, interpret)
+        preact = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
+        c = torch.randn(2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(conv_lstm_gates, (preact, c))
+
+
+def test_conv_lstm_gates_empty_batch():
+    h, c_new = conv_lstm_gates(torch.randn(0, 8, 3, 3), torch.randn(0, 2, 3, 3))
+    assert h.shape == c_new.shape == (0, 2, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# NaN in, NaN out
+# ---------------------------------------------------------------------------------------
+
+
+@path_cases(dtypes=[torch.float32, torch.float16])
+@pytest.mark.parametrize("where", ["i", "f", "g", "o", "c"])
+def test_conv_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, monkeypatch, where):
+    select_path(monkeypatch, interpret)
+    hidden = 3
+    preact = torch.randn(2, 4 * hidden, 3, 3, dtype=dtype, device=device)
+    c = torch.randn(2, hidden, 3, 3, dtype=dtype, device=device)
+    if where == "c":
+        c[1, 2, 0, 1] = float("nan")
+    else:
+        preact[1, "ifgo".index(where) * hidden + 2, 0, 1] = float("nan")
+    preact.requires_grad_()
+    c.requires_grad_()
+    h, c_new = conv_lstm_gates(preact, c)
+    # o only reaches h; everything else reaches c' and, through it, h.
+    assert torch.isnan(h[1, 2, 0, 1])
+    assert torch.isnan(c_new[1, 2, 0, 1]) == (where != "o")
+    nan = torch.zeros_like(h, dtype=torch.bool)
+    nan[1, 2, 0, 1] = True
+    assert torch.isfinite(h[~nan]).all() and torch.isfinite(c_new[~nan]).all()
+    grad_preact, grad_c = torch.autograd.grad((h, c_new), (preact, c), (torch.ones_like(h), torch.ones_like(c)))
+    assert torch.isnan(grad_preact[1, 2 :: hidden, 0, 1]).any() and torch.isnan(grad_c[1, 2, 0, 1])
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: the error names the argument, the expected and the received
+# ---------------------------------------------------------------------------------------
+
+
+def _bad_gates_inputs():
+    p, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
+    cases = [
+        ((torch.randn(2, 7, 3, 3), torch.randn(2, 2, 3, 3)), ValueError, r"preact: .*4\*H.*got 7"),
+        ((p, torch.randn(2, 3, 3, 3)), ValueError, r"c: expected shape \[2, 2, 3, 3\].*got \[2, 3, 3, 3\]"),
+        ((p, torch.randn(3, 2, 3, 3)), ValueError, r"c: expected shape"),
+        ((p, torch.randn(2, 2, 3, 4)), ValueError, r"c: expected shape"),
+        ((torch.randn(8), c), ValueError, r"preact: expected at least 2 dims"),
+        ((p, c.double()), TypeError, r"c: expected dtype torch.float32.*got torch.float64"),
+        ((p.half(), c), TypeError, r"c: expected dtype torch.float16"),
+        ((p.long(), c), TypeError, r"preact: expected a floating-point tensor.*torch.int64"),
+        ((p, c.int()), TypeError, r"c: expected a floating-point tensor.*torch.int32"),
+    ]
+    if torch.cuda.is_available():
+        cases.append(((p, c.cuda()), ValueError, r"c: expected device cpu.*got cuda"))
+    else:
+        cases.append(((p, c.to("meta")), ValueError, r"c: expected device cpu.*got meta"))
+    return cases
+
+
+@pytest.mark.parametrize("args,error,match", _bad_gates_inputs())
+def test_conv_lstm_gates_rejects_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        conv_lstm_gates(*args)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile: one graph, no break, same values as eager
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own import
+def test_conv_lstm_gates_compiles_without_graph_break(backend, monkeypatch):
+    select_path(monkeypatch, interpret=False)  # eager and compiled: the CPU's PyTorch path
+    def step(preact, c):
+        h, c_new = conv_lstm_gates(preact * 2.0, c)
+        return (h * c_new).sum() + h.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    preact = torch.randn(2, 4 * 5, 3, 4, requires_grad=True)
+    c = torch.randn(2, 5, 3, 4, requires_grad=True)
+    out = compiled(preact, c)
+    grads = torch.autograd.grad(out, (preact, c))
+    out_ref = step(preact, c)
+    grads_ref = torch.autograd.grad(out_ref, (preact, c))
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)

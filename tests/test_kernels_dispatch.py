@@ -1,0 +1,358 @@
+"""gqn_fast.kernels: where each op runs, and what every kernel test shares.
+
+Paths: "cpu-torch" (CPU tensors, the PyTorch math), "cpu-interpreter" (CPU tensors, the
+Triton kernels under Triton's interpreter, switched on per test by TRITON_INTERPRET=1) and
+"cuda" (the compiled kernels; only where a GPU exists: CI has none). The interpreter gets
+bf16 wrong, so it runs fp32 and fp16 only. The op tests (test_kernels_*.py) import the
+parametrization and helpers below.
+"""
+
+import importlib.util
+import inspect
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from gqn_fast.kernels import conv_lstm, gaussian, pixel_nll, use_triton
+from gqn_fast.kernels.utils import interpreter_enabled
+from helpers import RMS_LIMITS, rel_rms
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+_PATH_DTYPES = {
+    ("cpu", False): (torch.float32, torch.float16, torch.bfloat16),
+    ("cpu", True): (torch.float32, torch.float16),
+    ("cuda", False): (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _path_id(device, interpret):
+    return "cuda" if device == "cuda" else ("cpu-interpreter" if interpret else "cpu-torch")
+
+
+def path_cases(dtypes=None):
+    """pytest params (device, interpret, dtype) over every path and its dtypes."""
+    cases = []
+    for (device, interpret), path_dtypes in _PATH_DTYPES.items():
+        for dtype in path_dtypes:
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            marks = [needs_gpu] if device == "cuda" else []
+            cases.append(
+                pytest.param(device, interpret, dtype, marks=marks, id=f"{_path_id(device, interpret)}-{str(dtype)[6:]}")
+            )
+    return pytest.mark.parametrize("device,interpret,dtype", cases)
+
+
+def select_path(monkeypatch, interpret: bool) -> None:
+    """Switch the interpreter on or off for this test (Triton re-reads the variable per call)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    assert interpreter_enabled() == (interpret and importlib.util.find_spec("triton") is not None)
+
+
+# Hypothesis with the function-scoped fixtures (nan_poison, monkeypatch): their state holds
+# for every example of the test, which is what we want.
+with_fixtures = settings(
+    suppress_health_check=list(settings.default.suppress_health_check) + [HealthCheck.function_scoped_fixture]
+)
+
+
+def with_layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout, as a leaf tensor."""
+    if layout == "channels_last" and tensor.dim() == 4:
+        out = tensor.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed" and tensor.dim() == 4:
+        # Spatial dims that cannot merge into one stride: the wrapper copies these.
+        out = tensor.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":
+        # Every other element of a larger buffer: strided, no copy needed.
+        big = torch.empty(*tensor.shape[:-1], 2 * tensor.shape[-1], dtype=tensor.dtype, device=tensor.device)
+        big[..., ::2] = tensor
+        out = big[..., ::2]
+    else:
+        out = tensor.contiguous()
+    assert torch.equal(out, tensor)
+    return out.detach()
+
+
+LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]
+
+
+def random_values(shape, scale, extreme, extreme_fraction, generator, dtype, device, requires_grad=True):
+    """randn * scale, with a random fraction of elements set to +-extreme; then cast."""
+    values = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    if extreme_fraction > 0:
+        pick = torch.rand(shape, generator=generator, dtype=torch.float64) < extreme_fraction
+        sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0).double()
+        values = torch.where(pick, extreme * sign, values)
+    return values.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+class _Sigmoid64(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+class _Tanh64(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / torch.cosh(x) ** 2
+
+
+def sigmoid64(x: torch.Tensor) -> torch.Tensor:
+    """torch.sigmoid for the float64 oracles, with its derivative in the tail-accurate form
+    sigmoid(x) sigmoid(-x): autograd's sigmoid (1 - sigmoid) loses float64's relative
+    precision at |x| ~ 30 (1 - sigmoid(30) ~ 1e-13), where the kernels don't."""
+    return _Sigmoid64.apply(x)
+
+
+def tanh64(x: torch.Tensor) -> torch.Tensor:
+    """torch.tanh for the float64 oracles, with derivative 1 / cosh^2 (see sigmoid64)."""
+    return _Tanh64.apply(x)
+
+
+def assert_matches_oracle(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """rel_rms(out, ref) within RMS_LIMITS of out's dtype, with two allowances for what out's
+    dtype cannot hold: where the float64 reference overflows it (fp16 gradients through a
+    tiny sigma) out must hold the same signed infinity, and the rest is compared; where the
+    reference is so small that the dtype holds it only as subnormals or zero, an absolute
+    error of the dtype's smallest normal number is allowed on top."""
+    assert out.dtype != torch.float64 or ref.dtype == torch.float64
+    assert out.shape == ref.shape, f"{name}: shape {list(out.shape)} != reference {list(ref.shape)}"
+    limit = RMS_LIMITS[out.dtype]
+    ref_rounded = ref.detach().to(out.dtype)
+    overflow = torch.isinf(ref_rounded) & torch.isfinite(ref)
+    if overflow.any():
+        assert torch.equal(out[overflow], ref_rounded[overflow]), f"{name}: should overflow {out.dtype} as the reference"
+        out, ref = out[~overflow], ref[~overflow]
+        if out.numel() == 0:
+            return
+    err = rel_rms(out, ref)
+    if err <= limit:
+        return
+    diff = (out.double() - ref.double()).pow(2).mean().sqrt().item()
+    scale = ref.double().pow(2).mean().sqrt().item()
+    floor = torch.finfo(out.dtype).tiny
+    assert diff <= limit * scale + floor, (
+        f"{name}: relative RMS error {err:.3g} exceeds {limit:.1g} "
+        f"(absolute {diff:.3g} > {limit:.1g} * {scale:.3g} + {floor:.3g})"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------
+
+
+def test_use_triton_follows_device_and_interpreter(monkeypatch):
+    cpu = torch.zeros(2)
+    select_path(monkeypatch, interpret=False)
+    assert not interpreter_enabled() and not use_triton(cpu)
+    select_path(monkeypatch, interpret=True)
+    assert interpreter_enabled() and use_triton(cpu)
+    # FakeTensors (torch.compile's tracing) never go to the interpreter.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not use_triton(torch.zeros(2))
+    if torch.cuda.is_available():
+        assert use_triton(torch.zeros(2, device="cuda"))
+
+
+def test_interpreter_switches_at_runtime(monkeypatch):
+    """The same call runs the PyTorch math, then the interpreted kernel, then PyTorch again."""
+    from gqn_fast.kernels import conv_lstm_gates
+
+    preact, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
+    calls = []
+    real_twin = conv_lstm.wrap_triton
+
+    def spy(kernel):
+        calls.append(kernel)
+        return real_twin(kernel)
+
+    monkeypatch.setattr(conv_lstm, "wrap_triton", spy)
+    outs = []
+    for interpret in (False, True, False):
+        select_path(monkeypatch, interpret)
+        outs.append(conv_lstm_gates(preact, c))
+    assert calls == [conv_lstm._conv_lstm_gates_forward_kernel]
+    for h, c_new in outs[1:]:
+        assert torch.allclose(h, outs[0][0], rtol=1e-6, atol=1e-7)
+        assert torch.allclose(c_new, outs[0][1], rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_import_and_run_without_triton():
+    """Where Triton is missing (it ships for Linux only) the ops still import and run on the CPU."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import logging; logging.disable(logging.WARNING)\n"
+        "import torch\n"
+        "from gqn_fast.kernels import conv_lstm_gates, gaussian_sample_kl, gaussian_nll, use_triton\n"
+        "p = torch.randn(2, 8, 3, 3, requires_grad=True)\n"
+        "h, c = conv_lstm_gates(p, torch.randn(2, 2, 3, 3)); (h.sum() + c.sum()).backward()\n"
+        "z, kl = gaussian_sample_kl(*[torch.randn(2, 3) for _ in range(5)])\n"
+        "nll = gaussian_nll(torch.rand(2, 3), torch.randn(2, 3), 0.7)\n"
+        "assert not use_triton(p) and torch.isfinite(p.grad).all() and kl.shape == nll.shape == (2,)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels compile for a GPU (sm_90) even where none exists: Triton's frontend and the
+# NVIDIA backend run on the CPU. The interpreter accepts some code the compiler rejects.
+# ---------------------------------------------------------------------------------------
+
+
+def _nvidia_compiler_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton
+        from triton.backends import backends
+    except ImportError:
+        return False
+    nvidia = backends.get("nvidia")
+    if nvidia is None:
+        return False
+    ptxas = Path(inspect.getfile(nvidia.compiler)).parent / "bin" / "ptxas"
+    # With TRITON_INTERPRET=1 at import the kernels are InterpretedFunctions: nothing to compile.
+    compiled_kernels = type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ == "JITFunction"
+    return ptxas.exists() and hasattr(triton, "compile") and compiled_kernels
+
+
+_KERNEL_VARIANTS = [
+    (conv_lstm._conv_lstm_gates_forward_kernel, {}),
+    (conv_lstm._conv_lstm_gates_backward_kernel, {}),
+    (gaussian._gaussian_kl_forward_kernel, {"HAS_SAMPLE": True}),
+    (gaussian._gaussian_kl_forward_kernel, {"HAS_SAMPLE": False}),
+    (gaussian._gaussian_kl_backward_kernel, {"HAS_SAMPLE": True}),
+    (gaussian._gaussian_kl_backward_kernel, {"HAS_SAMPLE": False}),
+    (pixel_nll._gaussian_nll_forward_kernel, {}),
+    (pixel_nll._gaussian_nll_backward_kernel, {}),
+]
+
+
+@pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton's NVIDIA compiler (with ptxas) is not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")  # Triton 3.9's notice of a future default
+@pytest.mark.parametrize(
+    "kernel,constexprs", _KERNEL_VARIANTS, ids=[f"{k.fn.__name__}{sorted(c.items())}" for k, c in _KERNEL_VARIANTS]
+)
+def test_kernel_compiles_for_sm90(kernel, constexprs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = {"BLOCK_C": 4, "BLOCK_S": 128, **constexprs}
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("grad_kl_ptr", "grad_nll_ptr", "kl_partial_ptr", "nll_partial_ptr"):
+            signature[name] = "*fp32"  # per-sample sums and their gradients are fp32
+        elif name == "sigma_ptr":
+            signature[name] = "*fp64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16"  # the low-precision input path: load, upcast, round
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert "st.global" in compiled.asm["ptx"]
+
+
+def test_every_kernel_is_in_the_compile_check():
+    kernels = {
+        value
+        for module in (conv_lstm, gaussian, pixel_nll)
+        for name, value in vars(module).items()
+        if name.endswith("_kernel") and hasattr(value, "fn")
+    }
+    assert len(kernels) == 6
+    assert kernels == {kernel for kernel, _ in _KERNEL_VARIANTS}
+
+
+def test_triton_op_finds_the_kernels():
+    """torch.compile's cache key holds the kernels triton_op finds in each op's source."""
+    from torch._library.triton import get_triton_kernels_for_op
+
+    if type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ != "JITFunction":
+        pytest.skip("no compiled kernels: Triton is missing, or TRITON_INTERPRET=1 was set at import")
+    found = {
+        name: {k.fn.__name__ for k in get_triton_kernels_for_op(f"gqn_fast::{name}")}
+        for name in ("conv_lstm_gates", "gaussian_sample_kl", "gaussian_nll_backward")
+    }
+    assert found == {
+        "conv_lstm_gates": {"_conv_lstm_gates_forward_kernel"},
+        "gaussian_sample_kl": {"_gaussian_kl_forward_kernel"},
+        "gaussian_nll_backward": {"_gaussian_nll_backward_kernel"},
+    }
+
+
+def test_tile_shape_is_bounded_and_follows_the_contiguous_dim():
+    from gqn_fast.kernels.utils import tile_shape
+
+    for channels in (1, 3, 7, 128, 512):
+        for space in (1, 5, 256, 4096):
+            for contiguous in (False, True):
+                block_c, block_s = tile_shape(channels, space, contiguous)
+                assert block_c * block_s <= 1024 and math.log2(block_c).is_integer() and math.log2(block_s).is_integer()
+    assert tile_shape(128, 256, channels_contiguous=True)[0] == 128
+    assert tile_shape(128, 256, channels_contiguous=False)[1] == 256
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake (meta) implementation, autograd registration and
+# AOT dispatch of every op, forward and backward
+# ---------------------------------------------------------------------------------------
+
+
+def _op_cases(device):
+    ops = torch.ops.gqn_fast
+    make = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    preact, c = make(2, 8, 3, 3), make(2, 2, 3, 3)
+    params = [make(2, 3, 2, 2) for _ in range(5)]
+    x, logits = torch.rand(2, 3, 4, 4, device=device), make(2, 3, 4, 4)
+    sigma = torch.tensor(0.7, dtype=torch.float64, device=device)
+    grad = lambda *args: tuple(t.detach().requires_grad_() for t in args)  # noqa: E731
+    return [
+        (ops.conv_lstm_gates.default, grad(preact, c)),
+        (ops.gaussian_sample_kl.default, grad(*params)),
+        (ops.gaussian_kl.default, grad(*params[:4])),
+        (ops.gaussian_nll.default, grad(x, logits) + (sigma,)),
+        (ops.conv_lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3))),
+        (ops.gaussian_sample_kl_backward.default, (*params, make(2, 3, 2, 2), make(2))),
+        (ops.gaussian_kl_backward.default, (*params[:4], make(2))),
+        (ops.gaussian_nll_backward.default, (x, logits, sigma, make(2))),
+    ]
+
+
+@pytest.mark.parametrize(
+    "device,interpret",
+    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_gpu)],
+    ids=["cpu-torch", "cpu-interpreter", "cuda"],
+)
+@pytest.mark.parametrize("index", range(8), ids=lambda i: str(_op_cases("cpu")[i][0]).split(".")[1])
+def test_opcheck(device, interpret, index, monkeypatch):
+    select_path(monkeypatch, interpret)
+    op, args = _op_cases(device)[index]
+    torch.library.opcheck(op, args)
