@@ -11,8 +11,11 @@ changes (GQN_SPEC.md, "Where the speed comes from"), all exact in real arithmeti
 - The ConvLSTM gates, the posterior sample with its KL, and the pixel NLL are fused kernels
   (gqn_fast.kernels) that recompute their activations in backward instead of storing them.
 
-Precision: under bf16 autocast the convs run in bf16; the fused kernels compute in fp32, and
-the per-scene KL and NLL sums they return are fp32, so the loss is summed in fp32.
+Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
+latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
+state is a running sum over L steps and the KL and NLL are sums over thousands of terms, where
+bf16's 8-bit mantissa would cost more accuracy than its bandwidth saves on such small tensors.
+The fused kernels compute in fp32 internally whatever they are given.
 """
 
 from __future__ import annotations
@@ -116,12 +119,34 @@ class GQN(reference.GQN):
             h = torch.cat(states, dim=1)
         return F.conv_transpose2d(h, weight, bias + self.observation.bias, stride=4)
 
+    # Step 1 starts from zero states, so the convs over h_g and h_e contribute nothing there and
+    # are skipped; the prior is its bias and the canvas view the same for every scene.
+
+    def _prior(self, step, h_g):
+        if step == 0:
+            bias = self.prior.bias[None, :, None, None].expand(h_g.shape[0], -1, *h_g.shape[2:])
+            return bias.chunk(2, dim=1)
+        return self.prior(h_g).chunk(2, dim=1)
+
+    def _inference_preactivation(self, step, h_g, view, h_e, constant):
+        core = self.inference_cores[0 if self.config.share_cores else step]
+        # Inference cell input channels: [x_q down, v_q, r, h_g, u down, h_e]; the first three
+        # are in `constant`.
+        H, C = self.config.hidden, self.config.canvas
+        weight = core.cell.conv.weight[:, 3 + VIEWPOINT_DIM + self.config.r_dim :]
+        if step == 0:
+            return F.conv2d(view[:1], weight[:, H : H + C], padding=2) + constant
+        return F.conv2d(torch.cat([h_g, view, h_e], dim=1), weight, padding=2) + constant
+
     def _generator_step(self, step, z, h_g, c_g, constant):
         core = self.generator_cores[0 if self.config.share_cores else step]
         # Generator cell input channels: [v_q, r, z, h_g]; v_q and r are in `constant`.
         weight = core.cell.conv.weight[:, VIEWPOINT_DIM + self.config.r_dim :]
-        preact = F.conv2d(torch.cat([z, h_g], dim=1), weight, padding=2) + constant
-        return conv_lstm_gates(preact, c_g)
+        if step == 0:
+            preact = F.conv2d(z, weight[:, : self.config.z_dim], padding=2) + constant
+        else:
+            preact = F.conv2d(torch.cat([z, h_g], dim=1), weight, padding=2) + constant
+        return conv_lstm_gates(preact.to(c_g.dtype), c_g)
 
     def _zeros(self, batch, like):
         return like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE)
@@ -137,18 +162,15 @@ class GQN(reference.GQN):
         )
         canvas = CanvasView(self, B)
         h_g, c_g, h_e, c_e = (self._zeros(B, query_x) for _ in range(4))
-        first_u = 3 + VIEWPOINT_DIM + c.r_dim  # inference cell channels from h_g on
         kls, states = [], []
         for step in range(c.L):
             core = 0 if c.share_cores else step
-            mu_p, s_p = self.prior(h_g).chunk(2, dim=1)
-            weight = self.inference_cores[core].cell.conv.weight[:, first_u:]
-            varying = torch.cat([h_g, canvas.before(step), h_e], dim=1)
-            preact = F.conv2d(varying, weight, padding=2) + inference_const[core]
-            h_e, c_e = conv_lstm_gates(preact, c_e)
+            mu_p, s_p = self._prior(step, h_g)
+            preact = self._inference_preactivation(step, h_g, canvas.before(step), h_e, inference_const[core])
+            h_e, c_e = conv_lstm_gates(preact.to(c_e.dtype), c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
-            eps = torch.randn_like(mu_q) if noise is None else noise[step]
-            z, kl = gaussian_sample_kl(mu_q, s_q, mu_p, s_p, eps)
+            eps = torch.randn_like(h_e[:, : c.z_dim]) if noise is None else noise[step]
+            z, kl = gaussian_sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
             h_g, c_g = self._generator_step(step, z, h_g, c_g, generator_const[core])
             states.append(h_g)
@@ -156,7 +178,7 @@ class GQN(reference.GQN):
                 canvas.draw(step, h_g)
 
         logits = self._image_logits(states)
-        nll = gaussian_nll(query_x, logits, float(sigma))
+        nll = gaussian_nll(query_x, logits.to(query_x.dtype), float(sigma))
         kl = torch.stack(kls, dim=1)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
@@ -172,7 +194,7 @@ class GQN(reference.GQN):
         h_g, c_g = self._zeros(B, context_x), self._zeros(B, context_x)
         states = []
         for step in range(c.L):
-            mu_p, s_p = self.prior(h_g).chunk(2, dim=1)
+            mu_p, s_p = self._prior(step, h_g)
             eps = torch.randn_like(mu_p) if noise is None else noise[step]
             z = mu_p + F.softplus(s_p) * eps
             core = 0 if c.share_cores else step

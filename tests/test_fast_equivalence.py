@@ -127,3 +127,23 @@ def test_triton_path_matches_reference_under_interpreter(config, batch, seed):
         patch.setenv("TRITON_INTERPRET", "1")
         assert kernels.use_triton(torch.zeros(1)), "the kernels did not take the Triton path"
         compare(config, batch, views=1, seed=seed)
+
+
+@pytest.mark.parametrize("share_cores", [False, True])
+def test_bf16_autocast_matches_reference(share_cores):
+    """Under bf16 autocast (CPU here, the GPU in bench) the fast model stays within bf16's limit."""
+    config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores)
+    torch.manual_seed(0)
+    oracle, fast = ReferenceGQN(config).double(), GQN(config)
+    fast.load_state_dict(oracle.state_dict())
+    data = random_scene_batch(2, 2, dtype=torch.float64)
+    noise = torch.randn(2, 2, 2, 16, 16, dtype=torch.float64)
+    expected = oracle.elbo(*data, sigma=0.7, noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.elbo(*(t.float() for t in data), sigma=0.7, noise=noise.float())
+        image = fast.generate(data[0].float(), data[1].float(), data[3].float(), noise=noise.float())
+    assert got.loss.dtype == torch.float32
+    for name in ["loss", "nll", "kl", "mean"]:
+        assert_close_rms(getattr(got, name), getattr(expected, name), RMS_LIMITS[torch.bfloat16], name)
+    expected_image = oracle.generate(data[0], data[1], data[3], noise=noise)
+    assert_close_rms(image, expected_image, RMS_LIMITS[torch.bfloat16], "generate")
