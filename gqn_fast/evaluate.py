@@ -105,7 +105,7 @@ def plot_curve(metrics: dict, path: Path) -> None:
     right.plot(Ms, [c["mse"] for c in metrics["curve"]], "o-", color="tab:orange")
     right.set_xlabel("context views")
     right.set_ylabel("MSE of the mean prediction")
-    fig.suptitle("more views, better predictions")
+    fig.suptitle("prediction error against the number of context views (the paper: falls with more views)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -178,7 +178,7 @@ def run_eval(ns: argparse.Namespace) -> int:
         return 1
     device, model, state, images, cameras = opened
     K = ns.max_context or images.shape[1] - 1
-    sigma = pixel_sigma(state["step"])
+    sigma = pixel_sigma(state["step"], state.get("train", {}).get("sigma_steps", 200_000))
     metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.seed, device)
     out = Path(ns.out) if ns.out else Path(ns.checkpoint).parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,10 @@ LR_START, LR_END, LR_STEPS = 5e-4, 5e-5, 1.6e6
 PIXELS_PER_IMAGE = 3 * 64 * 64
 
 
-def pixel_sigma(step: int) -> float:
-    """Pixel standard deviation: 2.0 annealed linearly to 0.7 over 200k steps, then 0.7."""
-    return max(SIGMA_END + (SIGMA_START - SIGMA_END) * (1 - step / SIGMA_STEPS), SIGMA_END)
+def pixel_sigma(step: int, anneal_steps: float = SIGMA_STEPS) -> float:
+    """Pixel standard deviation: 2.0 annealed linearly to 0.7 over 200k steps (the paper's
+    `anneal_steps`; short runs may anneal faster), then 0.7."""
+    return max(SIGMA_END + (SIGMA_START - SIGMA_END) * (1 - step / anneal_steps), SIGMA_END)
 
 
 def learning_rate(step: int) -> float:

@@ -39,6 +39,7 @@ class TrainArgs:
     builtin_scenes: int = 2000
     preset: str = "small"
     steps: int = 2000
+    sigma_steps: int = 200_000
     batch: int = 16
     max_context: int = 5
     impl: str = "fast"
@@ -166,7 +167,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
                 batches = iter(loader)
                 continue
             context_x, context_v, query_x, query_v = to_model_inputs(batch, device)
-            sigma = pixel_sigma(step)
+            sigma = pixel_sigma(step, args.sigma_steps)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step)
             with autocast:
@@ -280,6 +281,9 @@ def register(subparsers) -> None:
     p.add_argument("--preset", choices=["small", "paper"], default=defaults.preset)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch, help="scenes per step (per process)")
+    p.add_argument("--sigma-steps", type=int, default=defaults.sigma_steps,
+                   help="steps over which the pixel sigma anneals from 2.0 to 0.7 (the paper: 200000; "
+                        "a short run learns little at sigma 2)")
     p.add_argument("--max-context", type=int, default=defaults.max_context, help="context views drawn from 1..K")
     p.add_argument("--impl", choices=["fast", "reference"], default=defaults.impl)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision)
@@ -298,7 +302,7 @@ def register(subparsers) -> None:
 
 def run_command(ns: argparse.Namespace) -> int:
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    for name in ("steps", "batch", "builtin_scenes", "max_context", "log_every", "image_every", "checkpoint_every", "keep"):
+    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every", "image_every", "checkpoint_every", "keep"):
         if getattr(args, name) < 1:
             raise SystemExit(f"gqn-fast train: --{name.replace('_', '-')} must be at least 1")
     try:

@@ -28,3 +28,9 @@ def test_nll_floor_at_final_sigma_is_6909_nats():
 
 def test_bits_per_dim():
     assert bits_per_dim(12288 * math.log(2)) == pytest.approx(1.0)
+
+
+def test_pixel_sigma_anneals_over_a_chosen_length():
+    assert pixel_sigma(500, anneal_steps=1000) == pytest.approx(1.35)
+    assert pixel_sigma(1000, anneal_steps=1000) == pytest.approx(0.7)
+    assert pixel_sigma(5000, anneal_steps=1000) == pytest.approx(0.7)
