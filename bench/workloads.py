@@ -162,7 +162,7 @@ def model_rows(presets, batch_sizes, precisions, device, smoke, quick, repeats, 
                             if workload == "train_step" and not graph:
                                 with autocast(device, precision):
                                     saved = saved_for_backward_bytes(
-                                        lambda: model.elbo(*batches[0], sigma=0.7)
+                                        lambda m=model: m.elbo(*batches[0], sigma=0.7)
                                     )
                         except Exception as error:  # one failing provider must not sink the run
                             log(f"  {label}: FAILED {type(error).__name__}: {error}")
