@@ -29,24 +29,20 @@ def args_for(dataset, out, **overrides):
     return TrainArgs(**values)
 
 
-def test_resume_continues_exactly(dataset, tmp_path):
+# 22 train scenes at batch 3 make 7 batches an epoch: 6 steps stay in the first epoch, 10 cross
+# into the second.
+@pytest.mark.parametrize("steps, final_epoch", [(6, 0), (10, 1)])
+def test_resume_continues_exactly(dataset, tmp_path, steps, final_epoch):
     """N steps straight == N/2 steps, stop, resume to N: identical parameters on the CPU."""
-    straight = train(args_for(dataset, tmp_path / "straight", steps=6, checkpoint_every=3))
-    train(args_for(dataset, tmp_path / "split", steps=3, checkpoint_every=3))
-    resumed = train(args_for(dataset, tmp_path / "split", steps=6, checkpoint_every=3, resume=True))
+    half = steps // 2
+    straight = train(args_for(dataset, tmp_path / "straight", steps=steps, checkpoint_every=half))
+    train(args_for(dataset, tmp_path / "split", steps=half, checkpoint_every=half))
+    resumed = train(args_for(dataset, tmp_path / "split", steps=steps, checkpoint_every=half, resume=True))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert load_checkpoint(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])["step"] == 6
-
-
-def test_resume_crosses_epochs_exactly(dataset, tmp_path):
-    straight = train(args_for(dataset, tmp_path / "a", steps=10, checkpoint_every=5))
-    train(args_for(dataset, tmp_path / "b", steps=5, checkpoint_every=5))
-    resumed = train(args_for(dataset, tmp_path / "b", steps=10, checkpoint_every=5, resume=True))
-    state = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
-    assert state["data"]["epoch"] >= 1  # 7 batches per epoch: step 10 is in the second
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    state = load_checkpoint(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])
+    assert state["step"] == steps
+    assert state["data"]["epoch"] == final_epoch
 
 
 def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
