@@ -1,6 +1,7 @@
 """gqn-fast's speed and memory evidence: `python bench/run.py [--quick | --smoke] [--only NAME]`.
 
-Every provider side by side in one run: the reference in eager PyTorch and under torch.compile
+Every provider side by side in one run (--only conv_cell: one ConvLSTM cell, its 5x5 conv
+fused with the gates against cuDNN's conv plus the gate kernel, at B = 8 and 36): the reference in eager PyTorch and under torch.compile
 (default and max-autotune), gqn_fast eager, compiled, and with the training step captured in a
 CUDA graph; fp32 (TF32 settings pinned and printed) and bf16 autocast. Results go to
 bench/results/<device>/: results.json (one row per measurement, with the environment),
@@ -28,7 +29,7 @@ import report  # noqa: E402
 import workloads  # noqa: E402
 from gqn_fast import GQNConfig  # noqa: E402
 
-GROUPS = ["kernels", "train_step", "representation", "data"]
+GROUPS = ["kernels", "conv_cell", "train_step", "representation", "data"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,12 +71,12 @@ def plan(device: torch.device, smoke: bool, quick: bool) -> dict:
     if smoke:
         return dict(presets={"tiny": tiny}, batches={"tiny": [2]}, precisions=["fp32"],
                     kernel_sizes=[2], kernel_dtypes=[torch.float32], repeats=2,
-                    representation=(tiny, 2))
+                    representation=(tiny, 2), cell_batches=[2])
     if device.type != "cuda":
         # A CPU runs the model comparisons only: the kernels are written for GPUs.
         return dict(presets={"small": GQNConfig.preset("small")}, batches={"small": [8]},
                     precisions=["fp32"], kernel_sizes=[], kernel_dtypes=[], repeats=5,
-                    representation=(GQNConfig.preset("small"), 8))
+                    representation=(GQNConfig.preset("small"), 8), cell_batches=[])
     paper = GQNConfig.preset("paper")
     return dict(
         presets={"paper": paper, "small": GQNConfig.preset("small")},
@@ -85,6 +86,7 @@ def plan(device: torch.device, smoke: bool, quick: bool) -> dict:
         kernel_dtypes=[torch.float32, torch.bfloat16],
         repeats=10 if quick else 30,
         representation=(paper, 36),
+        cell_batches=[8, 36],
     )
 
 
@@ -117,6 +119,13 @@ def main(argv=None) -> int:
                                           args.smoke, sizes["repeats"], limits["copy_GBps"], log)
         else:
             log("kernels: skipped, the kernel microbenchmarks need a CUDA GPU (use --smoke to check the plumbing)")
+    if "conv_cell" in groups:
+        if sizes["cell_batches"]:
+            log("one ConvLSTM cell (5x5 conv + gates), fused and unfused:")
+            rows += workloads.conv_cell_rows(device, sizes["kernel_dtypes"], sizes["cell_batches"], args.smoke,
+                                             sizes["repeats"], limits, log)
+        else:
+            log("conv_cell: skipped, the fused cell is a GPU kernel (use --smoke to check the plumbing)")
     if "train_step" in groups:
         log("training step and generation:")
         rows += workloads.model_rows(sizes["presets"], sizes["batches"], sizes["precisions"], device,

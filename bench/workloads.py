@@ -48,19 +48,23 @@ def scene_batches(batch: int, device: torch.device, count: int = ROTATING_BATCHE
 
 
 def model_providers(device: torch.device, smoke: bool, quick: bool):
-    """(name, model class, compile mode or None, CUDA-graph capture?)."""
+    """(name, model class, compile mode or None, CUDA-graph capture?, model attributes)."""
     providers = [
-        ("reference-eager", ReferenceGQN, None, False),
-        ("reference-compile", ReferenceGQN, "default", False),
-        ("reference-compile-max-autotune", ReferenceGQN, "max-autotune", False),
-        ("gqn_fast-eager", GQN, None, False),
-        ("gqn_fast-compile", GQN, "default", False),
-        ("gqn_fast-cudagraph", GQN, None, True),
+        ("reference-eager", ReferenceGQN, None, False, {}),
+        ("reference-compile", ReferenceGQN, "default", False, {}),
+        ("reference-compile-max-autotune", ReferenceGQN, "max-autotune", False, {}),
+        ("gqn_fast-eager", GQN, None, False, {}),
+        # The fused cells' contribution to the whole step: the same model with cuDNN convs
+        # followed by the gate kernel, and with the fused cells' Triton backward convs.
+        ("gqn_fast-unfused-cells-eager", GQN, None, False, {"fused_cells": False}),
+        ("gqn_fast-triton-bwd-eager", GQN, None, False, {"backward_convs": "triton"}),
+        ("gqn_fast-compile", GQN, "default", False, {}),
+        ("gqn_fast-cudagraph", GQN, None, True, {}),
     ]
     if smoke or quick or device.type != "cuda":
         providers = [p for p in providers if p[2] != "max-autotune"]
-    if device.type != "cuda":
-        providers = [p for p in providers if not p[3]]
+    if device.type != "cuda":  # no CUDA graphs, and the cells run unfused whatever the switch
+        providers = [p for p in providers if not p[3] and not p[4]]
     return providers
 
 
@@ -141,12 +145,14 @@ def model_rows(presets, batch_sizes, precisions, device, smoke, quick, repeats, 
             batches = scene_batches(batch, device)
             flops = {w: reference_flops(config, batch, device, w == "train_step") for w in ("train_step", "generate")}
             for precision in precisions:
-                for name, cls, mode, graph in model_providers(device, smoke, quick):
+                for name, cls, mode, graph, attributes in model_providers(device, smoke, quick):
                     for workload in ("train_step", "generate"):
                         if graph and workload == "generate":
                             continue
                         torch.manual_seed(0)
                         model = cls(config).to(device)
+                        for attribute, value in attributes.items():
+                            setattr(model, attribute, value)
                         label = f"{workload} {preset} B={batch} {precision} {name}"
                         try:
                             start = time.perf_counter()
@@ -296,4 +302,83 @@ def kernel_rows(device, dtypes, sizes, smoke, repeats, copy_GBps, log):
                                      precision=str(dtype).split(".")[-1], median_ms=timing.median_ms,
                                      p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, bytes=moved, GBps=gbps,
                                      share_of_copy_bw=gbps / copy_GBps, compile_s=compile_s))
+    return rows
+
+
+# --- one ConvLSTM cell: its 5x5 conv and gates, fused against unfused (issue: fused conv) ----
+
+
+def eager_cell(x, weight, constant, c):
+    return eager_gates(F.conv2d(x, weight, padding=2) + constant, c)
+
+
+def unfused_cell(x, weight, constant, c):
+    """gqn_fast's unfused path: cuDNN's conv, then the fused gate kernel."""
+    preact = F.conv2d(x, weight, padding=2) + constant
+    return kernels.conv_lstm_gates(preact.to(c.dtype), c)
+
+
+def fused_cell(backward_convs):
+    return lambda x, weight, constant, c: kernels.conv_gates(x, weight, constant, c, backward_convs=backward_convs)
+
+
+# (core, step-varying input channels) at the paper's sizes: the generator reads z and h_g,
+# the inference core h_g, the canvas view and h_e (their constant inputs are hoisted).
+CELL_SHAPES = {"generator": 3 + 128, "inference": 3 * 128}
+
+
+def conv_cell_rows(device, dtypes, batches, smoke, repeats, peaks, log):
+    """The cell's step-varying 5x5 conv plus gates, every provider, fwd and fwd+bwd.
+
+    x and weight take the operand dtype (as autocast gives them), constant and c are fp32 as
+    in the model. TFLOP/s counts the conv's multiply-adds (x2); share_of_peak is against the
+    chip's nominal dense tensor-core rate (TF32 for fp32 operands)."""
+    hidden = 8 if smoke else 128
+    providers = [
+        ("eager", eager_cell),
+        ("compile", compile_fn(eager_cell, "default", smoke)),
+        ("cudnn+gate-kernel", unfused_cell),
+        ("gqn_fast-fused-aten-bwd", fused_cell("aten")),
+        ("gqn_fast-fused-triton-bwd", fused_cell("triton")),
+    ]
+    rows = []
+    for dtype, batch, (core, cin) in itertools.product(dtypes, batches, CELL_SHAPES.items()):
+        cin = min(cin, 3 * hidden)
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        peak = peaks.get("nominal_bf16_TFLOPs" if precision == "bf16" else "nominal_tf32_TFLOPs")
+
+        def make():
+            x = torch.randn(batch, cin, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            weight = (torch.randn(4 * hidden, cin, 5, 5, device=device) / (25 * cin) ** 0.5).to(dtype)
+            constant = torch.randn(batch, 4 * hidden, 16, 16, device=device, requires_grad=True)
+            c = torch.randn(batch, hidden, 16, 16, device=device, requires_grad=True)
+            return x, weight.requires_grad_(), constant, c
+
+        inputs = [make() for _ in range(ROTATING_BATCHES)]
+        conv_flops = 2 * batch * 16 * 16 * cin * 25 * 4 * hidden
+        for (name, fn), mode in itertools.product(providers, ("fwd", "fwd+bwd")):
+            cycle = itertools.cycle(inputs)
+
+            def run(fn=fn, mode=mode, cycle=cycle):
+                h, c_new = fn(*next(cycle))
+                if mode == "fwd+bwd":
+                    torch.autograd.backward([h.float().sum(), c_new.float().sum()])
+
+            label = f"conv_lstm_cell {core} B={batch} {precision} {name} {mode}"
+            row = dict(workload=f"conv_lstm_cell_{core}", provider=name, mode=mode, batch=batch, precision=precision)
+            try:
+                start = time.perf_counter()
+                run()
+                compile_s = time.perf_counter() - start if name == "compile" else None
+                timing = time_fn(run, device, repeats=repeats)
+            except Exception as error:  # one failing provider must not sink the run
+                log(f"  {label}: FAILED {type(error).__name__}: {error}")
+                rows.append(dict(row, error=f"{type(error).__name__}: {error}"))
+                continue
+            flops = conv_flops * (3 if mode == "fwd+bwd" else 1)  # backward: input and weight grads
+            tflops = flops / timing.median_ms / 1e9
+            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, flops=flops,
+                       TFLOPs=tflops, compile_s=compile_s, share_of_peak=tflops / peak if peak else None)
+            log(f"  {label}: {timing.median_ms:.4f} ms, {tflops:.1f} TFLOP/s")
+            rows.append(row)
     return rows

@@ -8,8 +8,10 @@ changes (GQN_SPEC.md, "Where the speed comes from"), all exact in real arithmeti
 - The 128x64x64 canvas never exists: the inference core's view of it, conv(k4 s4) of a sum of
   convT(k4 s4) outputs, is a running sum of 1x1 maps on the 16x16 grid, and the output image
   is one transposed conv of the generator states straight to 3 channels (gqn_fast.folding).
-- The ConvLSTM gates, the posterior sample with its KL, and the pixel NLL are fused kernels
-  (gqn_fast.kernels) that recompute their activations in backward instead of storing them.
+- Each ConvLSTM cell's 5x5 conv over its step-varying inputs carries the gate math in its
+  epilogue (kernels.conv_gates), so the [B, 4H, 16, 16] preactivations never make a round
+  trip through memory; the posterior sample with its KL and the pixel NLL are fused kernels
+  too, and recompute their activations in backward instead of storing them.
 
 Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
 latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
@@ -25,11 +27,18 @@ import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM
 from gqn_fast.folding import downsample_after_upsample, observation_after_upsample
-from gqn_fast.kernels import conv_lstm_gates, gaussian_nll, gaussian_sample_kl
+from gqn_fast import kernels
+from gqn_fast.kernels import conv_gates, conv_lstm_gates, gaussian_nll, gaussian_sample_kl
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
 
 ELBO = reference.ELBO
+
+
+def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.conv2d would compute in here: autocast's, when it is on for the weight's device."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 class CanvasView:
@@ -72,7 +81,17 @@ class CanvasView:
 
 
 class GQN(reference.GQN):
-    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN."""
+    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
+
+    Two switches, plain attributes (not in the state_dict), for benchmarks and comparisons:
+    fused_cells: None (default) fuses each cell's 5x5 conv with its gates (kernels.conv_gates)
+        wherever the Triton kernels run (CUDA, or the CPU interpreter), and keeps the unfused
+        conv + gate kernel elsewhere; True or False forces one or the other.
+    backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
+    """
+
+    fused_cells: bool | None = None
+    backward_convs: str = "aten"
 
     def _constant_preactivations(self, query_x, v_q, r):
         """Each core's preactivation share from the inputs that are the same at every step.
@@ -128,25 +147,40 @@ class GQN(reference.GQN):
             return bias.chunk(2, dim=1)
         return self.prior(h_g).chunk(2, dim=1)
 
-    def _inference_preactivation(self, step, h_g, view, h_e, constant):
+    def _inference_step(self, step, h_g, view, h_e, c_e, constant):
         core = self.inference_cores[0 if self.config.share_cores else step]
         # Inference cell input channels: [x_q down, v_q, r, h_g, u down, h_e]; the first three
         # are in `constant`.
         H, C = self.config.hidden, self.config.canvas
         weight = core.cell.conv.weight[:, 3 + VIEWPOINT_DIM + self.config.r_dim :]
         if step == 0:
-            return F.conv2d(view[:1], weight[:, H : H + C], padding=2) + constant
-        return F.conv2d(torch.cat([h_g, view, h_e], dim=1), weight, padding=2) + constant
+            return self._cell(view, weight[:, H : H + C], constant, c_e, batch_constant_input=True)
+        return self._cell(torch.cat([h_g, view, h_e], dim=1), weight, constant, c_e)
 
     def _generator_step(self, step, z, h_g, c_g, constant):
         core = self.generator_cores[0 if self.config.share_cores else step]
         # Generator cell input channels: [v_q, r, z, h_g]; v_q and r are in `constant`.
         weight = core.cell.conv.weight[:, VIEWPOINT_DIM + self.config.r_dim :]
         if step == 0:
-            preact = F.conv2d(z, weight[:, : self.config.z_dim], padding=2) + constant
-        else:
-            preact = F.conv2d(torch.cat([z, h_g], dim=1), weight, padding=2) + constant
-        return conv_lstm_gates(preact.to(c_g.dtype), c_g)
+            return self._cell(z, weight[:, : self.config.z_dim], constant, c_g)
+        return self._cell(torch.cat([z, h_g], dim=1), weight, constant, c_g)
+
+    def _cell(self, x, weight, constant, c, batch_constant_input=False):
+        """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
+
+        Fused (the 5x5 conv with the gates in its epilogue) where the kernels run; unfused
+        (cuDNN or the CPU's conv, then the gate kernel) elsewhere or when asked. An input that
+        is the same for every scene (the canvas view before any drawing) is convolved once
+        on the unfused path.
+        """
+        fused = kernels.use_triton(c) if self.fused_cells is None else self.fused_cells
+        if fused:
+            dtype = _conv_dtype(weight)
+            return conv_gates(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
+        if batch_constant_input:
+            x = x[:1]
+        preact = F.conv2d(x, weight, padding=2) + constant
+        return conv_lstm_gates(preact.to(c.dtype), c)
 
     def _zeros(self, batch, like):
         return like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE)
@@ -166,8 +200,7 @@ class GQN(reference.GQN):
         for step in range(c.L):
             core = 0 if c.share_cores else step
             mu_p, s_p = self._prior(step, h_g)
-            preact = self._inference_preactivation(step, h_g, canvas.before(step), h_e, inference_const[core])
-            h_e, c_e = conv_lstm_gates(preact.to(c_e.dtype), c_e)
+            h_e, c_e = self._inference_step(step, h_g, canvas.before(step), h_e, c_e, inference_const[core])
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             eps = torch.randn_like(h_e[:, : c.z_dim]) if noise is None else noise[step]
             z, kl = gaussian_sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))

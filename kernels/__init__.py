@@ -1,6 +1,8 @@
 """Fused Triton kernels for GQN, each a torch.library custom op (installed as gqn_fast.kernels).
 
 - conv_lstm_gates(preact, c) -> (h, c_new)                    kernels/conv_lstm.py
+- conv_gates(x, weight, constant, c) -> (h, c_new)             kernels/implicit_gemm.py
+  (the KxK conv of a ConvLSTM cell with the gates in its epilogue)
 - gaussian_sample_kl(mu_q, s_q, mu_p, s_p, eps) -> (z, kl)    kernels/gaussian.py
 - gaussian_kl(mu_q, s_q, mu_p, s_p) -> kl                     kernels/gaussian.py
 - gaussian_nll(x, logits, sigma) -> nll                       kernels/pixel_nll.py
@@ -10,12 +12,14 @@ kernels under the interpreter when TRITON_INTERPRET=1 (kernels/utils.py: use_tri
 Per-sample sums (kl, nll) are fp32 whatever the input dtype (fp64 for fp64 inputs).
 """
 
+from .implicit_gemm import conv_gates
 from .conv_lstm import conv_lstm_gates
 from .gaussian import gaussian_kl, gaussian_sample_kl
 from .pixel_nll import gaussian_nll
 from .utils import interpreter_enabled, use_triton
 
 __all__ = [
+    "conv_gates",
     "conv_lstm_gates",
     "gaussian_kl",
     "gaussian_nll",

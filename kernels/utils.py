@@ -61,10 +61,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
         return False
     if tensor.device.type == "cuda":
         return True
+    # is_compiling first: dynamo cannot trace Triton's knob (a C++ getenv).
     return (
         tensor.device.type == "cpu"
-        and interpreter_enabled()
         and not torch.compiler.is_compiling()
+        and interpreter_enabled()
         and type(tensor) in (torch.Tensor, torch.nn.Parameter)
     )
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gqn_fast import GQN, GQNConfig, kernels
+from gqn_fast import model as model_module
 from gqn_fast.reference import GQN as ReferenceGQN
 from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
 
@@ -46,11 +47,12 @@ def outputs_and_gradients(model, inputs, noise, sigma):
     return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
 
 
-def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7):
+def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=None, backward_convs="aten"):
     """Every output and every gradient of fast (in dtype) against the float64 reference."""
     torch.manual_seed(seed)
     oracle = ReferenceGQN(config).double()
     plain, fast = ReferenceGQN(config).to(dtype), GQN(config).to(dtype)
+    fast.fused_cells, fast.backward_convs = fused_cells, backward_convs
     plain.load_state_dict(oracle.state_dict())
     fast.load_state_dict(oracle.state_dict())
     data = random_scene_batch(batch, views, dtype=torch.float64)
@@ -66,9 +68,16 @@ def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7):
         assert_close_rms(got, want, limit, label)
 
 
-@given(config=configs(), batch=st.integers(1, 3), views=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_cpu_path_matches_reference(config, batch, views, seed):
-    compare(config, batch, views, seed)
+@given(
+    config=configs(),
+    batch=st.integers(1, 3),
+    views=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    fused_cells=st.sampled_from([None, True]),
+)
+def test_cpu_path_matches_reference(config, batch, views, seed, fused_cells):
+    """CPU: the unfused cells (the default there), and the fused op's PyTorch path."""
+    compare(config, batch, views, seed, fused_cells=fused_cells)
 
 
 @pytest.mark.parametrize("share_cores", [False, True])
@@ -119,19 +128,50 @@ def test_fullgraph_compile_matches_eager():
         assert_close_rms(g, e, 1e-5, "compiled grad")
 
 
+def count_fused_cells(monkeypatch):
+    """A list that grows by one at each call of the fused conv + gates op from the model."""
+    calls = []
+    real = model_module.conv_gates
+    monkeypatch.setattr(model_module, "conv_gates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @given(config=configs(max_L=2), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
 @settings(max_examples=4)
 def test_triton_path_matches_reference_under_interpreter(config, batch, seed):
-    """The same comparison with the fused kernels running in Triton's CPU interpreter."""
+    """The same comparison with the fused kernels, the conv + gates cells included, running in
+    Triton's CPU interpreter."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         assert kernels.use_triton(torch.zeros(1)), "the kernels did not take the Triton path"
+        calls = count_fused_cells(patch)
         compare(config, batch, views=1, seed=seed)
+        # Two cells per step in elbo, one in generate.
+        assert len(calls) == 3 * config.L
 
 
-@pytest.mark.parametrize("share_cores", [False, True])
-def test_bf16_autocast_matches_reference(share_cores):
-    """Under bf16 autocast (CPU here, the GPU in bench) the fast model stays within bf16's limit."""
+def test_triton_backward_convs_match_reference_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=5, canvas=3, r_dim=8, share_cores=False)
+    compare(config, batch=1, views=1, seed=0, backward_convs="triton")
+
+
+def test_unfused_cells_can_be_forced_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = count_fused_cells(monkeypatch)
+    config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=4, canvas=3, r_dim=8)
+    compare(config, batch=1, views=1, seed=0, fused_cells=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "share_cores,interpret", [(False, False), (True, False), (False, True)], ids=["unshared", "shared", "interpreter"]
+)
+def test_bf16_autocast_matches_reference(share_cores, interpret, monkeypatch):
+    """Under bf16 autocast (CPU here, the GPU in bench) the fast model stays within bf16's limit;
+    under the interpreter its fused cells take bf16 operands (upcast there for the products)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    calls = count_fused_cells(monkeypatch)
     config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores)
     torch.manual_seed(0)
     oracle, fast = ReferenceGQN(config).double(), GQN(config)
@@ -147,3 +187,4 @@ def test_bf16_autocast_matches_reference(share_cores):
         assert_close_rms(getattr(got, name), getattr(expected, name), RMS_LIMITS[torch.bfloat16], name)
     expected_image = oracle.generate(data[0], data[1], data[3], noise=noise)
     assert_close_rms(image, expected_image, RMS_LIMITS[torch.bfloat16], "generate")
+    assert len(calls) == (3 * config.L if interpret else 0)

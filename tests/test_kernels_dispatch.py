@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from gqn_fast.kernels import conv_lstm, gaussian, pixel_nll, use_triton
+from gqn_fast.kernels import conv_lstm, gaussian, implicit_gemm, pixel_nll, use_triton
 from gqn_fast.kernels.utils import interpreter_enabled
 from helpers import RMS_LIMITS, rel_rms
 
@@ -240,55 +240,71 @@ def _nvidia_compiler_available() -> bool:
     return ptxas.exists() and hasattr(triton, "compile") and compiled_kernels
 
 
+_GATES_TILE = {"BLOCK_C": 4, "BLOCK_S": 128}
+_CONV_GATES = {"KSIZE": 5, "UPCAST": False}
+# (kernel, constexprs, element type of the input pointers): the low-precision input path
+# (bf16: load, upcast, round), and for the conv kernels also fp32 operands on TF32 tensor cores.
 _KERNEL_VARIANTS = [
-    (conv_lstm._conv_lstm_gates_forward_kernel, {}),
-    (conv_lstm._conv_lstm_gates_backward_kernel, {}),
-    (gaussian._gaussian_kl_forward_kernel, {"HAS_SAMPLE": True}),
-    (gaussian._gaussian_kl_forward_kernel, {"HAS_SAMPLE": False}),
-    (gaussian._gaussian_kl_backward_kernel, {"HAS_SAMPLE": True}),
-    (gaussian._gaussian_kl_backward_kernel, {"HAS_SAMPLE": False}),
-    (pixel_nll._gaussian_nll_forward_kernel, {}),
-    (pixel_nll._gaussian_nll_backward_kernel, {}),
+    (conv_lstm._conv_lstm_gates_forward_kernel, _GATES_TILE, "bf16"),
+    (conv_lstm._conv_lstm_gates_backward_kernel, _GATES_TILE, "bf16"),
+    (gaussian._gaussian_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
+    (gaussian._gaussian_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
+    (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
+    (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
+    (pixel_nll._gaussian_nll_forward_kernel, _GATES_TILE, "bf16"),
+    (pixel_nll._gaussian_nll_backward_kernel, _GATES_TILE, "bf16"),
+] + [
+    (kernel, {**_CONV_GATES, **extra, **tile, "DOT_PRECISION": precision}, element)
+    for element, precision in (("bf16", "ieee"), ("fp32", "tf32"))
+    for kernel, extra, tile in (
+        (implicit_gemm._conv_gates_forward_kernel, {"SAVE_PREACT": True}, {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
+        (implicit_gemm._conv_input_grad_kernel, {}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
+        (implicit_gemm._conv_weight_grad_kernel, {}, {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32}),
+    )
 ]
 
 
 @pytest.mark.skipif(not _nvidia_compiler_available(), reason="Triton's NVIDIA compiler (with ptxas) is not installed")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")  # Triton 3.9's notice of a future default
 @pytest.mark.parametrize(
-    "kernel,constexprs", _KERNEL_VARIANTS, ids=[f"{k.fn.__name__}{sorted(c.items())}" for k, c in _KERNEL_VARIANTS]
+    "kernel,constexprs,element",
+    _KERNEL_VARIANTS,
+    ids=[f"{k.fn.__name__}-{e}{sorted((n, v) for n, v in c.items() if not n.startswith('BLOCK'))}" for k, c, e in _KERNEL_VARIANTS],
 )
-def test_kernel_compiles_for_sm90(kernel, constexprs):
+def test_kernel_compiles_for_sm90(kernel, constexprs, element):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = {"BLOCK_C": 4, "BLOCK_S": 128, **constexprs}
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("grad_kl_ptr", "grad_nll_ptr", "kl_partial_ptr", "nll_partial_ptr"):
-            signature[name] = "*fp32"  # per-sample sums and their gradients are fp32
+        elif name in ("grad_kl_ptr", "grad_nll_ptr", "kl_partial_ptr", "nll_partial_ptr", "preact_ptr"):
+            signature[name] = "*fp32"  # per-sample sums, their gradients and saved preactivations are fp32
         elif name == "sigma_ptr":
             signature[name] = "*fp64"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16"  # the low-precision input path: load, upcast, round
+            signature[name] = f"*{element}"
         else:
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    assert "st.global" in compiled.asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    assert "st.global" in ptx
+    if kernel.fn.__module__.endswith("implicit_gemm"):  # the GEMMs run on Hopper's tensor cores
+        assert "wgmma" in ptx
 
 
 def test_every_kernel_is_in_the_compile_check():
     kernels = {
         value
-        for module in (conv_lstm, gaussian, pixel_nll)
+        for module in (implicit_gemm, conv_lstm, gaussian, pixel_nll)
         for name, value in vars(module).items()
         if name.endswith("_kernel") and hasattr(value, "fn")
     }
-    assert len(kernels) == 6
-    assert kernels == {kernel for kernel, _ in _KERNEL_VARIANTS}
+    assert len(kernels) == 9
+    assert kernels == {kernel for kernel, _, _ in _KERNEL_VARIANTS}
 
 
 def test_triton_op_finds_the_kernels():
@@ -299,9 +315,12 @@ def test_triton_op_finds_the_kernels():
         pytest.skip("no compiled kernels: Triton is missing, or TRITON_INTERPRET=1 was set at import")
     found = {
         name: {k.fn.__name__ for k in get_triton_kernels_for_op(f"gqn_fast::{name}")}
-        for name in ("conv_lstm_gates", "gaussian_sample_kl", "gaussian_nll_backward")
+        for name in ("conv_lstm_gates", "gaussian_sample_kl", "gaussian_nll_backward", "conv_gates", "conv_gates_backward")
     }
     assert found == {
+        "conv_gates": {"_conv_gates_forward_kernel"},
+        # The gate backward and the two Triton convs (the tuned and interpreted launch the same kernel).
+        "conv_gates_backward": {"_conv_lstm_gates_backward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"},
         "conv_lstm_gates": {"_conv_lstm_gates_forward_kernel"},
         "gaussian_sample_kl": {"_gaussian_kl_forward_kernel"},
         "gaussian_nll_backward": {"_gaussian_nll_backward_kernel"},
