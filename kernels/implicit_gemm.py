@@ -95,7 +95,11 @@ def _conv_gates_forward_kernel(
     acc_f = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for tap in range(KSIZE * KSIZE):
+    chunks = tl.cdiv(cin, BLOCK_K)
+    # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
+    for step in range(KSIZE * KSIZE * chunks):
+        tap = step // chunks
+        k0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE
         kx = tap % KSIZE
         ys = y + ky - KSIZE // 2
@@ -103,22 +107,21 @@ def _conv_gates_forward_kernel(
         inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         x_pixels = (b * x_sb + ys.to(tl.int64) * x_sy + xs.to(tl.int64) * x_sx)[:, None]
         w_tap = ky * w_sy + kx * w_sx
-        for k0 in range(0, cin, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < cin
-            a = tl.load(x_ptr + x_pixels + k.to(tl.int64)[None, :] * x_sc, mask=inside[:, None] & k_ok[None, :], other=0.0)
-            w_ptrs = w_ptr + w_tap + k.to(tl.int64)[:, None] * w_sc
-            w_mask = k_ok[:, None] & h_ok[None, :]
-            w_i = tl.load(w_ptrs + w_rows_i, mask=w_mask, other=0.0)
-            w_f = tl.load(w_ptrs + w_rows_f, mask=w_mask, other=0.0)
-            w_g = tl.load(w_ptrs + w_rows_g, mask=w_mask, other=0.0)
-            w_o = tl.load(w_ptrs + w_rows_o, mask=w_mask, other=0.0)
-            if UPCAST:  # the interpreter multiplies bf16 tiles wrongly; their values are exact in fp32
-                a, w_i, w_f, w_g, w_o = a.to(tl.float32), w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
-            acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
-            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
-            acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
-            acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < cin
+        a = tl.load(x_ptr + x_pixels + k.to(tl.int64)[None, :] * x_sc, mask=inside[:, None] & k_ok[None, :], other=0.0)
+        w_ptrs = w_ptr + w_tap + k.to(tl.int64)[:, None] * w_sc
+        w_mask = k_ok[:, None] & h_ok[None, :]
+        w_i = tl.load(w_ptrs + w_rows_i, mask=w_mask, other=0.0)
+        w_f = tl.load(w_ptrs + w_rows_f, mask=w_mask, other=0.0)
+        w_g = tl.load(w_ptrs + w_rows_g, mask=w_mask, other=0.0)
+        w_o = tl.load(w_ptrs + w_rows_o, mask=w_mask, other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 tiles wrongly; their values are exact in fp32
+            a, w_i, w_f, w_g, w_o = a.to(tl.float32), w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
 
     # Epilogue: the gate math of conv_lstm.py on the accumulators, plus the constant share.
     mask = m_ok[:, None] & h_ok[None, :]
@@ -168,7 +171,11 @@ def _conv_input_grad_kernel(
     ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_ok = ci < cin
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KSIZE * KSIZE):
+    chunks = tl.cdiv(cout, BLOCK_K)
+    # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
+    for step in range(KSIZE * KSIZE * chunks):
+        tap = step // chunks
+        n0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE
         kx = tap % KSIZE
         ys = y - ky + KSIZE // 2
@@ -176,15 +183,14 @@ def _conv_input_grad_kernel(
         inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         grad_pixels = (b * grad_sb + ys.to(tl.int64) * grad_sy + xs.to(tl.int64) * grad_sx)[:, None]
         w_tap = w_ptr + ky * w_sy + kx * w_sx + ci.to(tl.int64)[None, :] * w_sc
-        for n0 in range(0, cout, BLOCK_K):
-            n = n0 + tl.arange(0, BLOCK_K)
-            n_ok = n < cout
-            a = tl.load(grad_ptr + grad_pixels + n.to(tl.int64)[None, :] * grad_sc,
-                        mask=inside[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
-            w = tl.load(w_tap + n.to(tl.int64)[:, None] * w_sn, mask=n_ok[:, None] & ci_ok[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        n = n0 + tl.arange(0, BLOCK_K)
+        n_ok = n < cout
+        a = tl.load(grad_ptr + grad_pixels + n.to(tl.int64)[None, :] * grad_sc,
+                    mask=inside[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_tap + n.to(tl.int64)[:, None] * w_sn, mask=n_ok[:, None] & ci_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     out = (grad_x_ptr + b[:, None] * grad_x_sb + ci.to(tl.int64)[None, :] * grad_x_sc
            + y.to(tl.int64)[:, None] * grad_x_sy + x.to(tl.int64)[:, None] * grad_x_sx)  # fmt: skip
     tl.store(out, acc.to(grad_x_ptr.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
@@ -284,7 +290,7 @@ if HAS_TRITON:
     )(_conv_weight_grad_kernel)
 
 
-def _dot_settings(tensor: torch.Tensor) -> dict:
+def _dot_settings() -> dict:
     """TF32 for fp32 operands when cuDNN convolutions may use it (PyTorch's default), so the
     fused and unfused paths round alike; the interpreter multiplies in exact fp32."""
     interpreted = interpreter_enabled()
@@ -324,6 +330,19 @@ def _kernels_apply(x: torch.Tensor) -> bool:
     return use_triton(x) and x.dtype != torch.float64
 
 
+def _output_channels_unit_stride(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, C, K, K] with the output channels adjacent in memory (a copy, unless they are).
+
+    The kernels load [channels x output channels] tiles of it per tap: with PyTorch's layout
+    those elements are C*K*K apart, one 32-byte sector each; laid out (K, K, C, N) a tile is
+    rows of adjacent values. A copy per call (20 MB for the paper's inference core) costs a
+    few percent of the convolution it feeds.
+    """
+    if weight.stride(0) == 1:
+        return weight
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
 def conv_gates_forward(x, weight, constant, c, save_preact: bool):
     """(h, c', preact): preact is the fp32 [B, 4H, Y, X] preactivation if save_preact, else empty."""
     _check_inputs(x, weight, constant, c)
@@ -331,6 +350,7 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
         return _conv_gates_forward_torch(x, weight, constant, c, save_preact)
     batch, cin, height, width = x.shape
     hidden = c.shape[1]
+    weight = _output_channels_unit_stride(weight)
     h = torch.empty_like(c)
     c_new = torch.empty_like(c)
     preact_shape = (batch, 4 * hidden, height, width) if save_preact else (0, 0, 0, 0)
@@ -343,7 +363,7 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
             *x.stride(), *weight.stride(), *constant.stride(), *c.stride(),
             *h.stride(), *c_new.stride(), *preact_strides,
         )  # fmt: skip
-        constexprs = {"KSIZE": weight.shape[-1], "SAVE_PREACT": save_preact, **_dot_settings(x)}
+        constexprs = {"KSIZE": weight.shape[-1], "SAVE_PREACT": save_preact, **_dot_settings()}
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
         with launch_device(x):
             if interpreter_enabled():
@@ -371,9 +391,11 @@ def conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs
 def _conv_backward_triton(grad, x, weight):
     batch, cin, height, width = x.shape
     cout, ksize = weight.shape[0], weight.shape[-1]
+    weight = _output_channels_unit_stride(weight)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-    dot = _dot_settings(x)
+    # Written in the same (K, K, C, N) layout, so each tile's rows are adjacent values.
+    grad_weight = torch.empty((ksize, ksize, cin, cout), dtype=weight.dtype, device=x.device).permute(3, 2, 0, 1)
+    dot = _dot_settings()
     if grad_x.numel() > 0:
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
         args = (grad, weight, grad_x, batch, cin, cout, height, width, *grad.stride(), *weight.stride(), *grad_x.stride())
