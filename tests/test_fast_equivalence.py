@@ -47,22 +47,26 @@ def outputs_and_gradients(model, inputs, noise, sigma):
     return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
 
 
-def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=None, backward_convs="aten"):
-    """Every output and every gradient of fast (in dtype) against the float64 reference."""
+def compare(
+    config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=None, backward_convs="aten", device="cpu"
+):
+    """Every output and every gradient of fast (in dtype, on device) against the float64
+    reference (on the CPU); the plain reference runs beside fast, in the same dtype and place."""
     torch.manual_seed(seed)
     oracle = ReferenceGQN(config).double()
-    plain, fast = ReferenceGQN(config).to(dtype), GQN(config).to(dtype)
+    plain, fast = ReferenceGQN(config).to(device, dtype), GQN(config).to(device, dtype)
     fast.fused_cells, fast.backward_convs = fused_cells, backward_convs
     plain.load_state_dict(oracle.state_dict())
     fast.load_state_dict(oracle.state_dict())
     data = random_scene_batch(batch, views, dtype=torch.float64)
     noise = torch.randn(config.L, batch, config.z_dim, 16, 16, dtype=torch.float64)
 
-    def run(model, dt):
-        inputs = [t.to(dt).requires_grad_() for t in data]
-        return outputs_and_gradients(model, inputs, noise.to(dt), sigma)
+    def run(model, dt, where="cpu"):
+        inputs = [t.to(where, dt).requires_grad_() for t in data]
+        return outputs_and_gradients(model, inputs, noise.to(where, dt), sigma)
 
-    expected, plain_results, fast_results = run(oracle, torch.float64), run(plain, dtype), run(fast, dtype)
+    expected = run(oracle, torch.float64)
+    plain_results, fast_results = run(plain, dtype, device), run(fast, dtype, device)
     for (label, want), (_, plain_got), (_, got) in zip(expected, plain_results, fast_results):
         limit = max(RMS_LIMITS[dtype], 4 * rel_rms(plain_got, want))
         assert_close_rms(got, want, limit, label)
@@ -148,6 +152,19 @@ def test_triton_path_matches_reference_under_interpreter(config, batch, seed):
         compare(config, batch, views=1, seed=seed)
         # Two cells per step in elbo, one in generate.
         assert len(calls) == 3 * config.L
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backward_convs", ["aten", "triton"])
+@pytest.mark.parametrize("share_cores", [False, True])
+def test_cuda_fused_cells_match_reference(share_cores, backward_convs, monkeypatch):
+    """On a GPU, in strict fp32 (TF32 off for cuDNN and matmuls alike)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls = count_fused_cells(monkeypatch)
+    config = GQNConfig.preset("small", share_cores=share_cores, L=3)
+    compare(config, batch=4, views=2, seed=0, backward_convs=backward_convs, device="cuda")
+    assert len(calls) == 3 * config.L
 
 
 def test_triton_backward_convs_match_reference_under_interpreter(monkeypatch):
