@@ -15,12 +15,19 @@ Backward. The gate backward needs all four preactivations, c and both incoming g
 at a pixel: seven loads and about ten exponentials per element. Fusing it into the prologue
 of the input-gradient convolution would redo it K*K times per input-channel tile (25 x 6 =
 150 times for the inference core's 384 input channels), and into the weight-gradient
-convolution once per reduction tile; on an H100 the exponentials alone would then outrun
-the tensor-core work (about 33 TF32 FLOPs per MUFU op). So the forward saves the fp32
+convolution once per reduction tile. For the input gradient that is ~10 special-function
+ops x 150 per (pixel, hidden) element against 2 x 384 x 25 x 4 GEMM FLOPs, about 51 FLOPs
+per special-function op, where an H100 does about 128 TF32 FLOPs in the time of one (16 per
+SM per clock): the exponentials would take 2.5 times the tensor cores' time. So the forward saves the fp32
 preactivations when autograd needs them, the fused gate-backward kernel (conv_lstm.py)
 writes grad_preact once, and two convolutions read it: Triton implicit-GEMM kernels
 (backward_convs="triton") or cuDNN through aten.convolution_backward ("aten"). Which is
-faster is for bench/run.py --only conv_gates to say on a GPU; "aten" is the default.
+faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is the default.
+
+Memory layout: the weight is read through a (K, K, C, 4H) copy, so the tiles of each tap are
+rows of adjacent output channels (see _output_channels_unit_stride). x may have any strides;
+channels_last x lets the compiler vectorise the A tiles along the reduction (and, for bf16,
+pipeline them with cp.async, which needs 4-byte pieces), NCHW x coalesces them along pixels.
 
 Precision: the operands of every GEMM are x's dtype (fp32 runs as TF32 on tensor cores when
 torch.backends.cudnn.allow_tf32 is on, as cuDNN's convolutions do; bf16 and fp16 as they
