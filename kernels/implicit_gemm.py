@@ -25,7 +25,8 @@ writes grad_preact once, and two convolutions read it: Triton implicit-GEMM kern
 faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is the default.
 
 Memory layout: the weight is read through a (K, K, C, 4H) copy, so the tiles of each tap are
-rows of adjacent output channels (see _output_channels_unit_stride). x may have any strides;
+rows of adjacent output channels (see _output_channels_unit_stride); the weight gradient is
+written contiguous, once per tile. x may have any strides;
 channels_last x lets the compiler vectorise the A tiles along the reduction (and, for bf16,
 pipeline them with cp.async, which needs 4-byte pieces), NCHW x coalesces them along pixels.
 
@@ -398,10 +399,10 @@ def conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs
 def _conv_backward_triton(grad, x, weight):
     batch, cin, height, width = x.shape
     cout, ksize = weight.shape[0], weight.shape[-1]
-    weight = _output_channels_unit_stride(weight)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # Written in the same (K, K, C, N) layout, so each tile's rows are adjacent values.
-    grad_weight = torch.empty((ksize, ksize, cin, cout), dtype=weight.dtype, device=x.device).permute(3, 2, 0, 1)
+    # Contiguous, as the PyTorch path's: the fake implementation's strides must match.
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    weight = _output_channels_unit_stride(weight)
     dot = _dot_settings()
     if grad_x.numel() > 0:
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
