@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM
 from gqn_fast.folding import downsample_after_upsample, observation_after_upsample
-from gqn_fast import kernels
-from gqn_fast.kernels import conv_gates, conv_lstm_gates, gaussian_nll, gaussian_sample_kl
+from gqn_fast.kernels import conv_gates, conv_lstm_gates, gaussian_nll, gaussian_sample_kl, use_triton
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
 
@@ -173,7 +172,7 @@ class GQN(reference.GQN):
         is the same for every scene (the canvas view before any drawing) is convolved once
         on the unfused path.
         """
-        fused = kernels.use_triton(c) if self.fused_cells is None else self.fused_cells
+        fused = use_triton(c) if self.fused_cells is None else self.fused_cells
         if fused:
             dtype = _conv_dtype(weight)
             return conv_gates(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)

@@ -59,6 +59,11 @@ from .utils import (
 
 BACKWARD_CONVS = ("aten", "triton")
 
+
+def _check_backward_convs(backward_convs: str) -> None:
+    if backward_convs not in BACKWARD_CONVS:
+        raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels. Every tensor is [batch, channel, row, column] with arbitrary strides
 # (contiguous, channels_last, slices, expanded batch), addressed in int64.
@@ -270,32 +275,29 @@ _INTERPRETER_CONFIG = {
 }
 
 
+def _autotuned(kernel, block_names, tiles, size_arg):
+    """kernel under triton.autotune: every tile with each (stages, warps), keyed on the shapes."""
+    configs = [
+        triton.Config(dict(zip(block_names, tile)), num_stages=stages, num_warps=warps)
+        for tile in tiles
+        for stages, warps in ((3, 4), (4, 4), (3, 8))
+    ]
+    return triton.autotune(configs=configs, key=["batch", "cin", "height", "width", size_arg])(kernel)
+
+
 if HAS_TRITON:
-    _SHAPE_KEY = ["batch", "cin", "height", "width"]
-    _conv_gates_forward_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": k}, num_stages=s, num_warps=w)
-            for m, h, k in ((32, 32, 32), (64, 16, 32), (64, 32, 32), (64, 32, 64), (128, 32, 32), (128, 16, 64))
-            for s, w in ((3, 4), (4, 4), (3, 8))
-        ],
-        key=_SHAPE_KEY + ["hidden"],
-    )(_conv_gates_forward_kernel)
-    _conv_input_grad_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
-            for m, n, k in ((32, 64, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32))
-            for s, w in ((3, 4), (4, 4), (3, 8))
-        ],
-        key=_SHAPE_KEY + ["cout"],
-    )(_conv_input_grad_kernel)
-    _conv_weight_grad_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": n, "BLOCK_C": c, "BLOCK_M": m}, num_stages=s, num_warps=w)
-            for n, c, m in ((64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32))
-            for s, w in ((3, 4), (4, 4), (3, 8))
-        ],
-        key=_SHAPE_KEY + ["cout"],
-    )(_conv_weight_grad_kernel)
+    _conv_gates_forward_tuned = _autotuned(
+        _conv_gates_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"),
+        ((32, 32, 32), (64, 16, 32), (64, 32, 32), (64, 32, 64), (128, 32, 32), (128, 16, 64)), "hidden",
+    )  # fmt: skip
+    _conv_input_grad_tuned = _autotuned(
+        _conv_input_grad_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+        ((32, 64, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), "cout",
+    )  # fmt: skip
+    _conv_weight_grad_tuned = _autotuned(
+        _conv_weight_grad_kernel, ("BLOCK_N", "BLOCK_C", "BLOCK_M"),
+        ((64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), "cout",
+    )  # fmt: skip
 
 
 def _dot_settings() -> dict:
@@ -362,14 +364,13 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
     h = torch.empty_like(c)
     c_new = torch.empty_like(c)
     preact_shape = (batch, 4 * hidden, height, width) if save_preact else (0, 0, 0, 0)
-    preact = torch.empty(preact_shape, dtype=torch.float32, device=x.device)
-    preact_strides = preact.stride() if save_preact else (0, 0, 0, 0)
+    preact = torch.empty(preact_shape, dtype=torch.float32, device=x.device)  # unread without SAVE_PREACT
     if c.numel() > 0:
         args = (
             x, weight, constant, c, h, c_new, preact,
             batch, cin, hidden, height, width,
             *x.stride(), *weight.stride(), *constant.stride(), *c.stride(),
-            *h.stride(), *c_new.stride(), *preact_strides,
+            *h.stride(), *c_new.stride(), *preact.stride(),
         )  # fmt: skip
         constexprs = {"KSIZE": weight.shape[-1], "SAVE_PREACT": save_preact, **_dot_settings()}
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
@@ -384,8 +385,7 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
 
 def conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs: str):
     """(grad_x, grad_weight, grad_preact, grad_c); grad_preact (fp32) is also the constant's gradient."""
-    if backward_convs not in BACKWARD_CONVS:
-        raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
+    _check_backward_convs(backward_convs)
     grad_preact, grad_c = conv_lstm_gates_backward(preact, c.to(preact.dtype), grad_h.to(preact.dtype), grad_c_new.to(preact.dtype))
     # The convolutions' operands are x's dtype (what autocast gives cuDNN), accumulated in fp32.
     grad_operand = grad_preact.to(x.dtype)
@@ -459,6 +459,7 @@ def _conv_gates_forward_torch(x, weight, constant, c, save_preact):
 def _conv_gates_op(
     x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, save_preact: bool, backward_convs: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backward_convs(backward_convs)  # here, not at backward time
     return conv_gates_forward(x, weight, constant, c, save_preact)
 
 
@@ -507,8 +508,6 @@ def conv_gates(
     x, weight, constant and c; backward_convs ("aten" or "triton") picks the kernels of the
     backward's two convolutions.
     """
-    if backward_convs not in BACKWARD_CONVS:
-        raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, constant, c))
     h, c_new, _ = _conv_gates_op(x, weight, constant, c, save, backward_convs)
     return h, c_new

@@ -54,8 +54,8 @@ def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None):
     out_limit, operand_limit = limits(dtype, tf32)
     assert_close_rms(h, h_ref, out_limit, "h")
     assert_close_rms(c_new, c_new_ref, out_limit, "c_new")
-    for name, grad, grad_ref in zip(("x", "weight", "constant", "c"), grads, grads_ref):
-        assert grad.shape == grad_ref.shape and grad.dtype == inputs[("x", "weight", "constant", "c").index(name)].dtype
+    for name, tensor, grad, grad_ref in zip(("x", "weight", "constant", "c"), inputs, grads, grads_ref):
+        assert grad.shape == grad_ref.shape and grad.dtype == tensor.dtype
         assert_close_rms(grad, grad_ref, operand_limit if name in ("x", "weight") else out_limit, f"grad {name}")
 
 
