@@ -6,7 +6,15 @@ CRC32C, the masked-CRC framing and a hand-written protobuf encoder, in DeepMind'
 """
 
 import io
+import json
+import math
+import os
+import pickle
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +24,8 @@ import gqn_fast.data.deepmind as deepmind
 from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, SceneDataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
-from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_records
+from gqn_fast.data.resize import area_resize, area_weights
+from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_records, scan_records
 
 # ---------------------------------------------------------------------------------------
 # An independent TFRecord writer
@@ -112,8 +121,35 @@ def write_dataset(src, name, split, scenes_per_file, seed=0):
 
 
 def downsample(images, size=64):
-    """The box filter the converter uses, applied to the original (not the JPEG) frames."""
+    """A box filter, applied to the original (not the JPEG) frames."""
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BOX)) for x in images])
+
+
+def _area_mean_rows(x, size):
+    """[..., A, W, C] -> [..., size, W, C]: upsample the rows by repetition to a common multiple of
+    A and size, where every output row covers a whole block of rows, then average the blocks."""
+    a = x.shape[-3]
+    common = math.lcm(a, size)
+    up = np.repeat(x, common // a, axis=-3)
+    return up.reshape(*x.shape[:-3], size, common // size, *x.shape[-2:]).mean(axis=-3)
+
+
+def area_mean_float64(images, size=64):
+    """The area resize in float64, independently of the converter's weights: rows, then columns
+    (a pixel's area is the product of its two sides)."""
+    rows = _area_mean_rows(images.astype(np.float64), size)
+    return _area_mean_rows(rows.swapaxes(-3, -2), size).swapaxes(-3, -2)
+
+
+def assert_area_resized(got, images):
+    """Within half a level (the one rounding) of the float64 area mean."""
+    error = np.abs(got.astype(np.float64) - area_mean_float64(images, got.shape[-2]))
+    assert error.max() <= 0.5 + 1e-9, error.max()
+
+
+def decode_jpegs(images):
+    """What PIL decodes each frame's JPEG to: the converter's input."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(jpeg(x))).convert("RGB")) for x in images])
 
 
 def assert_within_jpeg_error(got, expected):
@@ -207,6 +243,7 @@ def test_convert_resizes_128px_and_84px_sets(tmp_path):
     for i, (images, cameras) in enumerate(scenes):
         assert ds[i][0].shape == (10, 64, 64, 3)
         assert_within_jpeg_error(ds[i][0].numpy(), downsample(images))
+        assert_area_resized(ds[i][0].numpy(), decode_jpegs(images))  # the exact 2x2 mean, rounded once
         np.testing.assert_array_equal(ds[i][1].numpy(), cameras)
     # mazes: 84 px, T = 300; SRC may also be the dataset's own folder.
     mazes = write_dataset(src, "mazes", "test", [1], seed=5)
@@ -214,6 +251,31 @@ def test_convert_resizes_128px_and_84px_sets(tmp_path):
     ds = SceneDataset(tmp_path / "mazes", "test")
     assert ds.num_views == 300
     assert_within_jpeg_error(ds[0][0].numpy(), downsample(mazes[0][0]))
+    assert_area_resized(ds[0][0].numpy(), decode_jpegs(mazes[0][0]))  # fractional pixel weights
+
+
+def test_area_resize_against_a_float64_reference():
+    """Sharp random pixels and a fine stripe pattern, where a whole-pixel box filter aliases."""
+    rng = np.random.default_rng(9)
+    stripes = np.zeros((1, 84, 84, 3), np.uint8)
+    stripes[:, :, ::2] = 255  # one-pixel stripes
+    for size, images in ((128, rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)),
+                         (84, rng.integers(0, 256, (4, 84, 84, 3), dtype=np.uint8)),
+                         (84, stripes), (7, rng.integers(0, 256, (2, 7, 7, 1), dtype=np.uint8))):
+        target = 64 if size != 7 else 3
+        got = area_resize(images, target)
+        assert got.shape == (images.shape[0], target, target, images.shape[-1]) and got.dtype == np.uint8
+        assert_area_resized(got, images)
+    np.testing.assert_array_equal(area_resize(stripes, 84), stripes)  # the same size: unchanged
+    # A whole-pixel box filter fails the same check: the check tells an area resize from one.
+    box_error = np.abs(downsample(stripes) - area_mean_float64(stripes))
+    assert box_error.max() > 50
+    weights = area_weights(84, 64)
+    assert (weights.sum(axis=1) == 21).all() and weights.max() == 16
+    with pytest.raises(ValueError, match="size"):
+        area_resize(stripes, 85)
+    with pytest.raises(TypeError, match="images"):
+        area_resize(stripes.astype(np.float32), 64)
 
 
 def test_files_of_20_and_of_2000_scenes(tmp_path):
@@ -321,3 +383,229 @@ def test_every_deepmind_dataset_is_known():
     }
     with pytest.raises(ValueError, match="dataset"):
         convert_deepmind(".", ".", "rooms")
+
+
+# ---------------------------------------------------------------------------------------
+# Faults: workers, bad checksums, stray files, changed sources, interrupts, kill -9
+
+
+def _corrupt_payload(path, record, record_bytes):
+    """Flip a byte inside record `record`'s payload (all records `record_bytes` long): the data
+    checksum fails, the length and its checksum hold."""
+    with open(path, "rb+") as f:
+        f.seek(record * record_bytes + 12 + 40)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupt_record_errors_travel_back_from_worker_processes(tmp_path, capsys):
+    error = CorruptRecordError("/data/0002-of-0003.tfrecord", 4, "data checksum mismatch")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.path, copy.index, copy.problem, str(copy)) == (error.path, 4, error.problem, str(error))
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [1, 2, 1], seed=10)
+    bad = src / "rooms_ring_camera" / "train" / "0002-of-0003.tfrecord"
+    _corrupt_payload(bad, 1, bad.stat().st_size // 2)
+    with pytest.raises(CorruptRecordError, match="record 1: data checksum mismatch") as caught:
+        convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=2, progress=False)
+    assert caught.value.path == str(bad) and caught.value.index == 1
+    code = main(["data", "convert-deepmind", str(src), str(tmp_path / "out"), "--dataset", "rooms_ring_camera",
+                 "--splits", "train", "--workers", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"{bad}: record 1: data checksum mismatch" in err
+
+
+def test_a_bad_data_checksum_skips_that_record_only(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    scenes = write_dataset(src, "rooms_ring_camera", "train", [4], seed=11)
+    path = src / "rooms_ring_camera" / "train" / "0001-of-0001.tfrecord"
+    size = path.stat().st_size // 4
+    _corrupt_payload(path, 1, size)
+    items = list(scan_records(path))
+    assert [i for i, _ in items] == [0, 1, 2, 3] and isinstance(items[1][1], CorruptRecordError)
+    assert all(isinstance(data, bytes) for i, data in items if i != 1)
+    with pytest.raises(CorruptRecordError, match="record 1: data checksum mismatch"):
+        convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
+                 "--splits", "train", "--skip-corrupt", "--quiet"]) == 0
+    assert "skipped 0001-of-0001.tfrecord record 1: data checksum mismatch" in capsys.readouterr().out
+    ds = SceneDataset(out, "train")
+    assert len(ds) == 3  # records 0, 2 and 3: reading went on after the bad one
+    for i, (_, cameras) in enumerate([scenes[0], scenes[2], scenes[3]]):
+        np.testing.assert_array_equal(ds[i][1].numpy(), cameras)
+    assert ds.manifest["deepmind"]["skipped_records"] == [["0001-of-0001.tfrecord", 1, "data checksum mismatch"]]
+
+
+def test_only_deepmind_file_names_are_read(tmp_path):
+    src = tmp_path / "src"
+    scenes = write_dataset(src, "rooms_ring_camera", "train", [1, 2], seed=12)
+    folder = src / "rooms_ring_camera" / "train"
+    first = (folder / "0001-of-0002.tfrecord").read_bytes()
+    (folder / "._0001-of-0002.tfrecord").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (folder / "0002-of-0002.tfrecord_.gstmp").write_bytes(first)  # gsutil's half-downloaded copy
+    (folder / "notes.tfrecord.txt").write_text("not a record file")
+    (folder / "0003-of-0002.tfrecord.bak").write_bytes(first)
+    assert [p.name for p in deepmind.source_files(src, "rooms_ring_camera", "train")] == [
+        "0001-of-0002.tfrecord", "0002-of-0002.tfrecord"]
+    report = convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), skip_corrupt=True,
+                              progress=False)
+    assert report["train"]["scenes"] == 3 and report["train"]["skipped"] == []
+    cameras = np.load(tmp_path / "out" / "train" / "cameras.npy")
+    np.testing.assert_array_equal(cameras, np.stack([c for _, c in scenes]))
+    (tmp_path / "empty" / "rooms_ring_camera" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "rooms_ring_camera" / "train" / "._0001-of-0001.tfrecord").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no TFRecord files named like 0001-of-2160.tfrecord"):
+        convert_deepmind(tmp_path / "empty", tmp_path / "out2", "rooms_ring_camera", splits=("train",),
+                         progress=False)
+
+
+def test_a_finished_split_refuses_a_changed_source(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_dataset(src, "rooms_ring_camera", "train", [1, 1], seed=13)
+    convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
+    before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    folder = src / "rooms_ring_camera" / "train"
+    (folder / "0003-of-0003.tfrecord").write_bytes((folder / "0001-of-0002.tfrecord").read_bytes())
+    with pytest.raises(FileExistsError, match=r"converted from 2 files .* now has 3 \(1 new, 0 gone, 0 changed in "
+                                              r"size: 0003-of-0003.tfrecord\)"):
+        convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
+                 "--splits", "train", "--quiet"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    (folder / "0003-of-0003.tfrecord").unlink()
+    with open(folder / "0002-of-0002.tfrecord", "ab") as f:
+        f.write(b"more")
+    with pytest.raises(FileExistsError, match="1 changed in size: 0002-of-0002.tfrecord"):
+        convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before  # untouched
+
+
+class Killed(BaseException):
+    """Stands for a kill: no `except Exception` catches it."""
+
+
+# Every step of a conversion that writes or removes something.
+STEPS = [(deepmind.NpyAppender, "append"), (deepmind.NpyAppender, "close"), (deepmind.SplitWriter, "__init__"),
+         (deepmind.SplitWriter, "write"), (deepmind.SplitWriter, "flush"), (deepmind.SplitWriter, "finish"),
+         (deepmind, "write_json_atomic"), (deepmind, "_remove")]
+
+
+def _kill_at(monkeypatch, point):
+    """Raise Killed just before or just after a step: points 1, 2 are before and after the first
+    call of any step, 3, 4 the second, ...; returns the count of points reached."""
+    reached = [0]
+    for owner, name in STEPS:
+        def step(*args, _real=getattr(owner, name), **kwargs):
+            reached[0] += 1
+            if reached[0] == point:
+                raise Killed
+            result = _real(*args, **kwargs)
+            reached[0] += 1
+            if reached[0] == point:
+                raise Killed
+            return result
+        monkeypatch.setattr(owner, name, step)
+    return reached
+
+
+def _snapshot(out):
+    """Every file under OUT with its bytes, the manifests parsed."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            key = str(path.relative_to(out))
+            files[key] = json.loads(path.read_text()) if path.name == "manifest.json" else path.read_bytes()
+    return files
+
+
+def test_an_interrupt_at_any_step_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [1, 2], seed=14)
+    write_dataset(src, "rooms_ring_camera", "test", [1], seed=15)
+    bad = src / "rooms_ring_camera" / "train" / "0002-of-0002.tfrecord"
+    _corrupt_payload(bad, 0, bad.stat().st_size // 2)  # a skipped record is part of what must come out the same
+    convert = lambda out: convert_deepmind(src, out, "rooms_ring_camera", workers=1, skip_corrupt=True,
+                                           progress=False)
+    # fsync and msync guard against power loss, not kills (the page cache outlives a process); and are slow.
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    monkeypatch.setattr(np.memmap, "flush", lambda self: None)
+    with monkeypatch.context() as m:
+        points = _kill_at(m, point=0)
+        convert(tmp_path / "clean")
+    clean = _snapshot(tmp_path / "clean")
+    assert set(clean) == {f"{s}/{f}" for s in ("train", "test") for f in ("images.npy", "cameras.npy", "manifest.json")}
+    assert points[0] > 40, points[0]
+    for point in range(1, points[0] + 1):
+        out = tmp_path / f"killed-{point}"
+        with monkeypatch.context() as m:
+            _kill_at(m, point)
+            with pytest.raises(Killed):
+                convert(out)
+        for split in ("train", "test"):  # a manifest only ever stands beside the right data
+            if (out / split / "manifest.json").exists():
+                got = SceneDataset(out, split)
+                assert got.manifest == clean[f"{split}/manifest.json"], point
+                np.testing.assert_array_equal(np.load(out / split / "images.npy"),
+                                              np.load(tmp_path / "clean" / split / "images.npy"))
+        convert(out)
+        assert _snapshot(out) == clean, f"killed at point {point}"
+
+
+def _children(pid):
+    try:
+        import psutil
+    except ImportError:
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended meanwhile
+            if int(fields[1]) == pid:
+                children.append(int(stat.parent.name))
+        return children
+    return [p.pid for p in psutil.Process(pid).children()]
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is missing
+
+
+SLOW_CONVERSION = """
+import sys, time
+import gqn_fast.data.deepmind as deepmind
+real = deepmind.decode_scene
+deepmind.decode_scene = lambda *args: time.sleep(0.5) or real(*args)  # inherited by the forked workers
+deepmind.convert_deepmind(sys.argv[1], sys.argv[2], "rooms_ring_camera", workers=2, progress=False)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_killing_the_converter_stops_its_workers(tmp_path):
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [2, 2, 2, 2], seed=16)
+    write_dataset(src, "rooms_ring_camera", "test", [1], seed=17)
+    parent = subprocess.Popen([sys.executable, "-c", SLOW_CONVERSION, str(src), str(tmp_path / "out")])
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(workers) == 2, "the conversion never started its 2 workers"
+        time.sleep(1.5)  # some parts done, others half written
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "the workers outlived their killed parent"
+    # And what the killed run left resumes to the same bytes as a clean run.
+    convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", workers=1, progress=False)
+    convert_deepmind(src, tmp_path / "clean", "rooms_ring_camera", workers=1, progress=False)
+    assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "clean")

@@ -1,15 +1,23 @@
 """Converting DeepMind's gqn-datasets (TFRecords of tf.train.Example) to the on-disk format.
 
 Each record is one scene: `frames`, T JPEG-encoded RGB images of the dataset's size, and
-`cameras`, T * 5 floats (x, y, z, yaw, pitch). Frames of 128 px and 84 px sets are resized
-to 64 px with a box (area) filter, which, unlike DeepMind's own bilinear resize, does not
-alias.
+`cameras`, T * 5 floats (x, y, z, yaw, pitch). Frames of 128 px and 84 px sets are shrunk to
+64 px by an exact area resize (resize.py). Source files are those named as DeepMind names
+them, `0001-of-2160.tfrecord`; anything else in the folder (macOS `._*` files, gsutil's
+half-downloaded `*.tfrecord_.gstmp`) is ignored.
 
-The conversion runs one source file per task in a pool of processes. A task streams its
-scenes into a part (two .npy files under OUT/<split>/.parts/) and marks it done only once
-it is complete; a later run skips done files, so a stopped conversion resumes where it was.
-When every file of a split is done, the parts are copied, in file order, into the split's
-images.npy / cameras.npy (also resumable), the manifest is written and the parts removed.
+Commit protocol of a split OUT/<split>/; a kill at any moment leaves either the complete,
+right data or a state the next run finishes:
+1. One task per source file, in a pool of processes, streams its scenes into a part under
+   .parts/ and then writes the part's mark, <file>.done.json (scenes, skipped records, the
+   source's size). A part without its mark, or whose source changed size, is redone.
+2. When every file is done, the parts are copied in file order into images.npy / cameras.npy;
+   .parts/assembled.json lists the files copied so far, so a stopped copy resumes.
+3. The arrays are flushed, then manifest.json is written: the one commit point. It lists the
+   source files (name, size, scenes) it covers.
+4. .parts is removed. A later run that finds the manifest never writes the arrays again: it
+   removes what is left of .parts, checks the arrays against the manifest and refuses
+   (FileExistsError) if the source files differ from those the manifest lists.
 """
 
 from __future__ import annotations
@@ -18,17 +26,22 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from gqn_fast.data.format import IMAGE_SIZE, SPLITS, NpyAppender, SplitWriter, write_json_atomic
-from gqn_fast.data.tfrecord import CorruptRecordError, parse_example, read_records
+from gqn_fast.data.format import (
+    IMAGE_SIZE, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest, write_json_atomic,
+)
+from gqn_fast.data.resize import area_resize
+from gqn_fast.data.tfrecord import CorruptRecordError, parse_example, scan_records
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ DEEPMIND_DATASETS = {
 }
 
 PARTS = ".parts"
+# DeepMind's file names: <index>-of-<count>.tfrecord, four digits each.
+SOURCE_NAME = re.compile(r"\d{4}-of-\d{4}\.tfrecord")
 
 
 def get_dataset(name: str) -> DeepMindDataset:
@@ -62,14 +77,19 @@ def get_dataset(name: str) -> DeepMindDataset:
     return DEEPMIND_DATASETS[name]
 
 
-def source_files(src, name: str, split: str) -> list[Path]:
-    """The TFRecord files of a split: SRC/<name>/<split>/ or, if SRC is the dataset's own
-    folder, SRC/<split>/; sorted by name (DeepMind's 0001-of-2160.tfrecord order)."""
+def source_folder(src, name: str, split: str) -> Path:
+    """SRC/<name>/<split>/ or, if SRC is the dataset's own folder, SRC/<split>/."""
     src = Path(src)
     for folder in (src / name / split, src / split):
         if folder.is_dir():
-            return sorted(p for p in folder.iterdir() if p.is_file() and ".tfrecord" in p.name)
+            return folder
     raise FileNotFoundError(f"{src}: no {name}/{split}/ or {split}/ folder of TFRecord files")
+
+
+def source_files(src, name: str, split: str) -> list[Path]:
+    """The TFRecord files of a split, those named like 0001-of-2160.tfrecord, in name order."""
+    folder = source_folder(src, name, split)
+    return sorted(p for p in folder.iterdir() if SOURCE_NAME.fullmatch(p.name) and p.is_file())
 
 
 def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -82,18 +102,23 @@ def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.nda
     if not isinstance(cameras, np.ndarray) or cameras.dtype != np.float32 or cameras.size != info.num_views * 5:
         got = cameras.size if isinstance(cameras, np.ndarray) else type(cameras).__name__
         raise ValueError(f"'cameras': expected {info.num_views * 5} floats, got {got}")
-    images = np.empty((info.num_views, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    size = info.image_size
+    images = np.empty((info.num_views, size, size, 3), np.uint8)
     for t, jpeg in enumerate(frames):
         try:
-            with Image.open(io.BytesIO(jpeg)) as image:
+            image = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
+            image.load()
+            if image.mode != "RGB":
                 image = image.convert("RGB")
+        except UnidentifiedImageError:
+            raise ValueError(f"frame {t}: not a decodable image: no JPEG data") from None
         except Exception as error:  # PIL raises many types for bad data
             raise ValueError(f"frame {t}: not a decodable image: {error}") from None
-        if image.size != (info.image_size, info.image_size):
-            raise ValueError(f"frame {t}: expected {info.image_size}x{info.image_size}, got {image.size[0]}x{image.size[1]}")
-        if info.image_size != IMAGE_SIZE:
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-        images[t] = np.asarray(image)
+        if image.size != (size, size):
+            raise ValueError(f"frame {t}: expected {size}x{size}, got {image.size[0]}x{image.size[1]}")
+        images[t] = np.frombuffer(image.tobytes(), np.uint8).reshape(size, size, 3)
+    if size != IMAGE_SIZE:
+        images = area_resize(images, IMAGE_SIZE)
     return images, cameras.reshape(info.num_views, 5)
 
 
@@ -102,29 +127,33 @@ def _part_paths(part_dir: Path, source: Path) -> tuple[Path, Path, Path]:
     return part_dir / f"{stem}.images.npy", part_dir / f"{stem}.cameras.npy", part_dir / f"{stem}.done.json"
 
 
+def _read_done(part_dir: Path, source: Path) -> dict | None:
+    """The mark of a finished part, or None if the part is to be (re)done."""
+    path = _part_paths(part_dir, source)[2]
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if done.get("bytes") == source.stat().st_size else None
+
+
 def convert_file(source, part_dir, name: str, skip_corrupt: bool = False) -> dict:
-    """Convert one TFRecord file into a part; returns its done record
-    {"file", "scenes", "skipped": [[index, problem], ...]}."""
+    """Convert one TFRecord file into a part; returns its mark
+    {"file", "bytes", "scenes", "skipped": [[index, problem], ...]}."""
     info, source, part_dir = get_dataset(name), Path(source), Path(part_dir)
     images_path, cameras_path, done_path = _part_paths(part_dir, source)
+    size = source.stat().st_size
     T = info.num_views
     images = NpyAppender(images_path, np.uint8, (T, IMAGE_SIZE, IMAGE_SIZE, 3))
     cameras = NpyAppender(cameras_path, np.float32, (T, 5))
     skipped = []
     try:
-        records = read_records(source)
-        index = 0
-        while True:
-            try:
-                data = next(records)
-            except StopIteration:
-                break
-            except CorruptRecordError as error:
-                # The framing is lost: nothing after this point can be read.
+        for index, data in scan_records(source):
+            if isinstance(data, CorruptRecordError):  # a bad checksum or a broken frame
                 if not skip_corrupt:
-                    raise
-                skipped.append([error.index, f"{error.problem}; the rest of the file is unreadable"])
-                break
+                    raise data
+                skipped.append([index, data.problem])
+                continue
             try:
                 scene_images, scene_cameras = decode_scene(data, info)
             except ValueError as error:
@@ -134,11 +163,10 @@ def convert_file(source, part_dir, name: str, skip_corrupt: bool = False) -> dic
             else:
                 images.append(scene_images[None])
                 cameras.append(scene_cameras[None])
-            index += 1
     finally:
         images.close()
         cameras.close()
-    done = {"file": source.name, "scenes": images.rows, "skipped": skipped}
+    done = {"file": source.name, "bytes": size, "scenes": images.rows, "skipped": skipped}
     write_json_atomic(done_path, done)
     return done
 
@@ -147,100 +175,145 @@ def _convert_task(args) -> dict:
     return convert_file(*args)
 
 
-def _assemble(split_dir: Path, files: list[Path], info: DeepMindDataset, source_label: str) -> dict:
-    """Copy the parts of a split, in file order, into its arrays; resumable; writes the manifest."""
+def _worker_init(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the pool
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (kill -9 leaves no one to stop it) exits within half a second."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _run(todo: list, workers: int, bar) -> None:
+    """convert_file for each task; the first error stops the others (their parts are redone)."""
+    if workers <= 1 or len(todo) <= 1:
+        for task in todo:
+            _convert_task(task)
+            bar.update(1)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # Leaving the block terminates the workers, also on an error or Ctrl-C.
+    with context.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        for _ in pool.imap_unordered(_convert_task, todo):
+            bar.update(1)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _clean_up(split_dir: Path) -> None:
+    """Remove .parts and stray temporary files: only ever after the manifest is written; idempotent."""
     part_dir = split_dir / PARTS
-    done = [json.loads(_part_paths(part_dir, f)[2].read_text()) for f in files]
-    total = sum(d["scenes"] for d in done)
+    if part_dir.is_dir():
+        for path in sorted(part_dir.iterdir()):
+            _remove(path)
+        part_dir.rmdir()
+    for path in split_dir.glob(f".{MANIFEST}.tmp-*"):
+        _remove(path)
+
+
+def _assemble(split_dir: Path, files: list[Path], info: DeepMindDataset, source_label: str) -> dict:
+    """Copy the parts of a split, in file order, into its arrays (resumable), then commit: the manifest."""
+    part_dir = split_dir / PARTS
+    done = [_read_done(part_dir, f) for f in files]
+    for source, record in zip(files, done):
+        if record is None:  # its part was marked done a moment ago
+            raise FileExistsError(f"{source}: changed while it was being converted; run again to redo it")
+    covered = [[d["file"], d["bytes"], d["scenes"]] for d in done]
     progress_path = part_dir / "assembled.json"
-    assembled = json.loads(progress_path.read_text()) if progress_path.is_file() else []
-    writer = SplitWriter(split_dir, total, info.num_views, resume=bool(assembled))
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    copied = progress["copied"] if progress.get("files") == covered else []  # else the plan changed: start over
+    total = sum(d["scenes"] for d in done)
+    writer = SplitWriter(split_dir, total, info.num_views, resume=bool(copied))
     start = 0
     for source, record in zip(files, done):
-        if source.name not in assembled:
+        if source.name not in copied:
             images_path, cameras_path, _ = _part_paths(part_dir, source)
             images, cameras = np.load(images_path, mmap_mode="r"), np.load(cameras_path, mmap_mode="r")
             step = 256
             for i in range(0, record["scenes"], step):
                 writer.write(start + i, np.asarray(images[i : i + step]), np.asarray(cameras[i : i + step]))
+            del images, cameras
             writer.flush()
-            assembled.append(source.name)
-            write_json_atomic(progress_path, assembled)
+            copied.append(source.name)
+            write_json_atomic(progress_path, {"files": covered, "copied": copied})
         start += record["scenes"]
     skipped = [[d["file"], index, problem] for d in done for index, problem in d["skipped"]]
     manifest = writer.finish(
         name=info.name,
         source=source_label,
-        deepmind={"dataset": info.name, "source_files": len(files), "frame_size": info.image_size,
-                  "skipped_records": skipped},
+        deepmind={"dataset": info.name, "source_files": len(files), "files": covered,
+                  "frame_size": info.image_size, "skipped_records": skipped},
     )
     del writer
-    shutil.rmtree(part_dir)
+    _clean_up(split_dir)
     return manifest
+
+
+def _check_finished(split_dir: Path, found: list[Path], name: str, folder: Path) -> None:
+    """A split with a manifest: finish its clean-up, check it still covers the source and its arrays."""
+    manifest = read_manifest(split_dir)
+    if manifest["name"] != name:
+        raise FileExistsError(f"{split_dir / MANIFEST}: {split_dir.parent} already holds dataset "
+                              f"{manifest['name']!r}, not {name!r}")
+    _clean_up(split_dir)
+    covered = manifest.get("deepmind", {}).get("files")
+    if covered is not None:
+        was = {file: size for file, size, _ in covered}
+        now = {f.name: f.stat().st_size for f in found}
+        if was != now:
+            changes = [f"{len(now.keys() - was.keys())} new", f"{len(was.keys() - now.keys())} gone",
+                       f"{sum(was[f] != now[f] for f in was.keys() & now.keys())} changed in size"]
+            examples = sorted(now.keys() ^ was.keys()) + sorted(f for f in was.keys() & now.keys() if was[f] != now[f])
+            raise FileExistsError(
+                f"{split_dir}: converted from {len(was)} files of {folder}, which now has {len(now)} "
+                f"({', '.join(changes)}: {', '.join(examples[:3])}{', ...' if len(examples) > 3 else ''}); "
+                f"a finished split is never extended: convert into a new folder, or delete {split_dir} to redo it")
+    open_split(split_dir)  # the arrays agree with the manifest, else DatasetFormatError
 
 
 def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = None,
                      skip_corrupt: bool = False, progress: bool = True) -> dict:
-    """Convert DeepMind dataset `name` from SRC (see `source_files`) to the dataset folder OUT.
+    """Convert DeepMind dataset `name` from SRC (see `source_folder`) to the dataset folder OUT.
 
-    Returns {split: {"scenes", "files", "skipped": [[file, index, problem], ...]}}. Raises
-    CorruptRecordError for a damaged record unless `skip_corrupt`; files finished before the
-    error are kept, and running again resumes.
+    Returns {split: {"scenes", "files", "expected_files", "skipped": [[file, index, problem], ...]}}.
+    Raises CorruptRecordError for a damaged record unless `skip_corrupt` (then the record is
+    skipped and reported, and reading goes on where the framing allows); files finished before
+    the error are kept, and running again resumes. A finished split is checked, not redone.
     """
     info = get_dataset(name)
     out = Path(out)
+    folders = {split: source_folder(src, name, split) for split in splits}
     files = {split: source_files(src, name, split) for split in splits}
     for split, found in files.items():
         if not found:
-            raise FileNotFoundError(f"{src}: no TFRecord files for the {split} split of {name}")
-    todo = []
+            count = info.train_files if split == "train" else info.test_files
+            raise FileNotFoundError(f"{folders[split]}: no TFRecord files named like 0001-of-{count:04d}.tfrecord "
+                                    f"for the {split} split of {name}")
+    todo, finished = [], set()
     for split, found in files.items():
-        part_dir = out / split / PARTS
-        manifest_path = out / split / "manifest.json"
-        if manifest_path.is_file() and not part_dir.exists():
-            held = json.loads(manifest_path.read_text()).get("name")
-            if held != name:
-                raise FileExistsError(f"{manifest_path}: {out} already holds dataset {held!r}, not {name!r}")
-            continue  # this split was finished by an earlier run
+        split_dir = out / split
+        if (split_dir / MANIFEST).exists():
+            _check_finished(split_dir, found, name, folders[split])
+            finished.add(split)
+            continue
+        part_dir = split_dir / PARTS
         part_dir.mkdir(parents=True, exist_ok=True)
-        todo += [(f, part_dir, name, skip_corrupt) for f in found if not _part_paths(part_dir, f)[2].is_file()]
+        todo += [(f, part_dir, name, skip_corrupt) for f in found if _read_done(part_dir, f) is None]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
-    first_error = None
     with tqdm(total=len(todo), unit="file", desc=f"{name} -> {out.name}", disable=not progress) as bar:
-        if workers > 1 and len(todo) > 1:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                pending = {pool.submit(_convert_task, task) for task in todo}
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        if future.cancelled():
-                            continue
-                        if future.exception() is not None:
-                            first_error = first_error or future.exception()
-                            for other in pending:
-                                other.cancel()  # those already running finish and are kept
-                        else:
-                            bar.update(1)
-        else:
-            for task in todo:
-                try:
-                    _convert_task(task)
-                except CorruptRecordError as error:
-                    first_error = error
-                    break
-                bar.update(1)
-    if first_error is not None:
-        raise first_error
-    label = f"DeepMind gqn-datasets {name} ({info.image_size} px frames, resized to 64 px)" if info.image_size != 64 \
-        else f"DeepMind gqn-datasets {name}"
+        _run(todo, workers, bar)
+    label = f"DeepMind gqn-datasets {name}" if info.image_size == IMAGE_SIZE else \
+        f"DeepMind gqn-datasets {name} ({info.image_size} px frames, area-resized to {IMAGE_SIZE} px)"
     report = {}
     for split, found in files.items():
         split_dir = out / split
-        if (split_dir / PARTS).exists():
-            _assemble(split_dir, found, info, label)
-        manifest = json.loads((split_dir / "manifest.json").read_text())
+        manifest = read_manifest(split_dir) if split in finished else _assemble(split_dir, found, info, label)
         report[split] = {
             "scenes": manifest["num_scenes"],
             "files": len(found),

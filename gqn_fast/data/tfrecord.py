@@ -4,7 +4,8 @@ A TFRecord file is a sequence of records, each
     uint64 length | uint32 masked_crc32c(length) | data[length] | uint32 masked_crc32c(data)
 (little-endian; masked(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 mod 2**32). Both
 checksums are verified; a bad one, or a file that ends inside a record, raises
-CorruptRecordError naming the file and the record's index.
+CorruptRecordError naming the file and the record's index. A payload that fails its checksum
+under a sound length leaves the framing intact: `scan_records` reports it and reads on.
 
 Why no library:
 - TensorFlow is a 500 MB dependency for a 20-line framing format.
@@ -42,6 +43,10 @@ class CorruptRecordError(ValueError):
         self.path, self.index, self.problem = str(path), index, problem
         super().__init__(f"{path}: record {index}: {problem}")
 
+    def __reduce__(self):
+        # Rebuilt from its fields when it travels back from a worker process.
+        return type(self), (self.path, self.index, self.problem)
+
 
 def crc32c(data: bytes) -> int:
     if google_crc32c is None:
@@ -54,8 +59,14 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def read_records(path) -> Iterator[bytes]:
-    """The payload of each record of a TFRecord file, in order, checksums verified."""
+def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
+    """(index, payload) for each record of a TFRecord file, in order, checksums verified.
+
+    A record whose payload fails its checksum comes as (index, CorruptRecordError) and reading
+    goes on: its length held its own checksum, so the next record is where it says. A broken
+    frame (truncated file, bad length checksum) comes as the last item: nothing after it can be
+    located.
+    """
     path = Path(path)
     with open(path, "rb") as f:
         index = 0
@@ -64,21 +75,35 @@ def read_records(path) -> Iterator[bytes]:
             if not header:
                 return
             if len(header) < 12:
-                raise CorruptRecordError(path, index, f"truncated: {len(header)} bytes of a 12-byte header")
+                yield index, CorruptRecordError(path, index, f"truncated: {len(header)} bytes of a 12-byte header")
+                return
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                raise CorruptRecordError(path, index, "length checksum mismatch")
+                yield index, CorruptRecordError(
+                    path, index, f"length checksum mismatch at byte {f.tell() - 12}: the records from here on "
+                    "cannot be located")
+                return
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                raise CorruptRecordError(
+                yield index, CorruptRecordError(
                     path, index, f"truncated: {length + 4} bytes of data and checksum expected, "
                     f"{len(data) + len(footer)} left in the file"
                 )
+                return
             if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                raise CorruptRecordError(path, index, "data checksum mismatch")
-            yield data
+                yield index, CorruptRecordError(path, index, "data checksum mismatch")
+            else:
+                yield index, data
             index += 1
+
+
+def read_records(path) -> Iterator[bytes]:
+    """The payload of each record of a TFRecord file, in order; CorruptRecordError at the first bad one."""
+    for _, data in scan_records(path):
+        if isinstance(data, CorruptRecordError):
+            raise data
+        yield data
 
 
 # ----------------------------------------------------------------------------------------
