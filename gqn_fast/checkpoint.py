@@ -15,6 +15,7 @@ from gqn_fast.config import GQNConfig
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"step-(\d+)\.pt$")
+TEMPORARY = re.compile(r"^\.step-\d+\.pt\.tmp-\d+$")  # what atomic_save writes before its rename
 
 
 class CheckpointError(RuntimeError):
@@ -64,6 +65,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.search(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the half-written files a kill during a checkpoint write leaves; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TEMPORARY.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:

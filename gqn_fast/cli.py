@@ -10,13 +10,39 @@ import importlib
 import sys
 
 # command -> module with `register(subparsers)`; imported lazily so `--help` stays fast.
-COMMAND_MODULES = ["gqn_fast.data.commands", "gqn_fast.train", "gqn_fast.evaluate"]
+COMMAND_MODULES = ["gqn_fast.data.commands", "gqn_fast.train", "gqn_fast.evaluate", "gqn_fast.analyze"]
+
+
+def _nothing_to_show(default) -> bool:
+    return default is None or default is False or default == ""
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless there is none to show (None, an off
+    flag) or the help already says what it is."""
+
+    def _get_help_string(self, action):
+        if _nothing_to_show(action.default) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with DefaultsFormatter; add_subparsers makes sub-parsers of the
+    parent's class, so every command's help shows its defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and not _nothing_to_show(kwargs.get("default")):
+            kwargs["help"] = "(default: %(default)s)"  # argparse shows no default without a help
+        return super().add_argument(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gqn-fast", description="Train, evaluate and feed a Generative Query Network."
-    )
+    parser = Parser(prog="gqn-fast", description="Train, evaluate and feed a Generative Query Network.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -24,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gqn_fast.errors import user_errors
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as error:
+        command = " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
+        print(f"gqn-fast {command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

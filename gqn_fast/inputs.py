@@ -20,6 +20,15 @@ def _check_tensor(name: str, t, ndim: int, tail: tuple, what: str) -> None:
         raise ValueError(f"{name}: expected shape {what}, got {_shape(t)}")
 
 
+def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
+    # Under autocast the inputs and parameters stay in the model's dtype; autocast converts inside.
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(
+            f"{name}: expected the model's dtype {dtype}, got {t.dtype} "
+            f"(convert the inputs with .to({dtype}), or the model with .to({t.dtype}))"
+        )
+
+
 def _check_values(name: str, t: torch.Tensor, unit_range: bool) -> None:
     # Value checks read the tensor back to the host; under torch.compile they would break the
     # graph and in CUDA-graph capture they are illegal, so they run in eager mode only (shapes
@@ -35,11 +44,16 @@ def _check_values(name: str, t: torch.Tensor, unit_range: bool) -> None:
         raise ValueError(f"{name}: expected values in [0, 1], got a range [{lo:.4g}, {hi:.4g}]")
 
 
-def check_context(context_x, context_v) -> None:
-    """context_x [B, M, 3, 64, 64] in [0, 1] and context_v [B, M, 7], M >= 1."""
+def check_context(context_x, context_v, dtype: torch.dtype | None = None) -> None:
+    """context_x [B, M, 3, 64, 64] in [0, 1] and context_v [B, M, 7], B >= 1, M >= 1, both of
+    `dtype` (the model's) when given."""
     s = IMAGE_SIZE
     _check_tensor("context_x", context_x, 5, (3, s, s), f"[B, M, 3, {s}, {s}]")
     _check_tensor("context_v", context_v, 3, (VIEWPOINT_DIM,), f"[B, M, {VIEWPOINT_DIM}]")
+    _check_dtype("context_x", context_x, dtype)
+    _check_dtype("context_v", context_v, dtype)
+    if context_x.shape[0] == 0:
+        raise ValueError("context_x: expected a batch of at least one scene (B >= 1), got B = 0")
     if context_x.shape[1] == 0:
         raise ValueError("context_x: expected at least one context view (M >= 1), got M = 0")
     if context_x.shape[:2] != context_v.shape[:2]:
@@ -55,8 +69,9 @@ def check_context(context_x, context_v) -> None:
     _check_values("context_v", context_v, unit_range=False)
 
 
-def check_query(context_x, query_v, query_x=None) -> None:
-    """query_v [B, 7] and, when given, query_x [B, 3, 64, 64] in [0, 1], B as in the context."""
+def check_query(context_x, query_v, query_x=None, dtype: torch.dtype | None = None) -> None:
+    """query_v [B, 7] and, when given, query_x [B, 3, 64, 64] in [0, 1], B as in the context,
+    of `dtype` (the model's) when given."""
     s = IMAGE_SIZE
     batch = context_x.shape[0]
     _check_tensor("query_v", query_v, 2, (VIEWPOINT_DIM,), f"[B, {VIEWPOINT_DIM}]")
@@ -65,6 +80,7 @@ def check_query(context_x, query_v, query_x=None) -> None:
         _check_tensor("query_x", query_x, 4, (3, s, s), f"[B, 3, {s}, {s}]")
         pairs.append(("query_x", query_x))
     for name, t in pairs:
+        _check_dtype(name, t, dtype)
         if t.shape[0] != batch:
             raise ValueError(
                 f"{name}: expected batch size {batch} as in context_x, got {t.shape[0]}"
@@ -76,13 +92,15 @@ def check_query(context_x, query_v, query_x=None) -> None:
         _check_values("query_x", query_x, unit_range=True)
 
 
-def check_noise(noise, L: int, batch: int, z_dim: int, grid: int) -> None:
-    """noise [L, B, z_dim, 16, 16] of standard-normal draws, one slice per step."""
+def check_noise(noise, L: int, batch: int, z_dim: int, grid: int, dtype: torch.dtype | None = None) -> None:
+    """noise [L, B, z_dim, 16, 16] of standard-normal draws, one slice per step, of `dtype`
+    (the model's) when given."""
     if noise is None:
         return
     expected = (L, batch, z_dim, grid, grid)
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    _check_dtype("noise", noise, dtype)
     if tuple(noise.shape) != expected:
         raise ValueError(f"noise: expected shape {list(expected)}, got {_shape(noise)}")
     _check_values("noise", noise, unit_range=False)

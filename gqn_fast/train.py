@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,10 +23,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gqn_fast.checkpoint import (
-    CheckpointError, check_compatible, list_checkpoints, load_checkpoint, rng_state,
-    save_checkpoint, set_rng_state,
+    CheckpointError, check_compatible, list_checkpoints, load_checkpoint, remove_stale_temporaries,
+    rng_state, save_checkpoint, set_rng_state,
 )
-from gqn_fast.config import GQNConfig
+from gqn_fast.config import GRID_SIZE, GQNConfig
+from gqn_fast.errors import UsageError
 from gqn_fast.images import save_grid
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 
@@ -47,6 +50,7 @@ class TrainArgs:
     compile: bool = False
     out: str = "runs/gqn"
     resume: bool = False
+    allow_change: str = ""
     seed: int = 0
     workers: int = 0
     log_every: int = 10
@@ -54,6 +58,27 @@ class TrainArgs:
     checkpoint_every: int = 250
     keep: int = 3
     device: str | None = None
+
+
+def _data_setting(args: dict) -> str:
+    if args.get("data"):
+        return str(Path(args["data"]).resolve())  # older runs stored the path as given
+    return f"the built-in rooms set of {args.get('builtin_scenes')} scenes"
+
+
+# The settings that change what a run computes; a resume must keep them unless allowed to change
+# (flag name -> its value in a TrainArgs dict; "data" covers --data and --builtin-scenes).
+RESULT_SETTINGS = {
+    "data": _data_setting,
+    "preset": lambda a: a.get("preset"),
+    "sigma-steps": lambda a: a.get("sigma_steps"),
+    "batch": lambda a: a.get("batch"),
+    "max-context": lambda a: a.get("max_context"),
+    "impl": lambda a: a.get("impl"),
+    "precision": lambda a: a.get("precision"),
+    "seed": lambda a: a.get("seed"),
+}
+CHOICES = {"preset": ("small", "paper"), "impl": ("fast", "reference"), "precision": ("fp32", "bf16")}
 
 
 def model_class(impl: str):
@@ -64,6 +89,42 @@ def model_class(impl: str):
     else:
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
     return GQN
+
+
+def check_args(args: TrainArgs) -> None:
+    """UsageError naming the first argument that cannot be used."""
+    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every",
+                 "image_every", "checkpoint_every", "keep"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {value!r}")
+    for name in ("seed", "workers"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"--{name}: expected a non-negative int, got {value!r}")
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    unknown = sorted(set(allowed_changes(args)) - set(RESULT_SETTINGS))
+    if unknown:
+        raise UsageError(f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}")
+
+
+def allowed_changes(args: TrainArgs) -> list[str]:
+    return [name.strip().replace("_", "-") for name in args.allow_change.split(",") if name.strip()]
+
+
+def check_resume_settings(saved: dict, args: TrainArgs, path: Path) -> None:
+    """Refuse to resume with a setting that changes the result unless --allow-change names it."""
+    allowed = allowed_changes(args)
+    now = dataclasses.asdict(args)
+    for name, read in RESULT_SETTINGS.items():
+        before, after = read(saved), read(now)
+        if before != after and name not in allowed:
+            raise UsageError(
+                f"--resume: the run was trained with --{name} {before} ({path}), this command has "
+                f"--{name} {after}; resume with the run's setting, or pass --allow-change {name} to change it"
+            )
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -84,42 +145,90 @@ def setup_distributed(requested_device: str | None):
     return 0, 1, device
 
 
+class StopAtBoundary:
+    """While active, Ctrl-C asks the loop to stop at the next step boundary, where the state is
+    whole and can be checkpointed; a second Ctrl-C raises KeyboardInterrupt at once.
+    Only in a single-process run's main thread: DDP ranks would see it at different steps."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested, self.previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+
 # --- one run --------------------------------------------------------------------------------
 
 
 def train(args: TrainArgs) -> torch.nn.Module:
-    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf."""
+    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
+    UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
+    (all checked before anything in the run folder is written)."""
     from gqn_fast.data.builtin import builtin_dataset
-    from gqn_fast.data.loader import make_loader, to_model_inputs
+    from gqn_fast.data.format import write_json_atomic
+    from gqn_fast.data.loader import SceneDataset, make_loader, to_model_inputs
 
+    check_args(args)
+    if args.data:  # stored absolute, so a resume or an eval from another folder finds it
+        args = dataclasses.replace(args, data=str(Path(args.data).resolve()))
     rank, world, device = setup_distributed(args.device)
     main = rank == 0
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     config = GQNConfig.preset(args.preset)
-    if args.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {args.precision!r}")
-
-    data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
-    torch.manual_seed(args.seed)
-    model = model_class(args.impl)(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(0), betas=(0.9, 0.999), eps=1e-8)
-    step, epoch, batch_in_epoch = 0, 0, 0
 
     existing = list_checkpoints(ckpt_dir)
     if existing and not args.resume:
         raise CheckpointError(
             f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or another --out"
         )
-    if args.resume and existing:
+    if args.resume and not existing:
+        raise UsageError(
+            f"--resume: {ckpt_dir} holds no checkpoint to resume from; leave out --resume to start a new run there"
+        )
+    state = None
+    if args.resume:
         state = load_checkpoint(existing[-1])
+        check_resume_settings(state.get("train", {}), args, existing[-1])
         check_compatible(state, config, existing[-1])
+
+    data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
+    dataset = SceneDataset(data_root, "train")
+    if args.max_context > dataset.num_views - 1:
+        raise UsageError(
+            f"--max-context: at most T - 1 = {dataset.num_views - 1} for {data_root} (one of its "
+            f"{dataset.num_views} views is the query), got {args.max_context}"
+        )
+    if args.batch > dataset.num_scenes // world:  # DistributedSampler's share with drop_last
+        per = f" per process ({world} processes)" if world > 1 else ""
+        raise UsageError(
+            f"--batch: {args.batch} is more than the {dataset.num_scenes // world} training scenes{per} "
+            f"of {data_root}"
+        )
+
+    torch.manual_seed(args.seed)
+    model = model_class(args.impl)(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(0), betas=(0.9, 0.999), eps=1e-8)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["data"]["epoch"], state["data"]["batch"]
-        if main:
-            tqdm.write(f"resumed from {existing[-1]} at step {step}")
+    saved_step = step if state is not None else None  # the step the newest checkpoint holds
 
     elbo = model  # calling a GQN computes its ELBO
     if world > 1:
@@ -133,93 +242,120 @@ def train(args: TrainArgs) -> torch.nn.Module:
     )
 
     loader = make_loader(
-        data_root, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
+        dataset, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
         num_workers=args.workers, distributed=world > 1,
     )
+    # An allowed change of --batch or --data can leave the old position past the epoch's end.
+    loader.set_epoch(epoch, start_batch=min(batch_in_epoch, len(loader)))
 
-    writer = MetricsWriter(out) if main else None
+    # Everything is checked: from here on the run folder is written.
+    writer = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "train": dataclasses.asdict(args)}, indent=1))
+        for stale in remove_stale_temporaries(ckpt_dir):
+            tqdm.write(f"removed {stale}, left by a checkpoint write that was killed")
+        write_json_atomic(out / "config.json", {"model": config.to_dict(), "train": dataclasses.asdict(args)})
+        writer = MetricsWriter(out, start_step=step)
+        if state is not None:
+            tqdm.write(f"resumed from {existing[-1]} at step {step}")
     progress = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
 
-    def checkpoint():
+    def checkpoint(rng):
+        nonlocal saved_step
         if main:
             save_checkpoint(ckpt_dir, step, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state(),
+                model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
                 data=dict(epoch=epoch, batch=batch_in_epoch), config=config.to_dict(),
                 train=dataclasses.asdict(args),
             ), keep=args.keep)
+        saved_step = step
         if world > 1:
             dist.barrier()
 
-    loader.set_epoch(epoch, start_batch=batch_in_epoch)
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
     sums = None
+    # The state at the last step boundary is what a checkpoint holds: the parameters, optimiser
+    # and data position change only in the update below, the RNG as the step draws.
+    boundary_rng, updating = rng_state(), False
     try:
-        while step < args.steps:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch, batch_in_epoch = epoch + 1, 0
-                loader.set_epoch(epoch)
-                batches = iter(loader)
-                continue
-            context_x, context_v, query_x, query_v = to_model_inputs(batch, device)
-            sigma = pixel_sigma(step, args.sigma_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step)
-            with autocast:
-                result = elbo(context_x, context_v, query_x, query_v, sigma=sigma)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
-            step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
-            progress.update(1)
+        with StopAtBoundary(active=world == 1) as stop:
+            while step < args.steps:
+                if stop.requested:
+                    raise KeyboardInterrupt
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                    loader.set_epoch(epoch)
+                    batches = iter(loader)
+                    continue
+                context_x, context_v, query_x, query_v = to_model_inputs(batch, device)
+                sigma = pixel_sigma(step, args.sigma_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step)
+                with autocast:
+                    result = elbo(context_x, context_v, query_x, query_v, sigma=sigma)
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                updating = True
+                optimizer.step()
+                step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
+                updating = False
+                boundary_rng = rng_state()
+                progress.update(1)
 
-            # Metrics stay on the device between logs, so the GPU is not waited on every step.
-            kl = result.kl.detach().sum(1).mean().float()
-            nll = result.nll.detach().mean().float()
-            now = torch.stack([result.loss.detach().float(), nll, kl])
-            sums = now if sums is None else sums + now
-            last_log = step % args.log_every == 0 or step == args.steps
-            last_ckpt = step % args.checkpoint_every == 0 or step == args.steps
-            if last_log or last_ckpt:
-                loss, nll_v, kl_v = (sums / window_steps).tolist()
-                # The loss is of the parameters before this step's update; a checkpoint holds
-                # those after it, so they are checked too before one is written.
-                finite = all(math.isfinite(v) for v in (loss, nll_v, kl_v))
-                if finite and last_ckpt:
-                    finite = bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
-                if not finite:
-                    good = list_checkpoints(ckpt_dir)
-                    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-                    raise TrainingDiverged(
-                        f"the loss or the weights became NaN or infinite by step {step} "
-                        f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
-                        f"{where}. Try a lower learning rate or --precision fp32."
-                    )
-                rate = window_steps / (time.perf_counter() - window_start)
-                record = dict(step=step, loss=loss, nll=nll_v, kl=kl_v, nll_above_floor=nll_v - nll_floor(sigma),
-                              bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
-                              steps_per_s=rate, epoch=epoch)
-                if main:
-                    writer.write(record)
-                    progress.set_postfix(loss=f"{loss:.0f}", bpd=f"{record['bits_per_dim']:.3f}", kl=f"{kl_v:.1f}",
-                                         nll_above_floor=f"{record['nll_above_floor']:.0f}", steps_s=f"{rate:.2f}")
-                sums, window_start, window_steps = None, time.perf_counter(), 0
-                if last_ckpt:
-                    checkpoint()
-            if main and (step % args.image_every == 0 or step == args.steps):
-                save_progress_picture(model, (context_x, context_v, query_x, query_v), result.mean,
-                                      out / "images" / f"step-{step:08d}.png")
+                # Metrics stay on the device between logs, so the GPU is not waited on every step.
+                kl = result.kl.detach().sum(1).mean().float()
+                nll = result.nll.detach().mean().float()
+                now = torch.stack([result.loss.detach().float(), nll, kl])
+                sums = now if sums is None else sums + now
+                last_log = step % args.log_every == 0 or step == args.steps
+                last_ckpt = step % args.checkpoint_every == 0 or step == args.steps
+                if last_log or last_ckpt:
+                    loss, nll_v, kl_v = (sums / window_steps).tolist()
+                    # The loss is of the parameters before this step's update; a checkpoint holds
+                    # those after it, so they are checked too before one is written.
+                    finite = all(math.isfinite(v) for v in (loss, nll_v, kl_v))
+                    if finite and last_ckpt:
+                        finite = bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+                    if not finite:
+                        good = list_checkpoints(ckpt_dir)
+                        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+                        raise TrainingDiverged(
+                            f"the loss or the weights became NaN or infinite by step {step} "
+                            f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
+                            f"{where}. Try a lower learning rate or --precision fp32."
+                        )
+                    rate = window_steps / (time.perf_counter() - window_start)
+                    record = dict(step=step, loss=loss, nll=nll_v, kl=kl_v, nll_above_floor=nll_v - nll_floor(sigma),
+                                  bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
+                                  steps_per_s=rate, epoch=epoch)
+                    if main:
+                        writer.write(record)
+                        progress.set_postfix(loss=f"{loss:.0f}", bpd=f"{record['bits_per_dim']:.3f}", kl=f"{kl_v:.1f}",
+                                             nll_above_floor=f"{record['nll_above_floor']:.0f}", steps_s=f"{rate:.2f}")
+                    sums, window_start, window_steps = None, time.perf_counter(), 0
+                    if last_ckpt:
+                        checkpoint(boundary_rng)
+                if main and (step % args.image_every == 0 or step == args.steps):
+                    save_progress_picture(model, (context_x, context_v, query_x, query_v), result.mean,
+                                          out / "images" / f"step-{step:08d}.png", seed=args.seed)
     except KeyboardInterrupt:
-        # Nothing lost on Ctrl-C: keep the state reached so far (it is finite: it was just checked
-        # or is one step past a finite check, which the next log will catch on resume).
-        if main:
-            tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
-        checkpoint()
+        # Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
+        # checkpointed (it is finite: it was just checked, or is one step past a finite check,
+        # which the next log will catch on resume), unless a checkpoint of it is already written.
+        if updating:
+            where = f"the last checkpoint is of step {saved_step}" if saved_step is not None else "no checkpoint was written"
+            if main:
+                tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")
+        elif saved_step == step:
+            if main:
+                tqdm.write(f"interrupted at step {step}, whose checkpoint is already written")
+        else:
+            if main:
+                tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
+            checkpoint(boundary_rng)
         raise
     finally:
         progress.close()
@@ -228,13 +364,19 @@ def train(args: TrainArgs) -> torch.nn.Module:
     return model
 
 
-def save_progress_picture(model, batch, reconstruction, path: Path, scenes: int = 4) -> None:
-    """Rows: a scene's context views, its target, the reconstruction, and a prior sample."""
+def save_progress_picture(model, batch, reconstruction, path: Path, seed: int, scenes: int = 4) -> None:
+    """Rows: a scene's context views, its target, the reconstruction, and a prior sample.
+
+    The sample's noise comes from its own generator (the same draws at every step, so pictures
+    differ by the model only): the training RNG is untouched, and a resumed run stays exact."""
     context_x, context_v, query_x, query_v = (t[:scenes] for t in batch)
+    c = model.config
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(c.L, query_v.shape[0], c.z_dim, GRID_SIZE, GRID_SIZE, generator=generator)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        sample = model.generate(context_x, context_v, query_v)
+        sample = model.generate(context_x, context_v, query_v, noise=noise.to(query_v))
     model.train(was_training)
     rows = []
     for i in range(context_x.shape[0]):
@@ -243,15 +385,21 @@ def save_progress_picture(model, batch, reconstruction, path: Path, scenes: int 
 
 
 class MetricsWriter:
-    """metrics.jsonl in the run folder, and TensorBoard when it is installed."""
+    """metrics.jsonl in the run folder, and TensorBoard when it is installed.
 
-    def __init__(self, out: Path):
+    A run starting at `start_step` (its checkpoint's) first drops the records after that step,
+    which a killed run logged past its last checkpoint, so each step is in the log once."""
+
+    def __init__(self, out: Path, start_step: int = 0):
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        if path.exists():
+            truncate_metrics(path, start_step)
+        self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(out / "tensorboard"))
+            self.board = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # TensorBoard is optional
             self.board = None
 
@@ -269,6 +417,23 @@ class MetricsWriter:
             self.board.close()
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of steps up to `last_step` (and no torn last line), rewritten atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    text = "".join(kept)
+    if text != path.read_text():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -278,38 +443,42 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="dataset folder (default: the built-in rooms set, generated on first use)")
     p.add_argument("--builtin-scenes", type=int, default=defaults.builtin_scenes,
                    help="size of the built-in rooms set used without --data (made once, then cached)")
-    p.add_argument("--preset", choices=["small", "paper"], default=defaults.preset)
-    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--preset", choices=CHOICES["preset"], default=defaults.preset,
+                   help="model size: small (trains on a CPU) or paper (Eslami et al. 2018)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="train until this step (counted from the run's start)")
     p.add_argument("--batch", type=int, default=defaults.batch, help="scenes per step (per process)")
     p.add_argument("--sigma-steps", type=int, default=defaults.sigma_steps,
                    help="steps over which the pixel sigma anneals from 2.0 to 0.7 (the paper: 200000; "
                         "a short run learns little at sigma 2)")
-    p.add_argument("--max-context", type=int, default=defaults.max_context, help="context views drawn from 1..K")
-    p.add_argument("--impl", choices=["fast", "reference"], default=defaults.impl)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision)
+    p.add_argument("--max-context", type=int, default=defaults.max_context,
+                   help="context views per scene drawn from 1..K (K at most T - 1)")
+    p.add_argument("--impl", choices=CHOICES["impl"], default=defaults.impl, help="model implementation")
+    p.add_argument("--precision", choices=CHOICES["precision"], default=defaults.precision,
+                   help="bf16: autocast the convolutions (on a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default=defaults.out, help="run folder: checkpoints, metrics, pictures")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes")
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
-    p.add_argument("--image-every", type=int, default=defaults.image_every)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's last checkpoint (refused if it has none, or if a "
+                        "setting that changes the result differs from the run's)")
+    p.add_argument("--allow-change", default=defaults.allow_change, metavar="SETTINGS",
+                   help=f"with --resume: settings allowed to differ from the run's, comma-separated, "
+                        f"of {', '.join(RESULT_SETTINGS)}")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seeds the weights, the batches and the latents")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="data loader threads gathering batches ahead (0: in the training loop)")
+    p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
+    p.add_argument("--image-every", type=int, default=defaults.image_every, help="steps between progress pictures")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     p.set_defaults(func=run_command)
 
 
 def run_command(ns: argparse.Namespace) -> int:
+    """Errors a user can fix (gqn_fast.errors.user_errors) reach gqn_fast.cli as one line."""
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every", "image_every", "checkpoint_every", "keep"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"gqn-fast train: --{name.replace('_', '-')} must be at least 1")
     try:
         train(args)
-    except (TrainingDiverged, CheckpointError) as error:
-        print(f"gqn-fast train: {error}")
-        return 1
     except KeyboardInterrupt:
         return 130
     finally:

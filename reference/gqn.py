@@ -64,12 +64,13 @@ class GQN(nn.Module):
 
     def check_inputs(self, context_x, context_v, query_v, query_x=None, sigma=None, noise=None):
         """Raise ValueError / TypeError naming any argument of elbo / generate that is wrong."""
-        check_context(context_x, context_v)
-        check_query(context_x, query_v, query_x)
+        dtype = self.prior.weight.dtype  # the inputs must be of the model's dtype
+        check_context(context_x, context_v, dtype)
+        check_query(context_x, query_v, query_x, dtype)
         if sigma is not None:
             check_sigma(sigma)
         c = self.config
-        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE)
+        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, dtype)
 
     def represent(self, context_x: torch.Tensor, context_v: torch.Tensor) -> torch.Tensor:
         """r = sum over the M context views of psi(x^k, v^k), tiled to 16x16: [B, r_dim, 16, 16]."""

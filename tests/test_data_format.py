@@ -95,6 +95,7 @@ def _save(path, array):
         (lambda d: _rewrite_manifest(d, num_scenes=12), "manifest.json", "num_scenes, num_views"),
         (lambda d: _rewrite_manifest(d, version=99), "manifest.json", "format version"),
         (lambda d: _truncate(d / "images.npy"), "images.npy", "truncated or corrupt"),
+        (lambda d: _append(d / "images.npy", b"\0" * 100), "images.npy", "bytes, but its header.s shape"),
         (lambda d: _nan_camera(d / "cameras.npy", 4), "cameras.npy", "scene 4"),
         (lambda d: _save(d / "images.npy", np.asfortranarray(np.load(d / "images.npy"))), "images.npy",
          "Fortran"),
@@ -119,6 +120,11 @@ def _truncate(path):
         f.truncate(path.stat().st_size // 2)
 
 
+def _append(path, extra):
+    with open(path, "ab") as f:
+        f.write(extra)
+
+
 def _nan_camera(path, scene):
     cameras = np.load(path)
     cameras[scene, 3, 1] = np.nan
@@ -131,6 +137,8 @@ def test_a_missing_split_or_wrong_name_is_reported(copy):
         open_split(copy / "test")
     with pytest.raises(ValueError, match="split"):
         SceneDataset(copy, "validation")
+    with pytest.raises(FileNotFoundError, match="nothere: no such dataset folder"):
+        SceneDataset(copy.parent / "nothere", "train")
 
 
 def test_split_writer_resumes_and_appender_streams(tmp_path):
@@ -201,4 +209,4 @@ def test_cli_make_and_show(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["data", "make", "rooms", "--parts", "7", "--scenes", "3", "--out", str(tmp_path / "x")]) == 1
     assert main(["data", "show", str(tmp_path / "nothing")]) == 1
-    assert "no such split folder" in capsys.readouterr().err
+    assert "nothing: no such dataset folder" in capsys.readouterr().err

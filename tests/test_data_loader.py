@@ -173,3 +173,12 @@ def test_loader_checks_its_arguments(root):
         make_loader(root, "train", 30, 3, seed=0)
     with pytest.raises(ValueError, match="num_workers"):
         make_loader(root, "train", 4, 3, seed=0, num_workers=-1)
+
+
+def test_loader_takes_an_opened_dataset(root):
+    dataset = SceneDataset(root, "train")
+    given = make_loader(dataset, "train", 4, 3, seed=2)
+    assert given.dataset is dataset
+    assert_same_batches(as_arrays(given), as_arrays(make_loader(root, "train", 4, 3, seed=2)))
+    with pytest.raises(ValueError, match="split: 'test', but the dataset given as root is of split 'train'"):
+        make_loader(dataset, "test", 4, 3, seed=2)

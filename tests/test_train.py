@@ -3,6 +3,7 @@ eval and sample commands on what it wrote."""
 
 import json
 import os
+import signal
 import socket
 
 import pytest
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 
 from gqn_fast import cli
 from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
+from gqn_fast.errors import UsageError
 from gqn_fast.train import TrainArgs, TrainingDiverged, train
 
 
@@ -45,6 +47,97 @@ def test_resume_continues_exactly(dataset, tmp_path, steps, final_epoch):
     assert state["data"]["epoch"] == final_epoch
 
 
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory):
+    """The last checkpoint of a 4-step run, uninterrupted and without pictures."""
+    out = tmp_path_factory.mktemp("straight")
+    train(args_for(dataset, out, steps=4, checkpoint_every=4))
+    return load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+
+
+def assert_same_state(state, expected):
+    """Parameters, optimiser state, RNG and data position identical, bit for bit."""
+    assert state["step"] == expected["step"] and state["data"] == expected["data"]
+    for name, value in expected["model"].items():
+        assert torch.equal(state["model"][name], value), name
+    for index, slots in expected["optimizer"]["state"].items():
+        for key, value in slots.items():
+            assert torch.equal(state["optimizer"]["state"][index][key], value), (index, key)
+    assert torch.equal(state["rng"]["torch"], expected["rng"]["torch"])
+
+
+def last_state(out):
+    return load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+
+
+def test_resume_after_a_progress_picture_is_exact(dataset, tmp_path, straight):
+    """Pictures at every step, split by a resume, change nothing against a run without any."""
+    out = tmp_path / "run"
+    train(args_for(dataset, out, steps=2, image_every=1))
+    train(args_for(dataset, out, steps=4, image_every=1, resume=True))
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"step-0000000{i}.png" for i in (1, 2, 3, 4)]
+    assert_same_state(last_state(out), straight)
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 4])
+def test_ctrl_c_mid_step_keeps_the_last_boundary(dataset, tmp_path, straight, monkeypatch, checkpoint_every):
+    """A KeyboardInterrupt in step 3's backward, after the step drew its latents: the checkpoint
+    holds the state of step 2 (written then, or at the interrupt), and resuming is exact."""
+    backward, calls = torch.Tensor.backward, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(args_for(dataset, out, steps=4, checkpoint_every=checkpoint_every))
+    monkeypatch.undo()
+    assert last_state(out)["step"] == 2
+    train(args_for(dataset, out, steps=4, checkpoint_every=checkpoint_every, resume=True))
+    assert_same_state(last_state(out), straight)
+
+
+def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, monkeypatch):
+    """A real SIGINT during step 2: the step finishes, its state is checkpointed, the run stops."""
+    backward, calls = torch.Tensor.backward, []
+
+    def signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(args_for(dataset, out, steps=4, checkpoint_every=4))
+    monkeypatch.undo()
+    assert len(calls) == 2 and last_state(out)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    train(args_for(dataset, out, steps=4, checkpoint_every=4, resume=True))
+    assert_same_state(last_state(out), straight)
+
+
+def test_resume_after_a_kill_cleans_up_and_logs_each_step_once(dataset, tmp_path, straight):
+    """A kill after step 4 was logged, while its checkpoint was being written: the resume from
+    step 2 removes the half-written file and the log's records of steps 3 and 4, then is exact."""
+    out = tmp_path / "run"
+    train(args_for(dataset, out, steps=4, checkpoint_every=2, keep=3))
+    latest = list_checkpoints(out / "checkpoints")[-1]
+    os.replace(latest, latest.with_name(f".{latest.name}.tmp-4242"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut by the kill
+    train(args_for(dataset, out, steps=4, checkpoint_every=2, keep=3, resume=True))
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert_same_state(last_state(out), straight)
+
+
 def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", "--data", str(dataset), "--steps", "4", "--batch", "2", "--max-context", "2",
@@ -59,17 +152,17 @@ def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
 
     ckpt = str(list_checkpoints(out / "checkpoints")[-1])
     assert cli.main(["eval", ckpt, "--scenes", "2", "--max-context", "2", "--device", "cpu"]) == 0
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = json.loads((out / "eval" / "step-00000004" / "metrics.json").read_text())
     assert [c["context_views"] for c in metrics["curve"]] == [1, 2]
-    assert metrics["scenes"] == 2 and metrics["neg_elbo_nats"] > 0
-    assert (out / "eval" / "context_curve.png").stat().st_size > 0
+    assert metrics["scenes"] == 2 and metrics["reconstruction"]["neg_elbo_nats"] > 0
+    assert (out / "eval" / "step-00000004" / "context_curve.png").stat().st_size > 0
 
     assert cli.main(["sample", ckpt, "--scenes", "1", "--samples", "2", "--frames", "4",
                      "--context", "2", "--device", "cpu"]) == 0
-    assert (out / "samples" / "scene-0000.png").exists()
+    assert (out / "samples" / "step-00000004" / "scene-0000.png").exists()
     from PIL import Image
 
-    gif = Image.open(out / "samples" / "scene-0000-fly-around.gif")
+    gif = Image.open(out / "samples" / "step-00000004" / "scene-0000-fly-around.gif")
     assert gif.n_frames == 4
 
 
@@ -92,8 +185,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path,
 def test_checkpoint_of_another_config_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     train(args_for(dataset, out, steps=2))
-    with pytest.raises(CheckpointError, match=r"made for L=6, but this run has L=12"):
+    with pytest.raises(UsageError, match=r"--preset small .* this command has --preset paper"):
         train(args_for(dataset, out, steps=4, preset="paper", resume=True))
+    # Allowed to change, the preset still cannot load the checkpoint's weights.
+    with pytest.raises(CheckpointError, match=r"made for L=6, but this run has L=12"):
+        train(args_for(dataset, out, steps=4, preset="paper", resume=True, allow_change="preset"))
     with pytest.raises(CheckpointError, match=r"already holds checkpoints; pass --resume"):
         train(args_for(dataset, out, steps=4))
 

@@ -49,6 +49,11 @@ def _open_npy(path: Path, mode: str) -> np.ndarray:
         raise DatasetFormatError(f"{path}: not a readable .npy array (truncated or corrupt?): {error}") from None
     if not array.flags.c_contiguous:
         raise DatasetFormatError(f"{path}: expected a C-ordered array, got Fortran order")
+    size, expected = path.stat().st_size, array.offset + array.nbytes
+    if size != expected:  # numpy maps a file with extra bytes without a word
+        raise DatasetFormatError(
+            f"{path}: {size} bytes, but its header's shape {tuple(array.shape)} makes {expected} (a damaged copy?)"
+        )
     return array
 
 

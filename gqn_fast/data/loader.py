@@ -65,6 +65,8 @@ class SceneDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         self.root, self.split = Path(root), split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such dataset folder")
         self.split_dir = self.root / split
         images, cameras, self.manifest = open_split(self.split_dir)
         self.num_scenes, self.num_views = int(images.shape[0]), int(images.shape[1])
@@ -257,8 +259,15 @@ def make_loader(root, split, batch_size, max_context, seed, num_workers=0, distr
     distributed=True takes rank and world size from torch.distributed (or `rank` / `world_size`).
     num_workers: gathering threads (0: in the calling thread); pin_memory defaults to whether
     CUDA is available. Call `set_epoch(e)` before each epoch, as with a DistributedSampler.
+    `root` may also be a SceneDataset of split `split` already opened (its checks are then not
+    repeated).
     """
-    dataset = SceneDataset(root, split)
+    if isinstance(root, SceneDataset):
+        if root.split != split:
+            raise ValueError(f"split: {split!r}, but the dataset given as root is of split {root.split!r}")
+        dataset = root
+    else:
+        dataset = SceneDataset(root, split)
     if distributed:
         if rank is None or world_size is None:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

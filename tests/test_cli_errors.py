@@ -1,0 +1,179 @@
+"""Bad command-line input gets one line on stderr naming the argument or file, exit code 1, and
+leaves the run folder as it was: no traceback, nothing half-written, no config overwritten."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gqn_fast import cli
+from gqn_fast.checkpoint import list_checkpoints, load_checkpoint
+from gqn_fast.train import TrainArgs, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from gqn_fast.data.builtin import make_dataset
+
+    # 11 train scenes of T = 10 views.
+    return make_dataset(tmp_path_factory.mktemp("data") / "rooms", "rooms", scenes=12, seed=3, workers=1,
+                        progress=False)
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    """A run folder of one step: config.json, metrics.jsonl and a checkpoint."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(TrainArgs(data=str(dataset), preset="small", steps=1, batch=2, max_context=2, out=str(out),
+                    log_every=1, image_every=100, checkpoint_every=1, device="cpu"))
+    return out
+
+
+def snapshot(folder):
+    """Every file under `folder` and its bytes (None when the folder does not exist)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(capsys, argv, *fragments):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"gqn-fast {argv[0]}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+    return lines[0]
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--steps", "2", "--batch", "2", "--max-context", "2",
+            "--device", "cpu", *extra]
+
+
+def _rewrite_manifest(split, **changes):
+    manifest = json.loads((split / "manifest.json").read_text())
+    manifest.update(changes)
+    (split / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(path):
+    with open(path, "rb+") as f:
+        f.truncate(path.stat().st_size - 1000)
+
+
+@pytest.mark.parametrize(
+    "damage, names",
+    [
+        (lambda d: shutil.rmtree(d), ["no such dataset folder"]),
+        (lambda d: _truncate(d / "train" / "images.npy"), ["train/images.npy", "truncated"]),
+        (lambda d: _rewrite_manifest(d / "train", num_scenes=20), ["train/manifest.json", "(20, 10)"]),
+        (lambda d: np.save(d / "train" / "cameras.npy", np.load(d / "train" / "cameras.npy")[..., :4]),
+         ["train/cameras.npy", "(N, T, 5)"]),
+    ],
+)
+def test_train_on_a_damaged_dataset(dataset, tmp_path, capsys, damage, names):
+    data = shutil.copytree(dataset, tmp_path / "data")
+    damage(data)
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, train_argv(data, out), str(data), *names)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--batch", "12"], ["--batch: 12 is more than the 11 training scenes"]),
+        (["--max-context", "10"], ["--max-context: at most T - 1 = 9", "got 10"]),
+    ],
+)
+def test_train_arguments_the_dataset_cannot_serve(dataset, tmp_path, capsys, extra, fragments):
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, train_argv(dataset, out, *extra), *fragments)
+    assert not out.exists()
+
+
+COUNTS = ["--steps", "--batch", "--sigma-steps", "--builtin-scenes", "--max-context", "--log-every",
+          "--image-every", "--checkpoint-every", "--keep"]
+
+
+@pytest.mark.parametrize("flag, value", [(flag, "0") for flag in COUNTS] + [("--steps", "-3"), ("--workers", "-1"),
+                                                                          ("--seed", "-1")])
+def test_train_refuses_non_positive_counts(dataset, run, capsys, flag, value):
+    before = snapshot(run)
+    assert_one_line_error(capsys, train_argv(dataset, run, "--resume", flag, value), flag, value)
+    assert snapshot(run) == before
+
+
+def _other_data(dataset, tmp_path):
+    return str(shutil.copytree(dataset, tmp_path / "other"))
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("batch", "3"), ("seed", "5"), ("sigma-steps", "100"), ("max-context", "3"), ("preset", "paper"),
+     ("precision", "bf16"), ("impl", "reference"), ("data", None)],
+)
+def test_resume_with_another_setting_is_refused_before_anything_is_written(dataset, run, tmp_path, capsys,
+                                                                             setting, value):
+    before = snapshot(run)
+    argv = train_argv(dataset, run, "--resume")
+    if setting == "data":
+        value = _other_data(dataset, tmp_path)
+        argv[argv.index("--data") + 1] = value
+    else:
+        argv += [f"--{setting}", value]
+    line = assert_one_line_error(capsys, argv, f"--{setting}", f"--allow-change {setting}", f"has --{setting} {value}")
+    assert "the run was trained with" in line
+    assert snapshot(run) == before
+
+
+def test_an_allowed_change_resumes(dataset, run, tmp_path, capsys):
+    out = shutil.copytree(run, tmp_path / "run")
+    assert_one_line_error(capsys, train_argv(dataset, out, "--resume", "--batch", "3", "--allow-change", "batchs"),
+                          "--allow-change: unknown setting batchs")
+    assert cli.main(train_argv(dataset, out, "--resume", "--batch", "3", "--seed", "4",
+                               "--allow-change", "batch,seed")) == 0
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert state["step"] == 2 and state["train"]["batch"] == 3 and state["train"]["seed"] == 4
+    assert json.loads((out / "config.json").read_text())["train"]["batch"] == 3
+
+
+def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, train_argv(dataset, out, "--resume"), "--resume:", "holds no checkpoint",
+                          "leave out --resume")
+    assert not out.exists()
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run killed before its first checkpoint
+    before = snapshot(out)
+    assert_one_line_error(capsys, train_argv(dataset, out, "--resume"), "holds no checkpoint")
+    assert snapshot(out) == before
+
+
+def test_a_real_process_exits_1_without_a_traceback(dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gqn_fast", *train_argv(dataset, tmp_path / "run", "--keep", "0")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "gqn-fast train: error: --keep: expected a positive int, got 0"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["train"], ["(default: 2000)", "(default: small)", "(default: 0)", "loader threads"]),
+    (["data", "make"], ["(default: 0)"]),
+    (["data", "convert-deepmind"], ["(default: ['train', 'test'])"]),
+])
+def test_help_shows_the_defaults(capsys, argv, shown):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*argv, "--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for fragment in shown:
+        assert fragment in text, fragment
+    assert "(default: None)" not in text and "(default: False)" not in text
