@@ -1,4 +1,12 @@
-"""`gqn-fast eval` and `gqn-fast sample`: how good a checkpoint is, in numbers and in pictures."""
+"""`gqn-fast eval` and `gqn-fast sample`: how good a checkpoint is, in numbers and in pictures.
+
+Two kinds of number, never mixed up:
+- reconstruction: the ELBO's terms (NLL, KL) and the MSE of the posterior's mean image. The
+  posterior reads the query image, so these say how well the model encodes a view it is shown.
+- prediction: images drawn with `generate` (z from the prior), compared with the query image
+  afterwards. Nothing that makes them reads the query image: this is what the model predicts
+  of a view it has not seen, and what the paper shows improving with more context views.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +20,14 @@ import torch
 from tqdm import tqdm
 
 from gqn_fast.checkpoint import CheckpointError, load_checkpoint
-from gqn_fast.config import GQNConfig
+from gqn_fast.config import GRID_SIZE, GQNConfig
+from gqn_fast.errors import UsageError
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.reference import transform_viewpoint
 from gqn_fast.schedules import bits_per_dim, nll_floor, pixel_sigma
+
+RECONSTRUCTION = "ELBO terms: the posterior reads the query image (how well a shown view is encoded)"
+PREDICTION = "generate: z from the prior, the query image is never read (how well an unseen view is predicted)"
 
 
 def load_model(path: Path, device: torch.device, impl: str = "fast"):
@@ -23,9 +35,12 @@ def load_model(path: Path, device: torch.device, impl: str = "fast"):
     from gqn_fast.train import model_class
 
     state = load_checkpoint(path)
-    config = GQNConfig.from_dict(state["config"])
-    model = model_class(impl)(config).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        config = GQNConfig.from_dict(state["config"])
+        model = model_class(impl)(config).to(device)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: state_dict mismatch
+        raise CheckpointError(f"{path}: not a model checkpoint of this version ({type(error).__name__}: {error})") from error
     return model.eval(), state
 
 
@@ -42,7 +57,7 @@ def data_folder(state: dict, data: str | None) -> Path:
 
 
 def scene_views(images: np.ndarray, cameras: np.ndarray, index: int, device):
-    """A stored scene as model inputs: ([T, 3, 64, 64] floats in [0, 1], [T, 7] viewpoints)."""
+    """A stored scene as model inputs: ([T, 3, 64, 64] floats in [0, 1], [T, 7] viewpoints, [T, 5] cameras)."""
     x = torch.from_numpy(np.array(images[index])).to(device)  # a copy: the memmap is read-only
     x = x.permute(0, 3, 1, 2).float() / 255
     camera = torch.from_numpy(np.array(cameras[index])).to(device)
@@ -55,39 +70,86 @@ def split_views(x, v, order, views: int):
     return x[context], v[context], x[order[0]], v[order[0]]
 
 
+def standard_normal(model, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """[L, batch, z_dim, 16, 16] draws for a model's `noise` argument, from `generator` (CPU)."""
+    c = model.config
+    return torch.randn(c.L, batch, c.z_dim, GRID_SIZE, GRID_SIZE, generator=generator)
+
+
 @torch.no_grad()
-def evaluate(model, images, cameras, sigma: float, max_context: int, scenes: int, batch: int, seed: int, device):
-    """Test-set metrics at M = max_context, and NLL and MSE for every M in 1..max_context.
+def predict(model, context_x, context_v, query_v, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """[samples, B, 3, 64, 64]: `samples` images per query drawn by `generate` (z from the prior).
+
+    Takes no query image, so a prediction cannot depend on one. The noise comes from
+    `generator` (on the CPU), never the global RNG, so evaluating leaves training's RNG alone.
+    """
+    noise = standard_normal(model, samples * query_v.shape[0], generator)
+    repeat = lambda t: t.repeat(samples, *([1] * (t.dim() - 1)))  # sample-major: [k * B, ...]
+    images = model.generate(repeat(context_x), repeat(context_v), repeat(query_v),
+                            noise=noise.to(query_v.device, query_v.dtype))
+    return images.view(samples, query_v.shape[0], *images.shape[1:])
+
+
+def prediction_errors(predictions: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scene ([B] each): the MSE of the mean of the k predictions, and the smallest MSE of one of them."""
+    mean_of_k = (predictions.mean(0) - query_x).pow(2).mean(dim=(1, 2, 3))
+    best_of_k = (predictions - query_x).pow(2).mean(dim=(2, 3, 4)).min(0).values
+    return mean_of_k, best_of_k
+
+
+@torch.no_grad()
+def evaluate(model, images, cameras, sigma: float, max_context: int, scenes: int, batch: int, samples: int,
+             seed: int, device):
+    """Reconstruction (ELBO terms) and prediction (generate) errors for every M in 1..max_context.
 
     Each scene's query and view order are drawn once from `seed`, so every M sees the same
-    queries and the curve shows only the effect of more context.
+    queries and the curve shows only the effect of more context. All noise comes from `seed`
+    too: the same call gives the same numbers, and the global RNG is left alone.
     """
-    n = min(scenes, images.shape[0])
     T = images.shape[1]
     if not 1 <= max_context <= T - 1:
         raise ValueError(f"max_context: expected 1..{T - 1} for {T} views per scene, got {max_context}")
+    for name, value in (("scenes", scenes), ("batch", batch), ("samples", samples)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value}")
+    n = min(scenes, images.shape[0])
     g = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(T, generator=g) for _ in range(n)]
-    curve = {M: {"nll": 0.0, "mse": 0.0, "kl": 0.0} for M in range(1, max_context + 1)}
-    for start in tqdm(range(0, n, batch), desc="eval", unit="batch"):
-        scenes_here = [scene_views(images, cameras, i, device)[:2] for i in range(start, min(n, start + batch))]
-        for M in curve:
-            parts = [split_views(x, v, orders[start + j], M) for j, (x, v) in enumerate(scenes_here)]
-            cx, cv, qx, qv = (torch.stack(p) for p in zip(*parts))
-            out = model.elbo(cx, cv, qx, qv, sigma=sigma)
-            curve[M]["nll"] += out.nll.sum().item()
-            curve[M]["kl"] += out.kl.sum().item()
-            curve[M]["mse"] += (out.mean - qx).pow(2).mean(dim=(1, 2, 3)).sum().item()
-    for values in curve.values():
-        for key in values:
-            values[key] /= n
-    top = curve[max_context]
-    loss = top["nll"] + top["kl"]
+    noise = torch.Generator().manual_seed(seed)
+    keys = ("nll", "kl", "mse", "mse_mean_of_k", "mse_best_of_k")
+    sums = {M: dict.fromkeys(keys, 0.0) for M in range(1, max_context + 1)}
+    with tqdm(total=math.ceil(n / batch) * max_context, desc="eval", unit="batch") as bar:
+        for start in range(0, n, batch):
+            scenes_here = [scene_views(images, cameras, i, device)[:2] for i in range(start, min(n, start + batch))]
+            for M, total in sums.items():
+                parts = [split_views(x, v, orders[start + j], M) for j, (x, v) in enumerate(scenes_here)]
+                cx, cv, qx, qv = (torch.stack(p) for p in zip(*parts))
+                eps = standard_normal(model, qx.shape[0], noise).to(device)
+                out = model.elbo(cx, cv, qx, qv, sigma=sigma, noise=eps)
+                total["nll"] += out.nll.sum().item()
+                total["kl"] += out.kl.sum().item()
+                total["mse"] += (out.mean - qx).pow(2).mean(dim=(1, 2, 3)).sum().item()
+                mean_of_k, best_of_k = prediction_errors(predict(model, cx, cv, qv, samples, noise), qx)
+                total["mse_mean_of_k"] += mean_of_k.sum().item()
+                total["mse_best_of_k"] += best_of_k.sum().item()
+                bar.update(1)
+    curve = []
+    for M, total in sums.items():
+        mean = {key: value / n for key, value in total.items()}
+        loss = mean["nll"] + mean["kl"]
+        curve.append({
+            "context_views": M,
+            "reconstruction": {
+                "neg_elbo_nats": loss, "bits_per_dim": bits_per_dim(loss), "kl_nats": mean["kl"],
+                "nll_nats": mean["nll"], "nll_above_floor": mean["nll"] - nll_floor(sigma), "mse": mean["mse"],
+            },
+            "prediction": {"mse_mean_of_k": mean["mse_mean_of_k"], "mse_best_of_k": mean["mse_best_of_k"]},
+        })
+    top = curve[-1]
     return {
-        "scenes": n, "sigma": sigma, "context_views": max_context,
-        "neg_elbo_nats": loss, "bits_per_dim": bits_per_dim(loss), "kl_nats": top["kl"],
-        "nll_nats": top["nll"], "nll_above_floor": top["nll"] - nll_floor(sigma), "mse": top["mse"],
-        "curve": [{"context_views": M, **v} for M, v in curve.items()],
+        "scenes": n, "sigma": sigma, "context_views": max_context, "prediction_samples": samples, "seed": seed,
+        "about": {"reconstruction": RECONSTRUCTION, "prediction": PREDICTION},
+        "reconstruction": top["reconstruction"], "prediction": top["prediction"], "curve": curve,
     }
 
 
@@ -97,15 +159,24 @@ def plot_curve(metrics: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Ms = [c["context_views"] for c in metrics["curve"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(Ms, [c["nll"] - nll_floor(metrics["sigma"]) for c in metrics["curve"]], "o-")
-    left.set_xlabel("context views")
-    left.set_ylabel("NLL above the sigma floor (nats)")
-    right.plot(Ms, [c["mse"] for c in metrics["curve"]], "o-", color="tab:orange")
-    right.set_xlabel("context views")
-    right.set_ylabel("MSE of the mean prediction")
-    fig.suptitle("prediction error against the number of context views (the paper: falls with more views)")
+    curve = metrics["curve"]
+    Ms = [c["context_views"] for c in curve]
+    k = metrics["prediction_samples"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(Ms, [c["prediction"]["mse_mean_of_k"] for c in curve], "o-", label=f"mean of {k} samples")
+    left.plot(Ms, [c["prediction"]["mse_best_of_k"] for c in curve], "s--", label=f"best of {k} samples")
+    left.set_title("prediction (generate; never sees the query)", fontsize=10)
+    left.set_ylabel("MSE against the unseen query view")
+    left.legend()
+    right.plot(Ms, [c["reconstruction"]["nll_above_floor"] for c in curve], "o-", color="tab:green", label="NLL above the sigma floor")
+    right.plot(Ms, [c["reconstruction"]["kl_nats"] for c in curve], "s--", color="tab:red", label="KL")
+    right.set_title("reconstruction (ELBO terms; the posterior sees the query)", fontsize=10)
+    right.set_ylabel("nats per image")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xlabel("context views M")
+        ax.set_xticks(Ms)
+    fig.suptitle(f"{metrics['scenes']} test scenes, sigma {metrics['sigma']:.2f}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,95 +207,147 @@ def sample(model, images, cameras, out: Path, scenes: int, samples: int, context
         order = torch.randperm(x.shape[0], generator=g)
         cx, cv, qx, qv = split_views(x, v, order, context)
         cx, cv, qv = cx[None], cv[None], qv[None]
-        zeros = torch.zeros(c.L, 1, c.z_dim, 16, 16, device=device)
+        zeros = torch.zeros(c.L, 1, c.z_dim, GRID_SIZE, GRID_SIZE, device=device)
         mean = model.generate(cx, cv, qv, noise=zeros)[0]  # z at the prior's mean
-        draws = [model.generate(cx, cv, qv)[0] for _ in range(samples)]
+        draws = list(predict(model, cx, cv, qv, samples, g)[:, 0]) if samples else []
         written.append(save_grid([list(cx[0]), [qx, mean] + draws], out / f"scene-{i:04d}.png"))
-        path_cams = fly_around(camera.cpu().float(), frames).to(device)
-        qv_path = transform_viewpoint(path_cams)
+        qv_path = transform_viewpoint(fly_around(camera.cpu().float(), frames).to(device))
         frames_out = []
         for start in range(0, frames, 16):
             qvs = qv_path[start : start + 16]
             k = qvs.shape[0]
-            frames_out += list(model.generate(cx.expand(k, -1, -1, -1, -1), cv.expand(k, -1, -1), qvs))
+            frames_out += list(predict(model, cx.expand(k, -1, -1, -1, -1), cv.expand(k, -1, -1), qvs, 1, g)[0])
         written.append(save_gif(frames_out, out / f"scene-{i:04d}-fly-around.gif"))
     return written
 
 
-# --- command line ---------------------------------------------------------------------------
+# --- command line (shared with gqn_fast.analyze) --------------------------------------------
 
 
-def _device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def check_int(name: str, value: int, low: int, high: int | None = None, why: str = "") -> int:
+    """`value` of the option `name` (e.g. "--scenes") if low <= value <= high, else a UsageError."""
+    if value < low or (high is not None and value > high):
+        expected = f"an int from {low} to {high}" if high is not None else f"an int >= {low}"
+        raise UsageError(f"{name}: expected {expected}{why}, got {value}")
+    return value
 
 
-def _open(ns: argparse.Namespace, command: str):
-    """(device, model, checkpoint state, test images, test cameras), or None after saying why."""
-    from gqn_fast.data.format import DatasetFormatError, open_split
-
-    device = _device(ns.device)
+def device_of(name: str | None) -> torch.device:
     try:
-        model, state = load_model(Path(ns.checkpoint), device)
-        images, cameras, _ = open_split(data_folder(state, ns.data) / "test")
-    except (CheckpointError, DatasetFormatError, FileNotFoundError) as error:
-        print(f"gqn-fast {command}: {error}")
-        return None
-    return device, model, state, images, cameras
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name} asked for, but torch sees no CUDA device")
+    return device
+
+
+def open_checkpoint(ns: argparse.Namespace):
+    """(device, model, checkpoint state, test images, test cameras, test manifest) for a command."""
+    from gqn_fast.data.format import open_split
+
+    device = device_of(ns.device)
+    model, state = load_model(Path(ns.checkpoint), device)
+    images, cameras, manifest = open_split(data_folder(state, ns.data) / "test")
+    return device, model, state, images, cameras, manifest
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The training run a checkpoint belongs to (<run>/checkpoints/step-*.pt), else its own folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Path:
+    """--out when given; else a new folder <run>/<kind>/step-<step>[-2, -3, ...], so that no
+    result ever overwrites an earlier one."""
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    parent = run_folder(checkpoint) / kind
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (f"step-{step:08d}" + (f"-{n}" if n > 1 else ""))
+        try:
+            path.mkdir()  # exclusive: two evaluations at once get two folders
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"{parent}: holds 10000 results for step {step} already; pass --out")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: the option's help says what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by `gqn-fast train` (runs/NAME/checkpoints/step-*.pt)")
+    p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (views, prior samples)")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    opened = _open(ns, "eval")
-    if opened is None:
-        return 1
-    device, model, state, images, cameras = opened
-    K = ns.max_context or images.shape[1] - 1
+    check_int("--scenes", ns.scenes, 1)
+    check_int("--batch", ns.batch, 1)
+    check_int("--samples", ns.samples, 1)
+    device, model, state, images, cameras, _ = open_checkpoint(ns)
+    T = images.shape[1]
+    K = T - 1 if ns.max_context is None else check_int("--max-context", ns.max_context, 1, T - 1, f" (the data has {T} views a scene)")
     sigma = pixel_sigma(state["step"], state.get("train", {}).get("sigma_steps", 200_000))
-    metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.seed, device)
-    out = Path(ns.out) if ns.out else Path(ns.checkpoint).parent.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.samples, ns.seed, device)
+    metrics["checkpoint"], metrics["step"] = str(ns.checkpoint), state["step"]
+    out = output_folder(ns.out, ns.checkpoint, "eval", state["step"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curve(metrics, out / "context_curve.png")
+    rec, pred, first = metrics["reconstruction"], metrics["prediction"], metrics["curve"][0]["prediction"]
     print(
-        f"step {state['step']}: -ELBO {metrics['neg_elbo_nats']:.1f} nats/image "
-        f"({metrics['bits_per_dim']:.4f} bits/dim), KL {metrics['kl_nats']:.2f}, "
-        f"NLL above floor {metrics['nll_above_floor']:.1f}, MSE {metrics['mse']:.5f} "
-        f"over {metrics['scenes']} scenes; wrote {out / 'metrics.json'} and {out / 'context_curve.png'}"
+        f"step {state['step']}, {metrics['scenes']} test scenes, {K} context views:\n"
+        f"  reconstruction (sees the query): -ELBO {rec['neg_elbo_nats']:.1f} nats/image "
+        f"({rec['bits_per_dim']:.4f} bits/dim), KL {rec['kl_nats']:.2f}, NLL above floor {rec['nll_above_floor']:.1f}, "
+        f"MSE {rec['mse']:.5f}\n"
+        f"  prediction (generate, {ns.samples} samples): MSE of the mean {pred['mse_mean_of_k']:.5f} "
+        f"(1 view: {first['mse_mean_of_k']:.5f}), best of {ns.samples} {pred['mse_best_of_k']:.5f}\n"
+        f"wrote {out / 'metrics.json'} and {out / 'context_curve.png'}"
     )
     return 0
 
 
 def run_sample(ns: argparse.Namespace) -> int:
-    opened = _open(ns, "sample")
-    if opened is None:
-        return 1
-    device, model, _, images, cameras = opened
-    out = Path(ns.out) if ns.out else Path(ns.checkpoint).parent.parent / "samples"
-    context = min(ns.context, images.shape[1] - 1)
-    files = sample(model, images, cameras, out, ns.scenes, ns.samples, context, ns.frames, ns.seed, device)
+    check_int("--scenes", ns.scenes, 1)
+    check_int("--samples", ns.samples, 0)
+    check_int("--frames", ns.frames, 1)
+    check_int("--context", ns.context, 1)
+    device, model, state, images, cameras, _ = open_checkpoint(ns)
+    T = images.shape[1]
+    check_int("--context", ns.context, 1, T - 1, f" (the data has {T} views a scene)")
+    out = output_folder(ns.out, ns.checkpoint, "samples", state["step"])
+    files = sample(model, images, cameras, out, ns.scenes, ns.samples, ns.context, ns.frames, ns.seed, device)
     print(f"wrote {len(files)} files to {out}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="test-set ELBO, bits/dim, MSE, and the context-views curve")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
+    formatter = HelpFormatter
+    p = subparsers.add_parser("eval", formatter_class=formatter,
+                              help="test-set ELBO terms and prediction error against the number of context views")
+    add_common_arguments(p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])")
     p.add_argument("--scenes", type=int, default=1000, help="test scenes to use at most")
-    p.add_argument("--max-context", type=int, help="K: the curve covers 1..K views (default T - 1)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for metrics.json and context_curve.png")
-    p.add_argument("--device")
+    p.add_argument("--max-context", type=int, help="K: the curve covers 1..K views (default: T - 1)")
+    p.add_argument("--samples", type=int, default=4, help="k: prior samples per query for the prediction error")
+    p.add_argument("--batch", type=int, default=32, help="scenes per forward pass")
     p.set_defaults(func=run_eval)
 
-    p = subparsers.add_parser("sample", help="pictures of held-out scenes and fly-around GIFs")
-    p.add_argument("checkpoint")
-    p.add_argument("--data")
-    p.add_argument("--scenes", type=int, default=4)
+    p = subparsers.add_parser("sample", formatter_class=formatter,
+                              help="pictures of held-out scenes and fly-around GIFs")
+    add_common_arguments(p, "folder for the pictures (default: a new folder <run>/samples/step-N[-i])")
+    p.add_argument("--scenes", type=int, default=4, help="test scenes to draw")
     p.add_argument("--samples", type=int, default=4, help="prior samples per scene")
     p.add_argument("--context", type=int, default=5, help="context views per scene")
     p.add_argument("--frames", type=int, default=36, help="frames of the fly-around")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for the pictures")
-    p.add_argument("--device")
     p.set_defaults(func=run_sample)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
-from gqn_fast.data.scenes import get_family, render_scenes
+from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
 
 DEFAULT_SCENES = 20_000
 DEFAULT_SEED = 0
@@ -63,20 +63,21 @@ def _worker_init() -> None:
 
 
 def _render_chunk(task) -> int:
-    out, family, seed, split, start, stop, num_scenes, num_views, device = task
+    out, family, seed, split, start, stop, num_scenes, num_views, device, holdout = task
     key = (out, split)
     if key not in _open_writers:
         _open_writers[key] = SplitWriter(Path(out) / split, num_scenes, num_views, resume=True)
-    images, cameras = render_scenes(family, seed, split, start, stop, device=device)
+    images, cameras = render_scenes(family, seed, split, start, stop, device=device, holdout=holdout)
     _open_writers[key].write(start, images, cameras)
     return (stop - start) * num_views
 
 
-def _write_splits(out: Path, family: str, seed: int, sizes: dict, workers: int, device, progress: bool, chunk: int):
+def _write_splits(out: Path, family: str, seed: int, sizes: dict, workers: int, device, progress: bool, chunk: int,
+                  holdout: str | None):
     num_views = get_family(family).num_views
     writers = {split: SplitWriter(out / split, n, num_views) for split, n in sizes.items()}
     tasks = [
-        (str(out), family, seed, split, start, min(start + chunk, n), n, num_views, device)
+        (str(out), family, seed, split, start, min(start + chunk, n), n, num_views, device, holdout)
         for split, n in sizes.items()
         for start in range(0, n, chunk)
     ]
@@ -112,6 +113,7 @@ def make_dataset(
     progress: bool = True,
     overwrite: bool = False,
     chunk: int | None = None,
+    holdout: str | None = None,
 ) -> Path:
     """Render a built-in dataset (train and test splits) into the folder `out`; returns it.
 
@@ -139,12 +141,13 @@ def make_dataset(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writers = _write_splits(tmp, family, seed, sizes, workers, device, progress, chunk)
+        writers = _write_splits(tmp, family, seed, sizes, workers, device, progress, chunk, holdout)
         for split, writer in writers.items():
             writer.finish(
                 name=family,
                 source=f"gqn-fast built-in renderer: {family}, seed {seed}",
-                generator={"family": family, "seed": seed, "fov_degrees": FOV_DEGREES, "scenes": scenes},
+                generator={"family": family, "seed": seed, "fov_degrees": FOV_DEGREES, "scenes": scenes,
+                           "holdout": holdout},
             )
         del writers
         if out.is_dir():

@@ -7,6 +7,7 @@ import sys
 from gqn_fast.data.builtin import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION, dataset_summary, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
 from gqn_fast.data.format import DatasetFormatError
+from gqn_fast.data.scenes import HOLDOUTS
 from gqn_fast.data.show import save_grid
 from gqn_fast.data.tfrecord import CorruptRecordError
 
@@ -27,7 +28,8 @@ def _make(args) -> int:
         family = "shepard_metzler" if args.parts == 5 else "shepard_metzler_7"
     try:
         out = make_dataset(args.out, family, args.scenes, args.seed, args.test_fraction, workers=args.workers,
-                           device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+                           device=args.device, progress=not args.quiet, overwrite=args.overwrite,
+                           holdout=args.holdout)
     except USER_ERRORS as error:
         return _fail("make", error)
     print(f"wrote {out}\n{dataset_summary(out)}")
@@ -70,6 +72,8 @@ def register(subparsers) -> None:
     make.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     make.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
     make.add_argument("--device", help="render on this torch device, e.g. cuda (default: the CPU)")
+    make.add_argument("--holdout", choices=sorted(HOLDOUTS),
+                      help="a combination the train split never shows (rooms only), for compositionality tests")
     make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(func=_make)

@@ -61,7 +61,28 @@ def _cameras_looking_at(positions: np.ndarray, target) -> np.ndarray:
     return cams.numpy().astype(np.float32)
 
 
-def sample_room(rng: np.random.Generator, num_views: int) -> tuple[Scene, np.ndarray]:
+def is_red(colour) -> bool:
+    """A hue within 30 degrees of pure red (a sixth of the hue circle)."""
+    hue = colorsys.rgb_to_hsv(*colour)[0]
+    return hue < 1 / 12 or hue >= 11 / 12
+
+
+# Combinations of scene elements that a training split can leave out, so that a model's
+# rendering of them tests compositionality (it saw red things and boxes, never red boxes).
+# Each is a predicate on (object kind, colour); kinds: 0 sphere, 1 box, 2 cylinder.
+HOLDOUTS = {
+    "red-boxes": lambda kind, colour: kind == 1 and is_red(colour),
+}
+
+
+def check_holdout(holdout: str | None) -> None:
+    if holdout is not None and holdout not in HOLDOUTS:
+        raise ValueError(f"holdout: expected one of {sorted(HOLDOUTS)} or None, got {holdout!r}")
+
+
+def sample_room(rng: np.random.Generator, num_views: int, exclude=None) -> tuple[Scene, np.ndarray]:
+    """A room scene and its cameras. `exclude(kind, colour)`: objects it is true of are
+    redrawn in another colour (a held-out combination, see HOLDOUTS)."""
     shapes, footprints = [], []
     for _ in range(int(rng.integers(1, 4))):
         kind = int(rng.integers(0, 3))
@@ -78,6 +99,8 @@ def sample_room(rng: np.random.Generator, num_views: int) -> tuple[Scene, np.nda
             continue
         footprints.append((x, y, footprint))
         colour = _colour(rng)
+        while exclude is not None and exclude(kind, colour):
+            colour = _colour(rng)
         if kind == 0:
             shapes.append(Sphere((x, y, size), size, colour))
         elif kind == 1:
@@ -158,19 +181,29 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def sample_scenes(family: str, seed: int, split: str, start: int, stop: int):
-    """Scenes start..stop-1 of a split: (list of Scene, cameras float32 [n, T, 5])."""
+def sample_scenes(family: str, seed: int, split: str, start: int, stop: int, holdout: str | None = None):
+    """Scenes start..stop-1 of a split: (list of Scene, cameras float32 [n, T, 5]).
+
+    holdout: a name in HOLDOUTS (rooms only): the train split never shows that combination,
+    the test split shows it as often as chance has it.
+    """
     fam = get_family(family)
+    check_holdout(holdout)
+    extra = {}
+    if holdout is not None:
+        if family != "rooms":
+            raise ValueError(f"holdout: only the rooms family has held-out combinations, got family {family!r}")
+        extra["exclude"] = HOLDOUTS[holdout] if split == "train" else None
     scenes, cameras = [], []
     for index in range(start, stop):
-        scene, cams = fam.sample(scene_rng(seed, split, index), fam.num_views)
+        scene, cams = fam.sample(scene_rng(seed, split, index), fam.num_views, **extra)
         scenes.append(scene)
         cameras.append(cams)
     return scenes, np.stack(cameras) if cameras else np.zeros((0, fam.num_views, 5), np.float32)
 
 
-def render_scenes(family: str, seed: int, split: str, start: int, stop: int, device=None):
+def render_scenes(family: str, seed: int, split: str, start: int, stop: int, device=None, holdout=None):
     """Scenes start..stop-1 of a split, rendered: (images uint8 [n, T, 64, 64, 3], cameras float32 [n, T, 5]) as numpy."""
-    scenes, cameras = sample_scenes(family, seed, split, start, stop)
+    scenes, cameras = sample_scenes(family, seed, split, start, stop, holdout)
     images = render(scenes, torch.from_numpy(cameras), image_size=64, fov=FOV_DEGREES, device=device)
     return images.cpu().numpy(), cameras

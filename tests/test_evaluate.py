@@ -1,0 +1,142 @@
+"""`gqn-fast eval` and `gqn-fast sample` on a tiny model: both kinds of number, predictions
+that never read the query image, a new folder per run, and one-line errors for bad arguments."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gqn_fast import cli, evaluate
+from tiny_run import make_tiny_checkpoint, make_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(dataset, checkpoint) of a tiny untrained model on 6 test scenes of 10 views."""
+    root = tmp_path_factory.mktemp("eval")
+    data = make_tiny_dataset(root / "rooms")
+    return data, make_tiny_checkpoint(root / "run", data)
+
+
+def finite_numbers(tree):
+    if isinstance(tree, dict):
+        return all(finite_numbers(v) for v in tree.values())
+    if isinstance(tree, list):
+        return all(finite_numbers(v) for v in tree)
+    return not isinstance(tree, float) or math.isfinite(tree)
+
+
+def test_eval_writes_reconstruction_and_prediction_curves_to_a_new_folder_each_time(run):
+    data, ckpt = run
+    argv = ["eval", str(ckpt), "--scenes", "3", "--max-context", "3", "--samples", "2", "--batch", "2", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    first = ckpt.parent.parent / "eval" / "step-00000007"
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["scenes"] == 3 and metrics["prediction_samples"] == 2 and metrics["step"] == 7
+    assert [c["context_views"] for c in metrics["curve"]] == [1, 2, 3]
+    assert finite_numbers(metrics)
+    for point in metrics["curve"]:
+        assert set(point["reconstruction"]) == {"neg_elbo_nats", "bits_per_dim", "kl_nats", "nll_nats",
+                                                "nll_above_floor", "mse"}
+        assert all(0 < value < 1 for value in point["prediction"].values())
+    assert metrics["prediction"] == metrics["curve"][-1]["prediction"]
+    assert (first / "context_curve.png").stat().st_size > 0
+
+    before = (first / "metrics.json").read_bytes()
+    assert cli.main(argv) == 0
+    second = first.with_name("step-00000007-2")
+    assert (second / "metrics.json").read_bytes() == before  # same seed, same numbers, another folder
+    assert (first / "metrics.json").read_bytes() == before
+
+
+def test_predictions_never_read_the_query_image(run, monkeypatch):
+    """Change every query image the evaluation sees: the predictions stay bit for bit the
+    same, while the reconstruction numbers (which do read it) change."""
+    from gqn_fast.data.format import open_split
+
+    data, ckpt = run
+    model, _ = evaluate.load_model(ckpt, torch.device("cpu"))
+    images, cameras, _ = open_split(data / "test")
+    seen = []
+    record = evaluate.prediction_errors
+    monkeypatch.setattr(evaluate, "prediction_errors", lambda p, q: (seen.append(p.clone()), record(p, q))[1])
+    plain = evaluate.split_views
+
+    def evaluate_with(query_change):
+        def split_views(x, v, order, views):
+            cx, cv, qx, qv = plain(x, v, order, views)
+            return cx, cv, query_change(qx), qv
+
+        monkeypatch.setattr(evaluate, "split_views", split_views)
+        seen.clear()
+        metrics = evaluate.evaluate(model, images, cameras, 1.0, 2, 4, 2, 3, 0, torch.device("cpu"))
+        return metrics, list(seen)
+
+    metrics_a, predictions_a = evaluate_with(lambda qx: qx)
+    metrics_b, predictions_b = evaluate_with(lambda qx: 1 - qx)
+    assert len(predictions_a) == 4  # 2 batches x 2 context sizes
+    for a, b in zip(predictions_a, predictions_b):
+        assert a.shape == (3, 2, 3, 64, 64)
+        assert torch.equal(a, b)
+    for M in range(2):
+        rec_a, rec_b = metrics_a["curve"][M]["reconstruction"], metrics_b["curve"][M]["reconstruction"]
+        assert rec_a["nll_nats"] != rec_b["nll_nats"] and rec_a["kl_nats"] != rec_b["kl_nats"]
+        assert metrics_a["curve"][M]["prediction"] != metrics_b["curve"][M]["prediction"]
+
+
+def test_prediction_errors_of_known_images():
+    query = torch.zeros(2, 3, 64, 64)
+    predictions = torch.stack([torch.full_like(query, 0.2), torch.full_like(query, 0.6)])
+    mean_of_k, best_of_k = evaluate.prediction_errors(predictions, query)
+    assert torch.allclose(mean_of_k, torch.full((2,), 0.16))  # (0.2 + 0.6) / 2 = 0.4, squared
+    assert torch.allclose(best_of_k, torch.full((2,), 0.04))
+
+
+def test_sample_writes_pictures_to_a_new_folder_each_time(run):
+    from PIL import Image
+
+    _, ckpt = run
+    argv = ["sample", str(ckpt), "--scenes", "1", "--samples", "2", "--frames", "3", "--context", "2", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    for name in ("step-00000007", "step-00000007-2"):
+        folder = ckpt.parent.parent / "samples" / name
+        grid = Image.open(folder / "scene-0000.png")
+        # Rows: 2 context views; truth, mean and 2 samples: 4 columns of 64 px at scale 2 with padding.
+        assert grid.size == (2 * (4 * 66 + 2), 2 * (2 * 66 + 2))
+        assert Image.open(folder / "scene-0000-fly-around.gif").n_frames == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
+    (["eval", "--batch", "0"], "--batch: expected an int >= 1, got 0"),
+    (["eval", "--samples", "0"], "--samples: expected an int >= 1, got 0"),
+    (["eval", "--max-context", "10"], "--max-context: expected an int from 1 to 9 (the data has 10 views a scene), got 10"),
+    (["eval", "--max-context", "0"], "--max-context: expected an int from 1 to 9"),
+    (["sample", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
+    (["sample", "--context", "0"], "--context: expected an int >= 1, got 0"),
+    (["sample", "--context", "10"], "--context: expected an int from 1 to 9"),
+    (["sample", "--frames", "0"], "--frames: expected an int >= 1, got 0"),
+    (["sample", "--samples", "-1"], "--samples: expected an int >= 0, got -1"),
+])
+def test_bad_arguments_get_one_line_and_write_nothing(run, tmp_path, capsys, argv, message):
+    _, ckpt = run
+    out = tmp_path / "out"
+    assert cli.main([argv[0], str(ckpt), "--out", str(out), "--device", "cpu", *argv[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gqn-fast {argv[0]}: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_missing_checkpoint_gets_one_line(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "nope.pt"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gqn-fast eval: error: ") and "nope.pt" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, default", [("eval", "(default: 1000)"), ("sample", "(default: 36)")])
+def test_help_shows_defaults(capsys, command, default):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert default in capsys.readouterr().out
