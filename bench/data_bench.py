@@ -192,6 +192,11 @@ def bench_convert(src: Path, name: str, worker_counts, repeats: int) -> list[dic
 
 
 def convert_rows(smoke: bool = False, log=print) -> list[dict]:
+    try:
+        import google_crc32c  # noqa: F401  (the TFRecord reader's checksums)
+    except ImportError:
+        log("  convert: skipped, google-crc32c is not installed (pip install google-crc32c)")
+        return []
     rows = []
     cores = default_workers()
     worker_counts = sorted({1, 2, cores}) if not smoke else [1, 2]

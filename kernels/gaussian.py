@@ -5,7 +5,8 @@ reparameterised z = mu_q + sigma_q eps, and per-sample KL(N(mu_q, sigma_q^2) || 
 
 summed over every dim but the batch, in one pass over the four parameter maps (and eps),
 and computed in a form that stays accurate where posterior and prior nearly agree
-(_variance_mismatch). `gaussian_kl` is the same op without the sample.
+(_variance_mismatch). `gaussian_kl` is the same op without the sample, and
+`elementwise_gaussian_kl_from_sigma` the KL alone, per element, from sigmas (not s).
 
 Layout: kernels, host launch functions, then the torch.library ops with their autograd.
 """
@@ -68,6 +69,27 @@ def _variance_mismatch(sigma_q, sigma_p):
 
 
 @triton.jit
+def _kl_of_sigmas(diff, sigma_q, sigma_p):
+    """Elementwise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)), diff = mu_q - mu_p."""
+    _, mismatch = _variance_mismatch(sigma_q, sigma_p)
+    return 0.5 * mismatch + 0.5 * diff * diff / (sigma_p * sigma_p)
+
+
+@triton.jit
+def _kl_gradients_of_sigmas(diff, sigma_q, sigma_p, grad_kl):
+    """(dmu_q, dsigma_q, dsigma_p) of grad_kl * KL; dmu_p = -dmu_q.
+
+    dKL/dsigma_q = sigma_q / sigma_p^2 - 1 / sigma_q = u / sigma_q, and
+    dKL/dsigma_p = 1 / sigma_p - (sigma_q^2 + diff^2) / sigma_p^3 = -(u + diff^2 / sigma_p^2) / sigma_p:
+    the u forms do not cancel as q -> p.
+    """
+    inv_var_p = 1.0 / (sigma_p * sigma_p)
+    u, _ = _variance_mismatch(sigma_q, sigma_p)
+    grad_mu_q = grad_kl * diff * inv_var_p
+    return grad_mu_q, grad_kl * u / sigma_q, -grad_kl * (u + diff * diff * inv_var_p) / sigma_p
+
+
+@triton.jit
 def _gaussian_kl_forward_kernel(
     mu_q_ptr, s_q_ptr, mu_p_ptr, s_p_ptr, eps_ptr, z_ptr, kl_partial_ptr,
     channels, space,
@@ -87,10 +109,7 @@ def _gaussian_kl_forward_kernel(
 
     sigma_q = stable_softplus(s_q)
     sigma_p = stable_softplus(s_p)
-    diff = mu_q - mu_p
-    _, mismatch = _variance_mismatch(sigma_q, sigma_p)
-    kl = 0.5 * mismatch + 0.5 * diff * diff / (sigma_p * sigma_p)
-    kl = tl.where(mask, kl, 0.0)
+    kl = tl.where(mask, _kl_of_sigmas(mu_q - mu_p, sigma_q, sigma_p), 0.0)
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tiles_per_sample = tl.num_programs(0) * tl.num_programs(1)
     tl.store(kl_partial_ptr + b * tiles_per_sample + tile, tl.sum(tl.sum(kl, axis=1), axis=0))
@@ -129,16 +148,8 @@ def _gaussian_kl_backward_kernel(
 
     sigma_q = stable_softplus(s_q)
     sigma_p = stable_softplus(s_p)
-    diff = mu_q - mu_p
-    inv_var_p = 1.0 / (sigma_p * sigma_p)
-    u, _ = _variance_mismatch(sigma_q, sigma_p)
-    # dKL/dsigma_q = sigma_q / sigma_p^2 - 1 / sigma_q = u / sigma_q, and
-    # dKL/dsigma_p = 1 / sigma_p - (sigma_q^2 + diff^2) / sigma_p^3 = -(u + diff^2 / sigma_p^2) / sigma_p:
-    # the u forms do not cancel as q -> p.
-    grad_mu_q = grad_kl * diff * inv_var_p
+    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas(mu_q - mu_p, sigma_q, sigma_p, grad_kl)
     grad_mu_p = -grad_mu_q
-    grad_sigma_q = grad_kl * u / sigma_q
-    grad_sigma_p = -grad_kl * (u + diff * diff * inv_var_p) / sigma_p
 
     if HAS_SAMPLE:
         eps = load_tile(eps_ptr, b, ch, sp, eps_stride_b, eps_stride_c, eps_stride_s, mask)
@@ -154,6 +165,58 @@ def _gaussian_kl_backward_kernel(
     store_tile(grad_s_q_ptr, grad_s_q, b, ch, sp, grad_s_q_stride_b, grad_s_q_stride_c, grad_s_q_stride_s, mask)
     store_tile(grad_mu_p_ptr, grad_mu_p, b, ch, sp, grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s, mask)
     store_tile(grad_s_p_ptr, grad_s_p, b, ch, sp, grad_s_p_stride_b, grad_s_p_stride_c, grad_s_p_stride_s, mask)
+
+
+@triton.jit
+def _elementwise_kl_forward_kernel(
+    mu_q_ptr, sigma_q_ptr, mu_p_ptr, sigma_p_ptr, kl_ptr,
+    channels, space,
+    mu_q_stride_b, mu_q_stride_c, mu_q_stride_s,
+    sigma_q_stride_b, sigma_q_stride_c, sigma_q_stride_s,
+    mu_p_stride_b, mu_p_stride_c, mu_p_stride_s,
+    sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s,
+    kl_stride_b, kl_stride_c, kl_stride_s,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """elementwise_gaussian_kl_from_sigma: the KL of every element, not summed."""
+    b, ch, sp, mask = tile_indices(channels, space, BLOCK_C, BLOCK_S)
+    mu_q = load_tile(mu_q_ptr, b, ch, sp, mu_q_stride_b, mu_q_stride_c, mu_q_stride_s, mask)
+    sigma_q = load_tile(sigma_q_ptr, b, ch, sp, sigma_q_stride_b, sigma_q_stride_c, sigma_q_stride_s, mask)
+    mu_p = load_tile(mu_p_ptr, b, ch, sp, mu_p_stride_b, mu_p_stride_c, mu_p_stride_s, mask)
+    sigma_p = load_tile(sigma_p_ptr, b, ch, sp, sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s, mask)
+    kl = _kl_of_sigmas(mu_q - mu_p, sigma_q, sigma_p)
+    store_tile(kl_ptr, kl, b, ch, sp, kl_stride_b, kl_stride_c, kl_stride_s, mask)
+
+
+@triton.jit
+def _elementwise_kl_backward_kernel(
+    mu_q_ptr, sigma_q_ptr, mu_p_ptr, sigma_p_ptr, grad_kl_ptr,
+    grad_mu_q_ptr, grad_sigma_q_ptr, grad_mu_p_ptr, grad_sigma_p_ptr,
+    channels, space,
+    mu_q_stride_b, mu_q_stride_c, mu_q_stride_s,
+    sigma_q_stride_b, sigma_q_stride_c, sigma_q_stride_s,
+    mu_p_stride_b, mu_p_stride_c, mu_p_stride_s,
+    sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s,
+    grad_kl_stride_b, grad_kl_stride_c, grad_kl_stride_s,
+    grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s,
+    grad_sigma_q_stride_b, grad_sigma_q_stride_c, grad_sigma_q_stride_s,
+    grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s,
+    grad_sigma_p_stride_b, grad_sigma_p_stride_c, grad_sigma_p_stride_s,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    b, ch, sp, mask = tile_indices(channels, space, BLOCK_C, BLOCK_S)
+    mu_q = load_tile(mu_q_ptr, b, ch, sp, mu_q_stride_b, mu_q_stride_c, mu_q_stride_s, mask)
+    sigma_q = load_tile(sigma_q_ptr, b, ch, sp, sigma_q_stride_b, sigma_q_stride_c, sigma_q_stride_s, mask)
+    mu_p = load_tile(mu_p_ptr, b, ch, sp, mu_p_stride_b, mu_p_stride_c, mu_p_stride_s, mask)
+    sigma_p = load_tile(sigma_p_ptr, b, ch, sp, sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s, mask)
+    grad_kl = load_tile(grad_kl_ptr, b, ch, sp, grad_kl_stride_b, grad_kl_stride_c, grad_kl_stride_s, mask)
+    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas(mu_q - mu_p, sigma_q, sigma_p, grad_kl)
+    store_tile(grad_mu_q_ptr, grad_mu_q, b, ch, sp, grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s, mask)
+    store_tile(grad_sigma_q_ptr, grad_sigma_q, b, ch, sp,
+               grad_sigma_q_stride_b, grad_sigma_q_stride_c, grad_sigma_q_stride_s, mask)  # fmt: skip
+    store_tile(grad_mu_p_ptr, -grad_mu_q, b, ch, sp, grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s, mask)
+    store_tile(grad_sigma_p_ptr, grad_sigma_p, b, ch, sp,
+               grad_sigma_p_stride_b, grad_sigma_p_stride_c, grad_sigma_p_stride_s, mask)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,6 +302,58 @@ def gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
     return [grad for _, grad in grads] + ([grad_eps] if has_sample else [])
 
 
+def _check_elementwise_inputs(mu_q, sigma_q, mu_p, sigma_p) -> None:
+    check_floating("mu_q", mu_q)
+    for name, tensor in (("sigma_q", sigma_q), ("mu_p", mu_p), ("sigma_p", sigma_p)):
+        check_like(name, tensor, "mu_q", mu_q)
+
+
+def _as_3d(tensor: torch.Tensor) -> torch.Tensor:
+    """as_batch_channel_space, which needs a dim, for a 0-d tensor too."""
+    return as_batch_channel_space(tensor.reshape(1) if tensor.dim() == 0 else tensor)
+
+
+def elementwise_kl_forward(mu_q, sigma_q, mu_p, sigma_p) -> torch.Tensor:
+    """kl of mu_q's shape and dtype (computed in fp32, or fp64)."""
+    _check_elementwise_inputs(mu_q, sigma_q, mu_p, sigma_p)
+    if not use_triton(mu_q):
+        return _elementwise_kl_forward_torch(mu_q, sigma_q, mu_p, sigma_p)
+    views = [_as_3d(t) for t in (mu_q, sigma_q, mu_p, sigma_p)]
+    kl3, kl = empty_output_like(views[0], mu_q.shape)
+    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    if mu_q.numel() > 0:
+        with launch_device(mu_q):
+            wrap_triton(_elementwise_kl_forward_kernel)[grid](
+                *views, kl3, views[0].shape[1], views[0].shape[2],
+                *(stride for view in views + [kl3] for stride in view.stride()),
+                BLOCK_C=block_c, BLOCK_S=block_s,
+            )  # fmt: skip
+    return kl
+
+
+def elementwise_kl_backward(mu_q, sigma_q, mu_p, sigma_p, grad_kl) -> list[torch.Tensor]:
+    """Gradients to (mu_q, sigma_q, mu_p, sigma_p) from grad_kl of their shape."""
+    _check_elementwise_inputs(mu_q, sigma_q, mu_p, sigma_p)
+    check_floating("grad_kl", grad_kl)
+    if tuple(grad_kl.shape) != tuple(mu_q.shape) or grad_kl.device != mu_q.device:
+        raise ValueError(
+            f"grad_kl: expected shape {list(mu_q.shape)} on {mu_q.device}, got {list(grad_kl.shape)} on {grad_kl.device}"
+        )
+    if not use_triton(mu_q):
+        return _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl)
+    views = [_as_3d(t) for t in (mu_q, sigma_q, mu_p, sigma_p, grad_kl)]
+    grads = [empty_output_like(view, mu_q.shape) for view in views[:4]]
+    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    if mu_q.numel() > 0:
+        with launch_device(mu_q):
+            wrap_triton(_elementwise_kl_backward_kernel)[grid](
+                *views, *(grad3 for grad3, _ in grads), views[0].shape[1], views[0].shape[2],
+                *(stride for view in views + [grad3 for grad3, _ in grads] for stride in view.stride()),
+                BLOCK_C=block_c, BLOCK_S=block_s,
+            )  # fmt: skip
+    return [grad for _, grad in grads]
+
+
 def _variance_mismatch_torch(sigma_q, sigma_p):
     """_variance_mismatch in PyTorch."""
     u = (sigma_q - sigma_p) * (sigma_q + sigma_p) / (sigma_p * sigma_p)
@@ -250,6 +365,19 @@ def _variance_mismatch_torch(sigma_q, sigma_p):
     return u, torch.where(u.abs() < 0.5, near, far)
 
 
+def _kl_of_sigmas_torch(diff, sigma_q, sigma_p):
+    """_kl_of_sigmas in PyTorch."""
+    return 0.5 * _variance_mismatch_torch(sigma_q, sigma_p)[1] + 0.5 * diff * diff / (sigma_p * sigma_p)
+
+
+def _kl_gradients_of_sigmas_torch(diff, sigma_q, sigma_p, grad_kl):
+    """_kl_gradients_of_sigmas in PyTorch."""
+    inv_var_p = 1.0 / (sigma_p * sigma_p)
+    u = _variance_mismatch_torch(sigma_q, sigma_p)[0]
+    grad_mu_q = grad_kl * diff * inv_var_p
+    return grad_mu_q, grad_kl * u / sigma_q, -grad_kl * (u + diff * diff * inv_var_p) / sigma_p
+
+
 def _per_sample_sum(elementwise: torch.Tensor) -> torch.Tensor:
     return as_batch_channel_space(elementwise).sum(dim=(1, 2))
 
@@ -259,8 +387,7 @@ def _gaussian_kl_forward_torch(mu_q, s_q, mu_p, s_p, eps):
     dtype = compute_dtype(mu_q.dtype)
     mu_q_c, s_q_c, mu_p_c, s_p_c = (t.to(dtype) for t in (mu_q, s_q, mu_p, s_p))
     sigma_q, sigma_p = F.softplus(s_q_c), F.softplus(s_p_c)
-    diff = mu_q_c - mu_p_c
-    kl = 0.5 * _variance_mismatch_torch(sigma_q, sigma_p)[1] + 0.5 * diff * diff / (sigma_p * sigma_p)
+    kl = _kl_of_sigmas_torch(mu_q_c - mu_p_c, sigma_q, sigma_p)
     z = None if eps is None else (mu_q_c + sigma_q * eps.to(dtype)).to(mu_q.dtype)
     return z, _per_sample_sum(kl)
 
@@ -271,13 +398,8 @@ def _gaussian_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z):
     # grad_kl [B] broadcast over the sample's other dims.
     grad_kl = grad_kl.to(dtype).reshape((-1,) + (1,) * (mu_q.dim() - 1))
     sigma_q, sigma_p = F.softplus(s_q_c), F.softplus(s_p_c)
-    diff = mu_q_c - mu_p_c
-    inv_var_p = 1.0 / (sigma_p * sigma_p)
-    u = _variance_mismatch_torch(sigma_q, sigma_p)[0]
-    grad_mu_q = grad_kl * diff * inv_var_p
+    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas_torch(mu_q_c - mu_p_c, sigma_q, sigma_p, grad_kl)
     grad_mu_p = -grad_mu_q
-    grad_sigma_q = grad_kl * u / sigma_q
-    grad_sigma_p = -grad_kl * (u + diff * diff * inv_var_p) / sigma_p
     grad_eps = None
     if eps is not None:
         grad_z = grad_z.to(dtype)
@@ -288,6 +410,19 @@ def _gaussian_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z):
     grad_s_p = grad_sigma_p * softplus_derivative_torch(s_p_c)
     grads = [g.to(mu_q.dtype) for g in (grad_mu_q, grad_s_q, grad_mu_p, grad_s_p)]
     return grads + ([grad_eps] if eps is not None else [])
+
+
+def _elementwise_kl_forward_torch(mu_q, sigma_q, mu_p, sigma_p):
+    dtype = compute_dtype(mu_q.dtype)
+    mu_q_c, sigma_q_c, mu_p_c, sigma_p_c = (t.to(dtype) for t in (mu_q, sigma_q, mu_p, sigma_p))
+    return _kl_of_sigmas_torch(mu_q_c - mu_p_c, sigma_q_c, sigma_p_c).to(mu_q.dtype)
+
+
+def _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl):
+    dtype = compute_dtype(mu_q.dtype)
+    mu_q_c, sigma_q_c, mu_p_c, sigma_p_c, grad_kl = (t.to(dtype) for t in (mu_q, sigma_q, mu_p, sigma_p, grad_kl))
+    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas_torch(mu_q_c - mu_p_c, sigma_q_c, sigma_p_c, grad_kl)
+    return [g.to(mu_q.dtype) for g in (grad_mu_q, grad_sigma_q, -grad_mu_q, grad_sigma_p)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,6 +481,23 @@ def _gaussian_kl_autograd_backward(ctx, grad_kl):
     return tuple(_gaussian_kl_backward_op(*ctx.saved_tensors, grad_kl))
 
 
+@torch.library.triton_op("gqn_fast::elementwise_gaussian_kl_from_sigma", mutates_args=())
+def _elementwise_kl_op(mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor) -> torch.Tensor:
+    return elementwise_kl_forward(mu_q, sigma_q, mu_p, sigma_p)
+
+
+@torch.library.triton_op("gqn_fast::elementwise_gaussian_kl_from_sigma_backward", mutates_args=())
+def _elementwise_kl_backward_op(
+    mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor, grad_kl: torch.Tensor
+) -> list[torch.Tensor]:
+    return elementwise_kl_backward(mu_q, sigma_q, mu_p, sigma_p, grad_kl)
+
+
+def _elementwise_kl_autograd_backward(ctx, grad_kl):
+    return tuple(_elementwise_kl_backward_op(*ctx.saved_tensors, grad_kl))
+
+
+_elementwise_kl_op.register_autograd(_elementwise_kl_autograd_backward, setup_context=_save_inputs)
 _gaussian_sample_kl_op.register_autograd(_gaussian_sample_kl_autograd_backward, setup_context=_save_inputs)
 _gaussian_kl_op.register_autograd(_gaussian_kl_autograd_backward, setup_context=_save_inputs)
 
@@ -367,3 +519,17 @@ def gaussian_sample_kl(
 def gaussian_kl(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
     """kl [B]: gaussian_sample_kl's KL without the sample (fp32; fp64 for fp64 inputs)."""
     return _gaussian_kl_op(mu_q, s_q, mu_p, s_p)
+
+
+def elementwise_gaussian_kl_from_sigma(
+    mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor
+) -> torch.Tensor:
+    """kl of mu_q's shape: KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) of every element.
+
+    Takes the standard deviations themselves (gaussian_kl takes pre-softplus s) and sums
+    nothing (gaussian_kl sums per sample). The four inputs share shape, dtype and device
+    (gqn_fast.nn.functional.normal_kl broadcasts them); sigmas must be positive. kl has
+    their dtype, computed in fp32 (fp64 for fp64), in the form that stays accurate where q
+    and p nearly agree. Differentiable once in all four inputs.
+    """
+    return _elementwise_kl_op(mu_q, sigma_q, mu_p, sigma_p)

@@ -1,14 +1,14 @@
-"""A ConvLSTM cell's convolution and gates in one kernel: an implicit-GEMM KxK convolution
-(stride 1, "same" padding) whose epilogue applies the gate math, so the [B, 4H, Y, X]
+"""A ConvLSTM cell's convolution and gates in one kernel: an implicit-GEMM Ky x Kx convolution
+(stride 1, "same" padding, odd sizes) whose epilogue applies the gate math, so the [B, 4H, Y, X]
 preactivation tensor is never written to memory and read back between the two.
 
-    preact = conv2d(x, weight, padding=K // 2) + constant       # constant: bias and the
+    preact = conv2d(x, weight, padding=(Ky // 2, Kx // 2)) + constant  # constant: bias and the
     i, f, g, o = preact.chunk(4, dim=1)                          # inputs hoisted out of the loop
     c' = sigmoid(f) c + sigmoid(i) tanh(g);   h = sigmoid(o) tanh(c')
 
 The GEMM view: rows are output pixels (M = B Y X), columns hidden channels (one column tile
 gathers the same hidden channels of all four gates, so the epilogue has i, f, g, o side by
-side), and the reduction runs over the K x K taps and the input channels. No im2col buffer:
+side), and the reduction runs over the Ky x Kx taps and the input channels. No im2col buffer:
 each tap's A tile is loaded from x at shifted pixels, zero outside the image.
 
 Backward. The gate backward needs all four preactivations, c and both incoming gradients
@@ -39,6 +39,8 @@ Layout: kernels, autotune configurations, host functions, then the torch.library
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,7 @@ def _pixel_coordinates(pid, batch, height, width, BLOCK_M: tl.constexpr):
 @triton.jit
 def _conv_gates_forward_kernel(
     x_ptr, w_ptr, const_ptr, c_ptr, h_ptr, c_new_ptr, preact_ptr,
-    batch, cin, hidden, height, width,
+    batch, cin: tl.constexpr, hidden, height, width,
     x_sb, x_sc, x_sy, x_sx,
     w_sn, w_sc, w_sy, w_sx,
     const_sb, const_sc, const_sy, const_sx,
@@ -92,7 +94,7 @@ def _conv_gates_forward_kernel(
     h_sb, h_sc, h_sy, h_sx,
     c_new_sb, c_new_sc, c_new_sy, c_new_sx,
     preact_sb, preact_sc, preact_sy, preact_sx,
-    KSIZE: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KSIZE_Y: tl.constexpr, KSIZE_X: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Grid (pixel tiles, hidden tiles): h and c' for BLOCK_M pixels x BLOCK_H hidden channels."""
@@ -110,13 +112,13 @@ def _conv_gates_forward_kernel(
     acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     chunks = tl.cdiv(cin, BLOCK_K)
     # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
-    for step in range(KSIZE * KSIZE * chunks):
+    for step in range(KSIZE_Y * KSIZE_X * ((cin + BLOCK_K - 1) // BLOCK_K)):  # constexpr bound: see _INTERPRETER_CONFIG
         tap = step // chunks
         k0 = (step % chunks) * BLOCK_K
-        ky = tap // KSIZE
-        kx = tap % KSIZE
-        ys = y + ky - KSIZE // 2
-        xs = x + kx - KSIZE // 2
+        ky = tap // KSIZE_X
+        kx = tap % KSIZE_X
+        ys = y + ky - KSIZE_Y // 2
+        xs = x + kx - KSIZE_X // 2
         inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         x_pixels = (b * x_sb + ys.to(tl.int64) * x_sy + xs.to(tl.int64) * x_sx)[:, None]
         w_tap = ky * w_sy + kx * w_sx
@@ -168,11 +170,11 @@ def _conv_gates_forward_kernel(
 @triton.jit
 def _conv_input_grad_kernel(
     grad_ptr, w_ptr, grad_x_ptr,
-    batch, cin, cout, height, width,
+    batch, cin, cout: tl.constexpr, height, width,
     grad_sb, grad_sc, grad_sy, grad_sx,
     w_sn, w_sc, w_sy, w_sx,
     grad_x_sb, grad_x_sc, grad_x_sy, grad_x_sx,
-    KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KSIZE_Y: tl.constexpr, KSIZE_X: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Grid (pixel tiles, input-channel tiles): grad_x = conv_transpose(grad_preact, weight).
@@ -186,13 +188,13 @@ def _conv_input_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     chunks = tl.cdiv(cout, BLOCK_K)
     # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
-    for step in range(KSIZE * KSIZE * chunks):
+    for step in range(KSIZE_Y * KSIZE_X * ((cout + BLOCK_K - 1) // BLOCK_K)):  # constexpr bound: see _INTERPRETER_CONFIG
         tap = step // chunks
         n0 = (step % chunks) * BLOCK_K
-        ky = tap // KSIZE
-        kx = tap % KSIZE
-        ys = y - ky + KSIZE // 2
-        xs = x - kx + KSIZE // 2
+        ky = tap // KSIZE_X
+        kx = tap % KSIZE_X
+        ys = y - ky + KSIZE_Y // 2
+        xs = x - kx + KSIZE_X // 2
         inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         grad_pixels = (b * grad_sb + ys.to(tl.int64) * grad_sy + xs.to(tl.int64) * grad_sx)[:, None]
         w_tap = w_ptr + ky * w_sy + kx * w_sx + ci.to(tl.int64)[None, :] * w_sc
@@ -212,11 +214,11 @@ def _conv_input_grad_kernel(
 @triton.jit
 def _conv_weight_grad_kernel(
     grad_ptr, x_ptr, grad_w_ptr,
-    batch, cin, cout, height, width,
+    batch: tl.constexpr, cin, cout, height: tl.constexpr, width: tl.constexpr,
     grad_sb, grad_sc, grad_sy, grad_sx,
     x_sb, x_sc, x_sy, x_sx,
     grad_w_sn, grad_w_sc, grad_w_sy, grad_w_sx,
-    KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KSIZE_Y: tl.constexpr, KSIZE_X: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Grid (output-channel tiles, input-channel tiles, taps): one tap's [BLOCK_N, BLOCK_C]
@@ -228,12 +230,12 @@ def _conv_weight_grad_kernel(
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tap = tl.program_id(2)
-    ky = tap // KSIZE
-    kx = tap % KSIZE
+    ky = tap // KSIZE_X
+    kx = tap % KSIZE_X
     n_ok = n < cout
     ci_ok = ci < cin
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for m0 in range(0, batch * height * width, BLOCK_M):
+    for m0 in range(0, batch * height * width, BLOCK_M):  # constexpr bound: see _INTERPRETER_CONFIG
         m = m0 + tl.arange(0, BLOCK_M)  # inline: a device-function call per trip slows the interpreter
         b = (m // (height * width)).to(tl.int64)
         y = (m % (height * width)) // width
@@ -242,8 +244,8 @@ def _conv_weight_grad_kernel(
         grad_pixels = b * grad_sb + y.to(tl.int64) * grad_sy + x.to(tl.int64) * grad_sx
         grad_t = tl.load(grad_ptr + grad_pixels[None, :] + n.to(tl.int64)[:, None] * grad_sc,
                          mask=n_ok[:, None] & m_ok[None, :], other=0.0)  # fmt: skip
-        ys = y + ky - KSIZE // 2
-        xs = x + kx - KSIZE // 2
+        ys = y + ky - KSIZE_Y // 2
+        xs = x + kx - KSIZE_X // 2
         inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         x_pixels = b * x_sb + ys.to(tl.int64) * x_sy + xs.to(tl.int64) * x_sx
         xt = tl.load(x_ptr + x_pixels[:, None] + ci.to(tl.int64)[None, :] * x_sc,
@@ -268,6 +270,11 @@ def _conv_weight_grad_kernel(
 # The interpreter runs programs one after another at a fixed cost per Triton op, so its tiles
 # are long in the pixels and the reduction (fewer programs and loop trips) and 16 wide in the
 # channels, the smallest tl.dot takes.
+# Each kernel's loop bound is written inline from tl.constexpr arguments (the reduction's
+# channels; the weight gradient's batch, height and width): Triton 3.6's interpreter turns
+# every assigned value and runtime int into a 1-element array, which range() cannot take
+# under NumPy >= 2.4. On a GPU this costs one compile per channel count and image size,
+# which autotuning keys on anyway (and per batch size for the weight gradient).
 _INTERPRETER_CONFIG = {
     "forward": {"BLOCK_M": 128, "BLOCK_H": 16, "BLOCK_K": 32},
     "input_grad": {"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32},
@@ -275,13 +282,24 @@ _INTERPRETER_CONFIG = {
 }
 
 
+def autotune_budget() -> int | None:
+    """GQN_FAST_AUTOTUNE_CONFIGS=N: tune each kernel over its first N configurations only
+    (every tile at 3 stages and 4 warps come first), to bound compile time on a first GPU run."""
+    value = os.environ.get("GQN_FAST_AUTOTUNE_CONFIGS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GQN_FAST_AUTOTUNE_CONFIGS: expected a positive int, got {value!r}")
+    return int(value)
+
+
 def _autotuned(kernel, block_names, tiles, size_arg):
     """kernel under triton.autotune: every tile with each (stages, warps), keyed on the shapes."""
     configs = [
         triton.Config(dict(zip(block_names, tile)), num_stages=stages, num_warps=warps)
-        for tile in tiles
         for stages, warps in ((3, 4), (4, 4), (3, 8))
-    ]
+        for tile in tiles
+    ][: autotune_budget()]
     return triton.autotune(configs=configs, key=["batch", "cin", "height", "width", size_arg])(kernel)
 
 
@@ -325,8 +343,8 @@ def _check_inputs(x, weight, constant, c) -> None:
     out_channels, in_channels, kh, kw = weight.shape
     if out_channels % 4 != 0:
         raise ValueError(f"weight: expected 4*H output channels (gates i, f, g, o), got {out_channels}")
-    if kh != kw or kh % 2 == 0:
-        raise ValueError(f"weight: expected an odd square kernel (same padding), got {kh}x{kw}")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"weight: expected odd kernel sizes (same padding), got {kh}x{kw}")
     batch, _, height, width = x.shape
     if x.shape[1] != in_channels:
         raise ValueError(f"x: expected {in_channels} channels (weight's input channels), got shape {list(x.shape)}")
@@ -334,6 +352,14 @@ def _check_inputs(x, weight, constant, c) -> None:
     for name, tensor in (("constant", constant), ("c", c)):
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name}: expected shape {list(expected[name])}, got {list(tensor.shape)}")
+
+
+def _kernel_sizes(weight: torch.Tensor) -> dict:
+    return {"KSIZE_Y": weight.shape[-2], "KSIZE_X": weight.shape[-1]}
+
+
+def _same_padding(weight: torch.Tensor) -> list[int]:
+    return [weight.shape[-2] // 2, weight.shape[-1] // 2]
 
 
 def _kernels_apply(x: torch.Tensor) -> bool:
@@ -372,7 +398,7 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
             *x.stride(), *weight.stride(), *constant.stride(), *c.stride(),
             *h.stride(), *c_new.stride(), *preact.stride(),
         )  # fmt: skip
-        constexprs = {"KSIZE": weight.shape[-1], "SAVE_PREACT": save_preact, **_dot_settings()}
+        constexprs = {**_kernel_sizes(weight), "SAVE_PREACT": save_preact, **_dot_settings()}
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
         with launch_device(x):
             if interpreter_enabled():
@@ -398,7 +424,7 @@ def conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs
 
 def _conv_backward_triton(grad, x, weight):
     batch, cin, height, width = x.shape
-    cout, ksize = weight.shape[0], weight.shape[-1]
+    cout, ksizes = weight.shape[0], _kernel_sizes(weight)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # Contiguous, as the PyTorch path's: the fake implementation's strides must match.
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
@@ -410,31 +436,30 @@ def _conv_backward_triton(grad, x, weight):
         with launch_device(x):
             if interpreter_enabled():
                 config = _INTERPRETER_CONFIG["input_grad"]
-                wrap_triton(_conv_input_grad_kernel)[grid(config)](*args, KSIZE=ksize, **dot, **config)
+                wrap_triton(_conv_input_grad_kernel)[grid(config)](*args, **ksizes, **dot, **config)
             else:
-                wrap_triton(_conv_input_grad_tuned)[grid](*args, KSIZE=ksize, **dot)
+                wrap_triton(_conv_input_grad_tuned)[grid](*args, **ksizes, **dot)
     if grad_weight.numel() > 0:
         if x.numel() == 0:
             grad_weight.zero_()
         else:
-            grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), triton.cdiv(cin, meta["BLOCK_C"]), ksize * ksize)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), triton.cdiv(cin, meta["BLOCK_C"]), ksizes["KSIZE_Y"] * ksizes["KSIZE_X"])  # noqa: E731
             args = (grad, x, grad_weight, batch, cin, cout, height, width, *grad.stride(), *x.stride(), *grad_weight.stride())
             with launch_device(x):
                 if interpreter_enabled():
                     config = _INTERPRETER_CONFIG["weight_grad"]
-                    wrap_triton(_conv_weight_grad_kernel)[grid(config)](*args, KSIZE=ksize, **dot, **config)
+                    wrap_triton(_conv_weight_grad_kernel)[grid(config)](*args, **ksizes, **dot, **config)
                 else:
-                    wrap_triton(_conv_weight_grad_tuned)[grid](*args, KSIZE=ksize, **dot)
+                    wrap_triton(_conv_weight_grad_tuned)[grid](*args, **ksizes, **dot)
     return grad_x, grad_weight
 
 
 def _conv_backward_aten(grad, x, weight):
     """cuDNN on a GPU; on the CPU, in the compute dtype (same values: the operands are exact there)."""
     dtype = x.dtype if x.is_cuda else compute_dtype(x.dtype)
-    padding = weight.shape[-1] // 2
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad.to(dtype), x.to(dtype), weight.to(dtype), None,
-        [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, False],
+        [1, 1], _same_padding(weight), [1, 1], False, [0, 0], 1, [True, True, False],
     )  # fmt: skip
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
@@ -442,7 +467,7 @@ def _conv_backward_aten(grad, x, weight):
 def _conv_gates_forward_torch(x, weight, constant, c, save_preact):
     """The kernel's math in PyTorch (the CPU path): exact products of the inputs, fp32 sums."""
     dtype = compute_dtype(x.dtype)
-    preact = F.conv2d(x.to(dtype), weight.to(dtype), padding=weight.shape[-1] // 2) + constant.to(dtype)
+    preact = F.conv2d(x.to(dtype), weight.to(dtype), padding=_same_padding(weight)) + constant.to(dtype)
     a_i, a_f, a_g, a_o = preact.chunk(4, dim=1)
     c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
     h = torch.sigmoid(a_o) * torch.tanh(c_new)
@@ -500,9 +525,11 @@ def conv_gates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ConvLSTM cell from its step-varying input: (h, c').
 
-    x [B, Cin, Y, X] and weight [4H, Cin, K, K] (same dtype, K odd) give the convolution
-    (stride 1, padding K // 2, no bias); constant [B, 4H, Y, X] is added to it (the bias and
-    the share of inputs that do not change between steps); c [B, H, Y, X] is the cell state.
+    x [B, Cin, Y, X] and weight [4H, Cin, Ky, Kx] (same dtype, Ky and Kx odd) give the
+    convolution (stride 1, padding (Ky // 2, Kx // 2), no bias); constant [B, 4H, Y, X] is
+    added to it (the bias and the share of inputs that do not change between steps; for no
+    bias and no other input, a zero tensor expanded to that shape); c [B, H, Y, X] is the
+    cell state.
     Gates i, f, g, o in PyTorch's order: c' = sigmoid(f) c + sigmoid(i) tanh(g),
     h = sigmoid(o) tanh(c'); h and c' have c's dtype. Any strides. Differentiable once in
     x, weight, constant and c; backward_convs ("aten" or "triton") picks the kernels of the

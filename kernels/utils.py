@@ -3,14 +3,14 @@ numerically careful activations, once as Triton device functions and once in PyT
 
 Dispatch (one place, `use_triton`): CUDA tensors run the Triton kernels; CPU tensors run the
 same fp32 math in plain PyTorch, or the Triton kernels under Triton's interpreter when
-TRITON_INTERPRET=1 is set (read at every call, not only at import: see `wrap_triton`).
+TRITON_INTERPRET=1 was set before import. The mode is fixed at import, as @triton.jit fixes it
+(the tests run the interpreter in a pytest process of its own: tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import types
 
 import torch
 
@@ -39,14 +39,33 @@ except ImportError:  # Triton ships for Linux only; elsewhere every op runs its 
 # ---------------------------------------------------------------------------------------
 
 
-def interpreter_enabled() -> bool:
-    """Whether TRITON_INTERPRET is on now (Triton's knob re-reads the environment each time)."""
-    if not HAS_TRITON:
-        return False
-    knobs = getattr(triton, "knobs", None)
+def _interpreter_requested() -> bool:
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4 parses TRITON_INTERPRET here
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Decided once, here: @triton.jit makes each kernel compiled or interpreted when it is defined.
+_INTERPRETER = HAS_TRITON and _interpreter_requested()
+_pytorch_path_forced = False
+
+
+def interpreter_enabled() -> bool:
+    """Whether the kernels are Triton-interpreted (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETER
+
+
+@contextlib.contextmanager
+def pytorch_path():
+    """CPU tensors take the ops' PyTorch path inside this block, even under the interpreter:
+    to compare the interpreted kernels with the PyTorch math in one process."""
+    global _pytorch_path_forced
+    previous, _pytorch_path_forced = _pytorch_path_forced, True
+    try:
+        yield
+    finally:
+        _pytorch_path_forced = previous
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -61,88 +80,25 @@ def use_triton(tensor: torch.Tensor) -> bool:
         return False
     if tensor.device.type == "cuda":
         return True
-    # is_compiling first: dynamo cannot trace Triton's knob (a C++ getenv).
     return (
-        tensor.device.type == "cpu"
+        _INTERPRETER
+        and tensor.device.type == "cpu"
+        and not _pytorch_path_forced
         and not torch.compiler.is_compiling()
-        and interpreter_enabled()
         and type(tensor) in (torch.Tensor, torch.nn.Parameter)
     )
 
 
-# ---------------------------------------------------------------------------------------
-# The interpreter, switched on after import. @triton.jit picks JITFunction or
-# InterpretedFunction once, at import, from TRITON_INTERPRET. To honour the variable when it
-# is set later (as the tests do), a kernel is rebuilt for the interpreter from its source:
-# its "interpreted twin", whose globals see every @triton.jit function it can call (ours, and
-# triton.language's own, such as tl.sigmoid and tl.sum) as interpreted twins too, since
-# the interpreter cannot call a compiled JITFunction.
-# ---------------------------------------------------------------------------------------
-
-if HAS_TRITON:
-    from triton.runtime import interpreter as _interpreter
-    from triton.runtime.jit import JITFunction as _JITFunction
-
-    class _RestoringInterpretedFunction(_interpreter.InterpretedFunction):
-        """An InterpretedFunction whose device-function calls undo their patches.
-
-        The interpreter patches triton.language's builtins at each call of an interpreted
-        device function and never undoes it: harmless when everything is interpreted, but
-        here compiled kernels share the process and would be compiled against the patches.
-        """
-
-        def __call__(self, *args, **kwargs):
-            patches = _interpreter._patch_lang(self.fn)
-            try:
-                return self.rewrite()(*args, **kwargs)
-            finally:
-                patches.restore()
-
-    class _InterpretedLanguage(types.ModuleType):
-        """triton.language, with its @triton.jit functions as interpreted twins."""
-
-        def __getattr__(self, name):
-            value = getattr(tl, name)  # at call time: the interpreter patches tl's builtins
-            return _interpreted_twin(value) if isinstance(value, _JITFunction) else value
-
-    _interpreted_language = _InterpretedLanguage(tl.__name__)
-
-# id(JITFunction) -> (JITFunction, twin). By id: hashing a JITFunction parses its source,
-# which fails inside an interpreted launch; the entry keeps the key's object alive.
-_interpreted_twins: dict = {}
-
-
-def _interpreted_twin(jit_function):
-    if isinstance(jit_function, _interpreter.InterpretedFunction):  # imported with TRITON_INTERPRET=1
-        return jit_function
-    if id(jit_function) in _interpreted_twins:
-        return _interpreted_twins[id(jit_function)][1]
-    fn = jit_function.fn
-    twin_globals = dict(fn.__globals__)
-    twin_fn = types.FunctionType(fn.__code__, twin_globals, fn.__name__, fn.__defaults__, fn.__closure__)
-    twin_fn.__kwdefaults__ = fn.__kwdefaults__
-    twin_fn.__annotations__ = fn.__annotations__
-    twin_fn.__module__, twin_fn.__qualname__ = fn.__module__, fn.__qualname__
-    twin = _RestoringInterpretedFunction(twin_fn)
-    _interpreted_twins[id(jit_function)] = (jit_function, twin)
-    for name, value in list(twin_globals.items()):
-        if isinstance(value, _JITFunction):
-            twin_globals[name] = _interpreted_twin(value)
-        elif value is tl:
-            twin_globals[name] = _interpreted_language
-    # The interpreter patches the triton.language modules it finds among the globals.
-    twin_globals["_triton_language_for_interpreter"] = tl
-    return twin
-
-
 def wrap_triton(kernel):
-    """torch.library.wrap_triton(kernel), or the kernel's interpreted twin under the interpreter.
+    """torch.library.wrap_triton(kernel), so torch.compile can trace the launch; under the
+    interpreter the kernel itself (torch wraps only compiled kernels, and only eager CPU
+    tensors reach an interpreted one: see use_triton).
 
     Same name as torch's on purpose: torch.library.triton_op finds an op's kernels by looking
     for `wrap_triton(<kernel>)` calls in its source (they go into torch.compile's cache key).
     """
-    if interpreter_enabled():
-        return _interpreted_twin(kernel)
+    if _INTERPRETER:
+        return kernel
     return torch.library.wrap_triton(kernel)
 
 

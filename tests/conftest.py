@@ -1,4 +1,13 @@
+"""Shared test settings, and which process runs which test.
+
+Markers (pyproject.toml): `cuda` tests need a GPU and are skipped without one; `interpreter`
+tests run Triton's CPU interpreter, which is chosen when Triton is imported, so they run in a
+pytest process of their own with TRITON_INTERPRET=1 (test_kernels_interpreter.py starts it),
+and every other test runs without it. GQN_TEST_TIMEOUT=N fails a test that runs past N s.
+"""
+
 import os
+import signal
 
 import pytest
 import torch
@@ -17,6 +26,52 @@ settings.register_profile(
     "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Node ids of the interpreter tests this (non-interpreter) run collected and left to the sub-run.
+INTERPRETER_TESTS = pytest.StashKey[list]()
+
+
+def _interpreter_process() -> bool:
+    from gqn_fast.kernels.utils import interpreter_enabled  # imported by the kernel tests already
+
+    return interpreter_enabled()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a GPU (torch.cuda.is_available() is False)")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(skip)
+    marked = [item for item in items if item.get_closest_marker("interpreter")]
+    interpreter = bool(marked) and _interpreter_process()
+    keep = [item for item in items if bool(item.get_closest_marker("interpreter")) == interpreter]
+    left = [item for item in items if bool(item.get_closest_marker("interpreter")) != interpreter]
+    config.stash[INTERPRETER_TESTS] = [] if interpreter else [item.nodeid for item in marked]
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """GQN_TEST_TIMEOUT=N: a test still running after N s fails with TimeoutError (a hang in
+    native code is left to the caller's overall timeout: bench/gpu_check.py has one)."""
+    seconds = int(os.environ.get("GQN_TEST_TIMEOUT", "0") or 0)
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid}: still running after {seconds} s (GQN_TEST_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -149,6 +149,7 @@ def finite(tree):
 
 
 def test_tsne_command(run):
+    pytest.importorskip("sklearn", reason="t-SNE needs the [analysis] extra (in [test]; absent on the GPU image)")
     data, ckpt = run
     assert cli.main(["analyze", "tsne", str(ckpt), "--scenes", "8", "--subsets", "3", "--views", "2",
                      "--device", "cpu"]) == 0

@@ -27,6 +27,9 @@ from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
 from gqn_fast.data.resize import area_resize, area_weights
 from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_records, scan_records
 
+# The reader checks every record's CRC32C with google-crc32c (a dependency; --no-deps installs lack it).
+pytest.importorskip("google_crc32c")
+
 # ---------------------------------------------------------------------------------------
 # An independent TFRecord writer
 

@@ -1,6 +1,8 @@
 """gqn_fast.kernels.conv_gates (implicit-GEMM conv + ConvLSTM gates) against F.conv2d and the
 gate math in float64, outputs and every gradient, on every path and both backward kernels."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,15 +10,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gqn_fast.kernels import conv_gates
+from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms
-from test_kernels_dispatch import needs_gpu, select_path, sigmoid64, tanh64, with_fixtures
+from test_kernels_dispatch import (
+    CPU_PATHS,
+    OP_PATHS,
+    needs_gpu,
+    on_interpreter,
+    select_path,
+    sigmoid64,
+    tanh64,
+    with_fixtures,
+)
 
 # (device, interpret, operand dtype, TF32 allowed): the interpreter multiplies exactly, so it
 # runs fp32 strictly and fp16 (bf16 tiles it gets wrong); the GPU runs every precision.
 PRECISIONS = [
     pytest.param("cpu", False, torch.float32, False, id="cpu-torch-fp32"),
-    pytest.param("cpu", True, torch.float32, False, id="cpu-interpreter-fp32"),
-    pytest.param("cpu", True, torch.float16, False, id="cpu-interpreter-fp16"),
+    pytest.param("cpu", True, torch.float32, False, marks=on_interpreter, id="cpu-interpreter-fp32"),
+    pytest.param("cpu", True, torch.float16, False, marks=on_interpreter, id="cpu-interpreter-fp16"),
     pytest.param("cuda", False, torch.float32, False, marks=needs_gpu, id="cuda-fp32"),
     pytest.param("cuda", False, torch.float32, True, marks=needs_gpu, id="cuda-tf32"),
     pytest.param("cuda", False, torch.float16, False, marks=needs_gpu, id="cuda-fp16"),
@@ -26,7 +38,7 @@ PRECISIONS = [
 
 def oracle(x, weight, constant, c):
     """The unfused cell in float64: F.conv2d, plus the constant, then the reference gates."""
-    preact = F.conv2d(x.double(), weight.double(), padding=weight.shape[-1] // 2) + constant.double()
+    preact = F.conv2d(x.double(), weight.double(), padding=(weight.shape[-2] // 2, weight.shape[-1] // 2)) + constant.double()
     i, f, g, o = preact.chunk(4, dim=1)
     c_new = sigmoid64(f) * c.double() + sigmoid64(i) * tanh64(g)
     return sigmoid64(o) * tanh64(c_new), c_new
@@ -60,7 +72,9 @@ def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None):
 
 
 def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_layout="contiguous"):
-    """x and weight in the operand dtype, constant and c in fp32 (as the fast model calls it)."""
+    """x and weight in the operand dtype, constant and c in fp32 (as the fast model calls it);
+    ksize an int (square) or (ky, kx)."""
+    ky, kx = (ksize, ksize) if isinstance(ksize, int) else ksize
     randn = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen, dtype=torch.float64) * scale)  # noqa: E731
     x = randn(batch, cin, height, width)
     if x_layout == "channels_last":
@@ -72,7 +86,7 @@ def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_
     else:
         x = x.to(dtype)
     # Weights scaled as PyTorch's init (1 / sqrt(fan_in)) keep the gates off saturation.
-    weight = randn(4 * hidden, cin, ksize, ksize, scale=(cin * ksize * ksize) ** -0.5).to(dtype)
+    weight = randn(4 * hidden, cin, ky, kx, scale=(cin * ky * kx) ** -0.5).to(dtype)
     constant = randn(batch, 4 * hidden, height, width).float()
     c = randn(batch, hidden, height, width, scale=2.0).float()
     return [t.to(device=device).detach().requires_grad_() for t in (x, weight, constant, c)]
@@ -88,7 +102,7 @@ def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_
     hidden=st.integers(1, 6),
     height=st.integers(1, 7),
     width=st.integers(1, 7),
-    ksize=st.sampled_from([1, 3, 5]),
+    ksize=st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 3, 5])),  # (ky, kx)
     x_layout=st.sampled_from(["contiguous", "channels_last", "expanded", "channel_slice"]),
     seed=st.integers(0, 2**16),
 )
@@ -96,7 +110,7 @@ def test_conv_gates_matches_float64_oracle(
     device, interpret, dtype, tf32, backward_convs, nan_poison, monkeypatch,
     batch, cin, hidden, height, width, ksize, x_layout, seed,
 ):  # fmt: skip
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     gen = torch.Generator().manual_seed(seed)
     inputs = make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_layout)
@@ -109,7 +123,7 @@ def test_conv_gates_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_
     """GQN's 5x5 kernel, with more pixels and channels than one tile holds: several pixel,
     hidden and reduction tiles, and masked remainders in each (on the GPU: a core's real
     sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time)."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     gen = torch.Generator().manual_seed(0)
     batch, cin, hidden, grid = (1, 37, 17, 12) if device == "cpu" else (8, 259, 128, 16)
@@ -117,19 +131,40 @@ def test_conv_gates_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_
     check(*inputs, backward_convs, dtype, tf32)
 
 
-def test_conv_gates_paths_agree(monkeypatch):
+@on_interpreter
+def test_conv_gates_paths_agree():
     """The PyTorch path, the interpreted kernels and both backward kernels: the same numbers."""
+    select_path(True)
     gen = torch.Generator().manual_seed(3)
     inputs = make_inputs(2, 6, 3, 5, 4, 5, torch.float32, "cpu", gen)
     grads_out = (torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 4, generator=gen))
     results = []
-    for interpret, backward_convs in ((False, "aten"), (True, "aten"), (True, "triton")):
-        select_path(monkeypatch, interpret)
-        outs = conv_gates(*inputs, backward_convs=backward_convs)
-        results.append(outs + torch.autograd.grad(outs, inputs, grads_out))
+    for path, backward_convs in ((pytorch_path, "aten"), (contextlib.nullcontext, "aten"), (contextlib.nullcontext, "triton")):
+        with path():
+            outs = conv_gates(*inputs, backward_convs=backward_convs)
+            results.append(outs + torch.autograd.grad(outs, inputs, grads_out))
+    # Only fp32 sums in another order differ: an elementwise atol fails the larger weight gradients.
     for other in results[1:]:
-        for got, want in zip(other, results[0]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for name, got, want in zip(("h", "c_new", "grad x", "grad weight", "grad constant", "grad c"), other, results[0]):
+            assert_close_rms(got, want, 1e-6, name)
+
+
+@pytest.mark.parametrize("device,interpret", OP_PATHS)
+@pytest.mark.parametrize("constant_kind", ["bias", "zero"])
+def test_conv_gates_takes_an_expanded_constant(device, interpret, constant_kind, nan_poison):
+    """A cell with only a bias (or none) passes it as an expanded view: stride 0 on the batch
+    and pixels, no [B, 4H, Y, X] copy; its gradient sums over them (autograd's expand)."""
+    select_path(interpret)
+    gen = torch.Generator().manual_seed(5)
+    x, weight, _, c = make_inputs(2, 3, 4, 5, 6, (3, 1), torch.float32, device, gen)
+    small = torch.randn(1, 16, 1, 1, generator=gen) if constant_kind == "bias" else torch.zeros(1, 1, 1, 1)
+    small = small.to(device).requires_grad_()
+    check(x, weight, small.expand(2, 16, 5, 6), c, "triton", torch.float32, tf32=False)
+    h, c_new = conv_gates(x, weight, small.expand(2, 16, 5, 6), c)
+    (grad_small,) = torch.autograd.grad((h + c_new).sum(), small)
+    h64, c64 = oracle(x, weight, small.expand(2, 16, 5, 6), c)
+    (grad_ref,) = torch.autograd.grad((h64 + c64).sum(), small)
+    assert_close_rms(grad_small, grad_ref, RMS_LIMITS[torch.float32], "grad of the expanded constant")
 
 
 def test_conv_gates_gradcheck_float64():
@@ -145,9 +180,9 @@ def test_conv_gates_gradcheck_float64():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("interpret", [False, True], ids=["cpu-torch", "cpu-interpreter"])
-def test_preactivations_saved_only_when_autograd_needs_them(interpret, monkeypatch):
-    select_path(monkeypatch, interpret)
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_preactivations_saved_only_when_autograd_needs_them(interpret):
+    select_path(interpret)
     x, weight, constant, c = make_inputs(1, 4, 2, 3, 3, 5, torch.float32, "cpu", torch.Generator().manual_seed(0))
     op = torch.ops.gqn_fast.conv_gates
     with torch.no_grad():
@@ -162,11 +197,11 @@ def test_preactivations_saved_only_when_autograd_needs_them(interpret, monkeypat
         h.sum().backward()
 
 
-@pytest.mark.parametrize("interpret", [False, True], ids=["cpu-torch", "cpu-interpreter"])
+@pytest.mark.parametrize("interpret", CPU_PATHS)
 @pytest.mark.parametrize("where", ["x", "weight", "constant", "c"])
-def test_conv_gates_nan_propagates(interpret, where, nan_poison, monkeypatch):
+def test_conv_gates_nan_propagates(interpret, where, nan_poison):
     """A NaN reaches the outputs it feeds and no others: nothing is silently dropped or spread."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     inputs = [t.detach() for t in make_inputs(2, 3, 2, 6, 6, 3, torch.float32, "cpu", torch.Generator().manual_seed(0))]
     x, weight, constant, c = inputs
     expect = torch.zeros(2, 2, 6, 6, dtype=torch.bool)
@@ -197,8 +232,8 @@ def _bad_inputs():
         ((x[0], w, k, c), ValueError, r"x: expected 4 dims, got shape \[3, 4, 4\]"),
         ((torch.randn(2, 4, 4, 4), w, k, c), ValueError, r"x: expected 3 channels"),
         ((x, torch.randn(7, 3, 5, 5), k, c), ValueError, r"weight: expected 4\*H output channels.*got 7"),
-        ((x, torch.randn(8, 3, 4, 4), k, c), ValueError, r"weight: expected an odd square kernel.*4x4"),
-        ((x, torch.randn(8, 3, 5, 3), k, c), ValueError, r"weight: expected an odd square kernel.*5x3"),
+        ((x, torch.randn(8, 3, 4, 4), k, c), ValueError, r"weight: expected odd kernel sizes.*4x4"),
+        ((x, torch.randn(8, 3, 5, 2), k, c), ValueError, r"weight: expected odd kernel sizes.*5x2"),
         ((x, w.double(), k, c), TypeError, r"weight: expected dtype torch.float32"),
         ((x, w, k[:, :4], c), ValueError, r"constant: expected shape \[2, 8, 4, 4\], got \[2, 4, 4, 4\]"),
         ((x, w, k, c[:1]), ValueError, r"c: expected shape \[2, 2, 4, 4\]"),
@@ -224,14 +259,10 @@ def test_conv_gates_rejects_unknown_backward_kernels():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "device,interpret",
-    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_gpu)],
-    ids=["cpu-torch", "cpu-interpreter", "cuda"],
-)
+@pytest.mark.parametrize("device,interpret", OP_PATHS)
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
-def test_opcheck(device, interpret, backward_convs, monkeypatch):
-    select_path(monkeypatch, interpret)
+def test_opcheck(device, interpret, backward_convs):
+    select_path(interpret)
     x, weight, constant, c = make_inputs(2, 3, 2, 4, 4, 3, torch.float32, device, torch.Generator().manual_seed(0))
     torch.library.opcheck(torch.ops.gqn_fast.conv_gates.default, (x, weight, constant, c, True, backward_convs))
     plain = [t.detach() for t in (x, weight)]
@@ -242,8 +273,8 @@ def test_opcheck(device, interpret, backward_convs, monkeypatch):
 
 
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
-def test_conv_gates_compiles_without_graph_break(backward_convs, monkeypatch):
-    select_path(monkeypatch, interpret=False)
+def test_conv_gates_compiles_without_graph_break(backward_convs):
+    select_path(False)
 
     def cell(x, weight, constant, c):
         h, c_new = conv_gates(x * 2.0, weight, constant, c, backward_convs=backward_convs)

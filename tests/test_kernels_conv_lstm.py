@@ -1,14 +1,19 @@
 """gqn_fast.kernels.conv_lstm_gates against a float64 oracle, on every path (test_kernels_dispatch)."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gqn_fast.kernels import conv_lstm_gates
+from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
+    CPU_PATHS,
     LAYOUTS,
     assert_matches_oracle,
+    on_interpreter,
     path_cases,
     random_values,
     select_path,
@@ -63,9 +68,9 @@ def check_against_oracle(preact, c, grad_h, grad_c_new):
     seed=st.integers(0, 2**16),
 )
 def test_conv_lstm_gates_matches_float64_oracle(
-    device, interpret, dtype, nan_poison, monkeypatch, batch, hidden, height, width, scale, extreme_fraction, layout, seed
+    device, interpret, dtype, nan_poison, batch, hidden, height, width, scale, extreme_fraction, layout, seed
 ):
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     gen = torch.Generator().manual_seed(seed)
     draw = lambda channels, extreme: random_values(  # noqa: E731
         (batch, channels, height, width), scale, extreme, extreme_fraction, gen, dtype, device, requires_grad=False
@@ -84,18 +89,18 @@ def test_conv_lstm_gates_matches_float64_oracle(
     [(3, 5), (2, 7, 1, 1), (1, 3, 2, 3, 4)],  # no spatial dims, 1x1, two spatial dims and more
     ids=["2d", "1x1", "5d"],
 )
-def test_conv_lstm_gates_any_rank(device, interpret, dtype, nan_poison, monkeypatch, shape):
-    select_path(monkeypatch, interpret)
+def test_conv_lstm_gates_any_rank(device, interpret, dtype, nan_poison, shape):
+    select_path(interpret)
     c = torch.randn(shape, device=device, requires_grad=True)
     preact = torch.randn((shape[0], 4 * shape[1], *shape[2:]), device=device, requires_grad=True)
     check_against_oracle(preact, c, torch.randn_like(c), torch.randn_like(c))
 
 
 @path_cases(dtypes=[torch.float32])
-def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison, monkeypatch):
+def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison):
     """Expanded (stride 0) and sliced inputs and gradients, and preact as a slice of a bigger
     conv output, as the model's chunked tensors are."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     conv_out = torch.randn(2, 4 * 3 + 5, 4, 6, device=device)
     preact = conv_out[:, 5:].detach().requires_grad_()
     c = torch.randn(3, 1, 1, device=device).expand(2, 3, 4, 6).detach().requires_grad_()
@@ -104,25 +109,27 @@ def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison, monke
     check_against_oracle(preact, c, grad_h, grad_c_new)
 
 
-def test_conv_lstm_gates_cpu_and_interpreter_agree(monkeypatch):
+@on_interpreter
+def test_conv_lstm_gates_cpu_and_interpreter_agree():
+    select_path(True)
     preact = torch.randn(3, 4 * 6, 5, 7, requires_grad=True)
     c = torch.randn(3, 6, 5, 7, requires_grad=True)
     grads_out = (torch.randn(3, 6, 5, 7), torch.randn(3, 6, 5, 7))
     results = []
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        outs = conv_lstm_gates(preact, c)
-        results.append(outs + torch.autograd.grad(outs, (preact, c), grads_out))
+    for path in (pytorch_path, contextlib.nullcontext):
+        with path():
+            outs = conv_lstm_gates(preact, c)
+            results.append(outs + torch.autograd.grad(outs, (preact, c), grads_out))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-6, atol=1e-6)
 
 
-def test_conv_lstm_gates_gradcheck_float64(monkeypatch):
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        preact = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
-        c = torch.randn(2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(conv_lstm_gates, (preact, c))
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_conv_lstm_gates_gradcheck_float64(interpret):
+    select_path(interpret)
+    preact = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv_lstm_gates, (preact, c))
 
 
 def test_conv_lstm_gates_empty_batch():
@@ -137,8 +144,8 @@ def test_conv_lstm_gates_empty_batch():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", ["i", "f", "g", "o", "c"])
-def test_conv_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, monkeypatch, where):
-    select_path(monkeypatch, interpret)
+def test_conv_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, where):
+    select_path(interpret)
     hidden = 3
     preact = torch.randn(2, 4 * hidden, 3, 3, dtype=dtype, device=device)
     c = torch.randn(2, hidden, 3, 3, dtype=dtype, device=device)
@@ -197,8 +204,8 @@ def test_conv_lstm_gates_rejects_bad_input(args, error, match):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own import
-def test_conv_lstm_gates_compiles_without_graph_break(backend, monkeypatch):
-    select_path(monkeypatch, interpret=False)  # eager and compiled: the CPU's PyTorch path
+def test_conv_lstm_gates_compiles_without_graph_break(backend):
+    select_path(False)  # eager and compiled: the CPU's PyTorch path
     def step(preact, c):
         h, c_new = conv_lstm_gates(preact * 2.0, c)
         return (h * c_new).sum() + h.square().sum()

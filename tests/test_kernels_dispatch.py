@@ -1,13 +1,13 @@
 """gqn_fast.kernels: where each op runs, and what every kernel test shares.
 
 Paths: "cpu-torch" (CPU tensors, the PyTorch math), "cpu-interpreter" (CPU tensors, the
-Triton kernels under Triton's interpreter, switched on per test by TRITON_INTERPRET=1) and
-"cuda" (the compiled kernels; only where a GPU exists: CI has none). The interpreter gets
-bf16 wrong, so it runs fp32 and fp16 only. The op tests (test_kernels_*.py) import the
-parametrization and helpers below.
+Triton kernels under Triton's interpreter: marked `interpreter`, they run in a pytest process
+of their own with TRITON_INTERPRET=1, see conftest.py) and "cuda" (the compiled kernels:
+marked `cuda`, skipped where no GPU exists, as in CI). The interpreter gets bf16 wrong, so it
+runs fp32 and fp16 only. The op tests (test_kernels_*.py) import the parametrization and
+helpers below.
 """
 
-import importlib.util
 import inspect
 import math
 import subprocess
@@ -19,10 +19,14 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from gqn_fast.kernels import conv_lstm, gaussian, implicit_gemm, pixel_nll, use_triton
-from gqn_fast.kernels.utils import interpreter_enabled
+from gqn_fast.kernels.utils import interpreter_enabled, pytorch_path
 from helpers import RMS_LIMITS, rel_rms
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+needs_gpu = pytest.mark.cuda  # conftest.py skips these where torch.cuda.is_available() is False
+on_interpreter = pytest.mark.interpreter  # run by test_kernels_interpreter.py, in a process of their own
+
+# The two CPU paths, as pytest params of `interpret`.
+CPU_PATHS = [pytest.param(False, id="cpu-torch"), pytest.param(True, id="cpu-interpreter", marks=on_interpreter)]
 
 _PATH_DTYPES = {
     ("cpu", False): (torch.float32, torch.float16, torch.bfloat16),
@@ -42,17 +46,28 @@ def path_cases(dtypes=None):
         for dtype in path_dtypes:
             if dtypes is not None and dtype not in dtypes:
                 continue
-            marks = [needs_gpu] if device == "cuda" else []
+            marks = [needs_gpu] if device == "cuda" else [on_interpreter] if interpret else []
             cases.append(
                 pytest.param(device, interpret, dtype, marks=marks, id=f"{_path_id(device, interpret)}-{str(dtype)[6:]}")
             )
     return pytest.mark.parametrize("device,interpret,dtype", cases)
 
 
-def select_path(monkeypatch, interpret: bool) -> None:
-    """Switch the interpreter on or off for this test (Triton re-reads the variable per call)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
-    assert interpreter_enabled() == (interpret and importlib.util.find_spec("triton") is not None)
+def select_path(interpret: bool) -> None:
+    """Check that this process runs the path the test is for: the interpreter is chosen at
+    import, and conftest.py sends each test to the process of its mode."""
+    assert interpreter_enabled() == interpret, (
+        "the interpreter tests run in their own process: TRITON_INTERPRET=1 python -m pytest -m interpreter"
+        if interpret else "this test needs the PyTorch path: run it without TRITON_INTERPRET=1"
+    )
+
+
+# (device, interpret) for the tests that take every path in fp32.
+OP_PATHS = [
+    pytest.param("cpu", False, id="cpu-torch"),
+    pytest.param("cpu", True, id="cpu-interpreter", marks=on_interpreter),
+    pytest.param("cuda", False, id="cuda", marks=needs_gpu),
+]
 
 
 # Hypothesis with the function-scoped fixtures (nan_poison, monkeypatch): their state holds
@@ -162,12 +177,14 @@ def assert_matches_oracle(out: torch.Tensor, ref: torch.Tensor, name: str) -> No
 # ---------------------------------------------------------------------------------------
 
 
-def test_use_triton_follows_device_and_interpreter(monkeypatch):
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_use_triton_follows_device_and_interpreter(interpret):
     cpu = torch.zeros(2)
-    select_path(monkeypatch, interpret=False)
-    assert not interpreter_enabled() and not use_triton(cpu)
-    select_path(monkeypatch, interpret=True)
-    assert interpreter_enabled() and use_triton(cpu)
+    select_path(interpret)
+    assert use_triton(cpu) == interpret
+    with pytorch_path():
+        assert not use_triton(cpu)
+    assert use_triton(cpu) == interpret
     # FakeTensors (torch.compile's tracing) never go to the interpreter.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -177,24 +194,36 @@ def test_use_triton_follows_device_and_interpreter(monkeypatch):
         assert use_triton(torch.zeros(2, device="cuda"))
 
 
-def test_interpreter_switches_at_runtime(monkeypatch):
-    """The same call runs the PyTorch math, then the interpreted kernel, then PyTorch again."""
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_kernels_match_the_mode_chosen_at_import(interpret):
+    """@triton.jit and use_triton decide the mode from the same TRITON_INTERPRET, at import."""
+    pytest.importorskip("triton")
+    select_path(interpret)
+    compiled = type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ == "JITFunction"
+    assert compiled != interpret
+
+
+@on_interpreter
+def test_interpreter_and_pytorch_paths_in_one_process(monkeypatch):
+    """Under the interpreter a call runs the interpreted kernel, inside pytorch_path() the
+    PyTorch math, and then the kernel again: the same numbers each time."""
     from gqn_fast.kernels import conv_lstm_gates
 
+    select_path(True)
     preact, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
     calls = []
-    real_twin = conv_lstm.wrap_triton
+    real_wrap = conv_lstm.wrap_triton
 
     def spy(kernel):
         calls.append(kernel)
-        return real_twin(kernel)
+        return real_wrap(kernel)
 
     monkeypatch.setattr(conv_lstm, "wrap_triton", spy)
-    outs = []
-    for interpret in (False, True, False):
-        select_path(monkeypatch, interpret)
+    outs = [conv_lstm_gates(preact, c)]
+    with pytorch_path():
         outs.append(conv_lstm_gates(preact, c))
-    assert calls == [conv_lstm._conv_lstm_gates_forward_kernel]
+    outs.append(conv_lstm_gates(preact, c))
+    assert calls == [conv_lstm._conv_lstm_gates_forward_kernel] * 2
     for h, c_new in outs[1:]:
         assert torch.allclose(h, outs[0][0], rtol=1e-6, atol=1e-7)
         assert torch.allclose(c_new, outs[0][1], rtol=1e-6, atol=1e-7)
@@ -224,8 +253,6 @@ def test_kernels_import_and_run_without_triton():
 
 
 def _nvidia_compiler_available() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
         import triton
         from triton.backends import backends
@@ -235,13 +262,11 @@ def _nvidia_compiler_available() -> bool:
     if nvidia is None:
         return False
     ptxas = Path(inspect.getfile(nvidia.compiler)).parent / "bin" / "ptxas"
-    # With TRITON_INTERPRET=1 at import the kernels are InterpretedFunctions: nothing to compile.
-    compiled_kernels = type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ == "JITFunction"
-    return ptxas.exists() and hasattr(triton, "compile") and compiled_kernels
+    return ptxas.exists() and hasattr(triton, "compile")
 
 
 _GATES_TILE = {"BLOCK_C": 4, "BLOCK_S": 128}
-_CONV_GATES = {"KSIZE": 5, "UPCAST": False}
+_CONV_GATES = {"KSIZE_Y": 5, "KSIZE_X": 3, "UPCAST": False}
 # (kernel, constexprs, element type of the input pointers): the low-precision input path
 # (bf16: load, upcast, round), and for the conv kernels also fp32 operands on TF32 tensor cores.
 _KERNEL_VARIANTS = [
@@ -251,6 +276,8 @@ _KERNEL_VARIANTS = [
     (gaussian._gaussian_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
     (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
     (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
+    (gaussian._elementwise_kl_forward_kernel, _GATES_TILE, "bf16"),
+    (gaussian._elementwise_kl_backward_kernel, _GATES_TILE, "bf16"),
     (pixel_nll._gaussian_nll_forward_kernel, _GATES_TILE, "bf16"),
     (pixel_nll._gaussian_nll_backward_kernel, _GATES_TILE, "bf16"),
 ] + [
@@ -276,6 +303,9 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, element):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Sizes the conv kernels take as tl.constexpr (their loop bounds): a GQN core's.
+    shapes = {"batch": 8, "cin": 384, "cout": 512, "height": 16, "width": 16}
+    constexprs = {**{p.name: shapes[p.name] for p in kernel.params if p.is_constexpr and p.name in shapes}, **constexprs}
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
@@ -303,7 +333,7 @@ def test_every_kernel_is_in_the_compile_check():
         for name, value in vars(module).items()
         if name.endswith("_kernel") and hasattr(value, "fn")
     }
-    assert len(kernels) == 9
+    assert len(kernels) == 11
     assert kernels == {kernel for kernel, _, _ in _KERNEL_VARIANTS}
 
 
@@ -325,6 +355,21 @@ def test_triton_op_finds_the_kernels():
         "gaussian_sample_kl": {"_gaussian_kl_forward_kernel"},
         "gaussian_nll_backward": {"_gaussian_nll_backward_kernel"},
     }
+
+
+def test_autotune_budget_bounds_the_configurations(monkeypatch):
+    """GQN_FAST_AUTOTUNE_CONFIGS=N keeps the first N configurations: every tile, 3 stages, 4 warps."""
+    pytest.importorskip("triton")
+    tiles = ((32, 32, 32), (64, 16, 32), (64, 32, 64))
+    tune = lambda: implicit_gemm._autotuned(implicit_gemm._conv_gates_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, "hidden")  # noqa: E731
+    monkeypatch.delenv("GQN_FAST_AUTOTUNE_CONFIGS", raising=False)
+    assert len(tune().configs) == 3 * len(tiles)
+    monkeypatch.setenv("GQN_FAST_AUTOTUNE_CONFIGS", "2")
+    configs = tune().configs
+    assert [(c.kwargs["BLOCK_M"], c.num_stages, c.num_warps) for c in configs] == [(32, 3, 4), (64, 3, 4)]
+    monkeypatch.setenv("GQN_FAST_AUTOTUNE_CONFIGS", "0")
+    with pytest.raises(ValueError, match="GQN_FAST_AUTOTUNE_CONFIGS: expected a positive int, got '0'"):
+        tune()
 
 
 def test_tile_shape_is_bounded_and_follows_the_contiguous_dim():
@@ -365,13 +410,9 @@ def _op_cases(device):
     ]
 
 
-@pytest.mark.parametrize(
-    "device,interpret",
-    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_gpu)],
-    ids=["cpu-torch", "cpu-interpreter", "cuda"],
-)
+@pytest.mark.parametrize("device,interpret", OP_PATHS)
 @pytest.mark.parametrize("index", range(8), ids=lambda i: str(_op_cases("cpu")[i][0]).split(".")[1])
-def test_opcheck(device, interpret, index, monkeypatch):
-    select_path(monkeypatch, interpret)
+def test_opcheck(device, interpret, index):
+    select_path(interpret)
     op, args = _op_cases(device)[index]
     torch.library.opcheck(op, args)

@@ -1,5 +1,7 @@
-"""gqn_fast.kernels.gaussian_sample_kl / gaussian_kl against a float64 oracle built on
-torch.distributions, on every path (test_kernels_dispatch)."""
+"""gqn_fast.kernels.gaussian_sample_kl / gaussian_kl / elementwise_gaussian_kl_from_sigma against
+a float64 oracle built on torch.distributions, on every path (test_kernels_dispatch)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,10 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
-from gqn_fast.kernels import gaussian_kl, gaussian_sample_kl
+from gqn_fast.kernels import elementwise_gaussian_kl_from_sigma, gaussian_kl, gaussian_sample_kl
+from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
+    CPU_PATHS,
     LAYOUTS,
+    OP_PATHS,
     assert_matches_oracle,
+    on_interpreter,
     path_cases,
     random_values,
     select_path,
@@ -105,10 +111,10 @@ def check_against_oracle(inputs, grad_z, grad_kl, with_sample):
     seed=st.integers(0, 2**16),
 )
 def test_gaussian_kl_matches_float64_oracle(
-    device, interpret, dtype, nan_poison, monkeypatch, batch, channels, height, width, mu_scale, s_range, layout,
+    device, interpret, dtype, nan_poison, batch, channels, height, width, mu_scale, s_range, layout,
     with_sample, seed,
 ):  # fmt: skip
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, channels, height, width)
     inputs = draw_parameters(shape, dtype, device, gen, mu_scale, *s_range, layout)
@@ -121,8 +127,8 @@ def test_gaussian_kl_matches_float64_oracle(
 
 @path_cases(dtypes=[torch.float32])
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 2, 2, 3)], ids=["1d", "2d", "5d"])
-def test_gaussian_kl_any_rank(device, interpret, dtype, nan_poison, monkeypatch, shape):
-    select_path(monkeypatch, interpret)
+def test_gaussian_kl_any_rank(device, interpret, dtype, nan_poison, shape):
+    select_path(interpret)
     gen = torch.Generator().manual_seed(0)
     inputs = [t.detach().requires_grad_() for t in draw_parameters(shape, dtype, device, gen, 1.0, -5, 5, "contiguous")]
     grad_z, grad_kl = torch.randn(shape, device=device), torch.randn(shape[0], device=device)
@@ -130,10 +136,10 @@ def test_gaussian_kl_any_rank(device, interpret, dtype, nan_poison, monkeypatch,
 
 
 @path_cases(dtypes=[torch.float32])
-def test_gaussian_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_poison, monkeypatch):
+def test_gaussian_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_poison):
     """The model's layout: (mu, s) as the two halves of one conv output, eps and the upstream
     gradients expanded or sliced."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     posterior = torch.randn(3, 2 * 4, 5, 5, device=device).contiguous(memory_format=torch.channels_last)
     prior = torch.randn(3, 2 * 4, 5, 5, device=device)
     mu_q, s_q = (t.detach().requires_grad_() for t in posterior.chunk(2, dim=1))
@@ -144,41 +150,43 @@ def test_gaussian_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_p
     check_against_oracle([mu_q, s_q, mu_p, s_p, eps], grad_z, grad_kl, with_sample=True)
 
 
-def test_gaussian_kl_cpu_and_interpreter_agree(monkeypatch):
+@on_interpreter
+def test_gaussian_kl_cpu_and_interpreter_agree():
+    select_path(True)
     gen = torch.Generator().manual_seed(1)
     inputs = draw_parameters((3, 5, 4, 6), torch.float32, "cpu", gen, 1.0, -20, 20, "contiguous")
     grad_z, grad_kl = torch.randn(3, 5, 4, 6), torch.randn(3)
     results = []
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        z, kl = gaussian_sample_kl(*inputs)
-        results.append((z, kl, gaussian_kl(*inputs[:4])) + torch.autograd.grad((z, kl), inputs, (grad_z, grad_kl)))
+    for path in (pytorch_path, contextlib.nullcontext):
+        with path():
+            z, kl = gaussian_sample_kl(*inputs)
+            results.append((z, kl, gaussian_kl(*inputs[:4])) + torch.autograd.grad((z, kl), inputs, (grad_z, grad_kl)))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-5, atol=1e-6)
 
 
-def test_gaussian_kl_gradcheck_float64(monkeypatch):
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_gaussian_kl_gradcheck_float64(interpret):
+    select_path(interpret)
     gen = torch.Generator().manual_seed(2)
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        inputs = draw_parameters((2, 2, 1, 2), torch.float64, "cpu", gen, 1.0, -3, 3, "contiguous")
-        assert torch.autograd.gradcheck(gaussian_sample_kl, inputs)
-        assert torch.autograd.gradcheck(gaussian_kl, inputs[:4])
+    inputs = draw_parameters((2, 2, 1, 2), torch.float64, "cpu", gen, 1.0, -3, 3, "contiguous")
+    assert torch.autograd.gradcheck(gaussian_sample_kl, inputs)
+    assert torch.autograd.gradcheck(gaussian_kl, inputs[:4])
 
 
-@pytest.mark.parametrize("interpret", [False, True], ids=["cpu-torch", "cpu-interpreter"])
-def test_gaussian_kl_of_equal_distributions_is_zero(interpret, monkeypatch):
-    select_path(monkeypatch, interpret)
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_gaussian_kl_of_equal_distributions_is_zero(interpret):
+    select_path(interpret)
     mu, s = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4) * 10
     assert torch.equal(gaussian_kl(mu, s, mu, s), torch.zeros(2))
 
 
-@pytest.mark.parametrize("interpret", [False, True], ids=["cpu-torch", "cpu-interpreter"])
-def test_gaussian_kl_near_ties(interpret, monkeypatch):
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_gaussian_kl_near_ties(interpret):
     """Posterior within 1e-3 .. 1e-1 of the prior in s, one element per sample: each KL holds
     to the error that fp32 rounding of sigma implies (see draw_parameters), which the
     textbook form log(sigma_p / sigma_q) + sigma_q^2 / (2 sigma_p^2) - 1/2 misses by far."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     gen = torch.Generator().manual_seed(4)
     n = 400
     s_q = ((torch.rand(n, 1, generator=gen, dtype=torch.float64) - 0.5) * 40).float()
@@ -211,8 +219,8 @@ def test_gaussian_kl_empty():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", NAMES)
-def test_gaussian_kl_nan_propagates(device, interpret, dtype, nan_poison, monkeypatch, where):
-    select_path(monkeypatch, interpret)
+def test_gaussian_kl_nan_propagates(device, interpret, dtype, nan_poison, where):
+    select_path(interpret)
     inputs = [torch.randn(3, 2, 3, 3, dtype=dtype, device=device) for _ in NAMES]
     inputs[NAMES.index(where)][1, 1, 2, 0] = float("nan")
     inputs = [t.requires_grad_() for t in inputs]
@@ -265,8 +273,8 @@ def test_gaussian_kl_rejects_bad_input(args, error, match):
 # ---------------------------------------------------------------------------------------
 
 
-def test_gaussian_kl_compiles_without_graph_break(monkeypatch):
-    select_path(monkeypatch, interpret=False)  # eager and compiled: the CPU's PyTorch path
+def test_gaussian_kl_compiles_without_graph_break():
+    select_path(False)  # eager and compiled: the CPU's PyTorch path
     def loss(mu_q, s_q, mu_p, s_p, eps):
         z, kl = gaussian_sample_kl(mu_q, s_q, mu_p, s_p, eps)
         return z.square().sum() + kl.sum() + 0.5 * gaussian_kl(mu_q, s_q, mu_p, s_p).sum()
@@ -280,3 +288,135 @@ def test_gaussian_kl_compiles_without_graph_break(monkeypatch):
     torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-6)
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise_gaussian_kl_from_sigma: the KL of every element, from the sigmas themselves
+# ---------------------------------------------------------------------------------------
+
+SIGMA_NAMES = ("mu_q", "sigma_q", "mu_p", "sigma_p")
+
+
+def draw_sigma_parameters(shape, dtype, device, gen, mu_scale, s_low, s_high, layout):
+    """(mu_q, sigma_q, mu_p, sigma_p): draw_parameters' values, with sigma = softplus(s) in float64."""
+    mu_q, s_q, mu_p, s_p, _ = draw_parameters(shape, torch.float64, "cpu", gen, mu_scale, s_low, s_high, "contiguous")
+    values = [mu_q, F.softplus(s_q), mu_p, F.softplus(s_p)]
+    return [with_layout(t.detach().to(dtype=dtype, device=device), layout).requires_grad_() for t in values]
+
+
+def check_elementwise_against_oracle(inputs, grad_kl):
+    kl = elementwise_gaussian_kl_from_sigma(*inputs)
+    assert kl.dtype == inputs[0].dtype and kl.shape == inputs[0].shape
+    grads = torch.autograd.grad(kl, inputs, grad_kl)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    kl_ref = kl_divergence(Normal(inputs64[0], inputs64[1]), Normal(inputs64[2], inputs64[3]))
+    grads_ref = torch.autograd.grad(kl_ref, inputs64, grad_kl.double())
+    assert_matches_oracle(kl, kl_ref, "kl")
+    for name, grad, grad_ref in zip(SIGMA_NAMES, grads, grads_ref):
+        assert grad.dtype == inputs[0].dtype and grad.shape == inputs[0].shape
+        assert_matches_oracle(grad, grad_ref, f"grad {name}")
+    return kl
+
+
+@path_cases()
+@with_fixtures
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
+    mu_scale=st.sampled_from([1e-2, 1.0, 10.0]),
+    s_range=st.sampled_from([(-3.0, 3.0), (-8.0, 8.0), (-8.0, -4.0), (4.0, 8.0)]),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
+def test_elementwise_kl_from_sigma_matches_float64_oracle(
+    device, interpret, dtype, nan_poison, shape, mu_scale, s_range, layout, seed
+):
+    """Sigmas from softplus(-8) ~ 3e-4 to softplus(8) ~ 8, any rank and layout."""
+    select_path(interpret)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = draw_sigma_parameters(shape, dtype, device, gen, mu_scale, *s_range, layout)
+    grad_kl = random_values(shape, 1.0, 0.0, 0.0, gen, dtype, device, requires_grad=False)
+    kl = check_elementwise_against_oracle(inputs, grad_kl)
+    if layout == "channels_last" and inputs[0].is_contiguous(memory_format=torch.channels_last):
+        assert kl.is_contiguous(memory_format=torch.channels_last)
+
+
+@path_cases(dtypes=[torch.float32])
+def test_elementwise_kl_from_sigma_of_scalars_and_expanded_inputs(device, interpret, dtype, nan_poison):
+    """0-d tensors, and a prior N(0, 1) expanded from one element (stride 0), as broadcasting gives."""
+    select_path(interpret)
+    scalars = [torch.tensor(v, device=device, requires_grad=True) for v in (0.3, 0.7, -0.2, 1.3)]
+    check_elementwise_against_oracle(scalars, torch.tensor(1.0, device=device))
+    gen = torch.Generator().manual_seed(6)
+    mu_q, sigma_q, _, _ = draw_sigma_parameters((3, 4, 5), dtype, device, gen, 1.0, -3, 3, "sliced")
+    mu_p, sigma_p = (torch.full((1,), v, device=device).expand(3, 4, 5).requires_grad_() for v in (0.0, 1.0))
+    check_elementwise_against_oracle([mu_q, sigma_q, mu_p, sigma_p], torch.randn(3, 4, 5, device=device))
+
+
+@on_interpreter
+def test_elementwise_kl_from_sigma_cpu_and_interpreter_agree():
+    select_path(True)
+    gen = torch.Generator().manual_seed(7)
+    inputs = draw_sigma_parameters((3, 5, 4, 6), torch.float32, "cpu", gen, 1.0, -8, 8, "contiguous")
+    grad_kl = torch.randn(3, 5, 4, 6, generator=gen)
+    results = []
+    for path in (pytorch_path, contextlib.nullcontext):
+        with path():
+            kl = elementwise_gaussian_kl_from_sigma(*inputs)
+            results.append((kl,) + torch.autograd.grad(kl, inputs, grad_kl))
+    for torch_path, interpreted in zip(*results):
+        torch.testing.assert_close(interpreted, torch_path, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_elementwise_kl_from_sigma_gradcheck_float64_and_ties(interpret):
+    select_path(interpret)
+    gen = torch.Generator().manual_seed(8)
+    inputs = draw_sigma_parameters((2, 3, 2), torch.float64, "cpu", gen, 1.0, -3, 3, "contiguous")
+    assert torch.autograd.gradcheck(elementwise_gaussian_kl_from_sigma, inputs)
+    mu, sigma = torch.randn(2, 3, 4), torch.rand(2, 3, 4) + 0.1
+    assert torch.equal(elementwise_gaussian_kl_from_sigma(mu, sigma, mu, sigma), torch.zeros(2, 3, 4))
+
+
+@path_cases(dtypes=[torch.float32, torch.float16])
+@pytest.mark.parametrize("where", SIGMA_NAMES)
+def test_elementwise_kl_from_sigma_nan_propagates(device, interpret, dtype, nan_poison, where):
+    """A NaN reaches its own element's KL and its own gradient, and no other element."""
+    select_path(interpret)
+    inputs = [torch.randn(3, 2, 3, dtype=dtype, device=device) for _ in SIGMA_NAMES]
+    inputs[1], inputs[3] = inputs[1].abs() + 0.5, inputs[3].abs() + 0.5
+    inputs[SIGMA_NAMES.index(where)][1, 1, 2] = float("nan")
+    inputs = [t.requires_grad_() for t in inputs]
+    kl = elementwise_gaussian_kl_from_sigma(*inputs)
+    expect = torch.zeros(3, 2, 3, dtype=torch.bool, device=device)
+    expect[1, 1, 2] = True
+    assert torch.equal(torch.isnan(kl), expect)
+    grads = torch.autograd.grad(kl, inputs, torch.ones_like(kl))
+    assert torch.isnan(grads[SIGMA_NAMES.index(where)][1, 1, 2])
+    for grad in grads:  # dKL/dsigma_q does not see the mus: NaN there only where it should be
+        assert not (torch.isnan(grad) & ~expect).any()
+
+
+@pytest.mark.parametrize(
+    "index,bad,error,match",
+    [
+        (1, torch.rand(2, 3, 5), ValueError, r"sigma_q: expected shape \[2, 3, 4\].*got \[2, 3, 5\]"),
+        (2, torch.randn(2, 3, 4).double(), TypeError, r"mu_p: expected dtype torch.float32.*got torch.float64"),
+        (0, torch.ones(2, 3, 4, dtype=torch.long), TypeError, r"mu_q: expected a floating-point tensor"),
+        (3, torch.rand(2, 3, 4, device="meta"), ValueError, r"sigma_p: expected device cpu.*got meta"),
+    ],
+)
+def test_elementwise_kl_from_sigma_rejects_bad_input(index, bad, error, match):
+    args = [torch.randn(2, 3, 4), torch.rand(2, 3, 4) + 0.1, torch.randn(2, 3, 4), torch.rand(2, 3, 4) + 0.1]
+    args[index] = bad
+    with pytest.raises(error, match=match):
+        elementwise_gaussian_kl_from_sigma(*args)
+
+
+@pytest.mark.parametrize("device,interpret", OP_PATHS)
+def test_elementwise_kl_from_sigma_opcheck(device, interpret):
+    select_path(interpret)
+    make = lambda: torch.rand(2, 3, 4, device=device) + 0.1  # noqa: E731 (positive: they serve as sigmas too)
+    inputs = [make().requires_grad_() for _ in SIGMA_NAMES]
+    torch.library.opcheck(torch.ops.gqn_fast.elementwise_gaussian_kl_from_sigma.default, inputs)
+    plain = [t.detach() for t in inputs]
+    torch.library.opcheck(torch.ops.gqn_fast.elementwise_gaussian_kl_from_sigma_backward.default, (*plain, make()))

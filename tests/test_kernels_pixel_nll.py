@@ -1,6 +1,7 @@
 """gqn_fast.kernels.gaussian_nll against a float64 oracle built on torch.distributions.Normal,
 on every path (test_kernels_dispatch)."""
 
+import contextlib
 import math
 
 import pytest
@@ -10,9 +11,12 @@ from hypothesis import strategies as st
 from torch.distributions import Normal
 
 from gqn_fast.kernels import gaussian_nll
+from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
+    CPU_PATHS,
     LAYOUTS,
     assert_matches_oracle,
+    on_interpreter,
     path_cases,
     random_values,
     select_path,
@@ -61,10 +65,10 @@ def check_against_oracle(x, logits, sigma, grad_nll):
     seed=st.integers(0, 2**16),
 )
 def test_gaussian_nll_matches_float64_oracle(
-    device, interpret, dtype, nan_poison, monkeypatch, batch, channels, height, width, logit_scale,
+    device, interpret, dtype, nan_poison, batch, channels, height, width, logit_scale,
     extreme_fraction, sigma, layout, seed,
 ):  # fmt: skip
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, channels, height, width)
     x = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -77,42 +81,44 @@ def test_gaussian_nll_matches_float64_oracle(
 
 @path_cases(dtypes=[torch.float32])
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 2, 2, 3)], ids=["1d", "2d", "5d"])
-def test_gaussian_nll_any_rank(device, interpret, dtype, nan_poison, monkeypatch, shape):
-    select_path(monkeypatch, interpret)
+def test_gaussian_nll_any_rank(device, interpret, dtype, nan_poison, shape):
+    select_path(interpret)
     x = torch.rand(shape, device=device, requires_grad=True)
     logits = torch.randn(shape, device=device, requires_grad=True)
     check_against_oracle(x, logits, 0.7, torch.randn(shape[0], device=device))
 
 
 @path_cases(dtypes=[torch.float32])
-def test_gaussian_nll_odd_strides(device, interpret, dtype, nan_poison, monkeypatch):
+def test_gaussian_nll_odd_strides(device, interpret, dtype, nan_poison):
     """x as a channels_last image batch, logits sliced out of a bigger tensor, and the
     upstream gradient expanded, as from nll.mean()."""
-    select_path(monkeypatch, interpret)
+    select_path(interpret)
     x = torch.rand(3, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     logits = torch.randn(3, 5, 8, 8, device=device)[:, 1:4].detach().requires_grad_()
     check_against_oracle(x, logits, 1.3, torch.full((), 1 / 3, device=device).expand(3))
 
 
-def test_gaussian_nll_cpu_and_interpreter_agree(monkeypatch):
+@on_interpreter
+def test_gaussian_nll_cpu_and_interpreter_agree():
+    select_path(True)
     x = torch.rand(3, 3, 9, 11, requires_grad=True)
     logits = torch.randn(3, 3, 9, 11, requires_grad=True)
     grad_nll = torch.randn(3)
     results = []
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        nll = gaussian_nll(x, logits, 0.7)
-        results.append((nll,) + torch.autograd.grad(nll, (x, logits), grad_nll))
+    for path in (pytorch_path, contextlib.nullcontext):
+        with path():
+            nll = gaussian_nll(x, logits, 0.7)
+            results.append((nll,) + torch.autograd.grad(nll, (x, logits), grad_nll))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-5, atol=1e-5)
 
 
-def test_gaussian_nll_gradcheck_float64(monkeypatch):
-    for interpret in (False, True):
-        select_path(monkeypatch, interpret)
-        x = torch.rand(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-        logits = torch.randn(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, logits: gaussian_nll(x, logits, 0.7), (x, logits))
+@pytest.mark.parametrize("interpret", CPU_PATHS)
+def test_gaussian_nll_gradcheck_float64(interpret):
+    select_path(interpret)
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, logits: gaussian_nll(x, logits, 0.7), (x, logits))
 
 
 def test_gaussian_nll_floor_is_the_normalizer():
@@ -132,8 +138,8 @@ def test_gaussian_nll_floor_is_the_normalizer():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", ["x", "logits"])
-def test_gaussian_nll_nan_propagates(device, interpret, dtype, nan_poison, monkeypatch, where):
-    select_path(monkeypatch, interpret)
+def test_gaussian_nll_nan_propagates(device, interpret, dtype, nan_poison, where):
+    select_path(interpret)
     x = torch.rand(3, 2, 4, 4, dtype=dtype, device=device)
     logits = torch.randn(3, 2, 4, 4, dtype=dtype, device=device)
     (x if where == "x" else logits)[2, 1, 3, 0] = float("nan")
@@ -181,8 +187,8 @@ def test_gaussian_nll_rejects_bad_input(args, error, match):
 # ---------------------------------------------------------------------------------------
 
 
-def test_gaussian_nll_compiles_without_graph_break_or_recompiles(monkeypatch):
-    select_path(monkeypatch, interpret=False)  # eager and compiled: the CPU's PyTorch path
+def test_gaussian_nll_compiles_without_graph_break_or_recompiles():
+    select_path(False)  # eager and compiled: the CPU's PyTorch path
     from torch._dynamo.testing import CompileCounterWithBackend
 
     def loss(x, logits, sigma):

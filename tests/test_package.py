@@ -1,6 +1,8 @@
 """Install layout: gqn_fast, gqn_fast.kernels and gqn_fast.reference, and no top-level
-`kernels` or `reference` (a top-level `kernels` would shadow the package transformers probes for)."""
+`kernels` or `reference` (a top-level `kernels` would shadow the package transformers probes for),
+and imports that stay light."""
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -22,8 +24,6 @@ print(json.dumps({
 
 def test_installed_names_resolve_to_the_source_folders(tmp_path):
     """The installed package (editable in development and CI) maps the folders to gqn_fast.*."""
-    import json
-
     # Run from a neutral folder, so the repository root is not on sys.path.
     out = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
@@ -47,3 +47,19 @@ def test_wheel_holds_only_gqn_fast(tmp_path):
     assert top == {"gqn_fast"}
     for module in ["gqn_fast/kernels/__init__.py", "gqn_fast/reference/gqn.py", "gqn_fast/data/__init__.py"]:
         assert module in names
+
+
+def test_reference_and_config_import_neither_triton_nor_the_fast_model(tmp_path):
+    """The oracle imports nothing it judges: gqn_fast.reference and gqn_fast.GQNConfig load
+    without Triton, the kernels or the fast model (gqn_fast's top-level names are lazy)."""
+    code = (
+        "import sys, json\n"
+        "import gqn_fast.reference\n"
+        "from gqn_fast import GQNConfig\n"
+        "GQNConfig()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', "
+        "'gqn_fast.model', 'gqn_fast.kernels')))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == []

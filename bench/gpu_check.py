@@ -1,0 +1,271 @@
+"""The whole first check on a GPU machine, in one command and one folder:
+
+    python bench/gpu_check.py --out DIR [--budget 540] [--tar FILE]
+
+Parts, each run even when an earlier one failed, each in its own process with a time limit
+taken from one overall budget (default 9 minutes, inside a 10-minute command limit):
+
+  install      gqn_fast importable, else `pip install --no-deps --no-build-isolation -e .`
+               (works offline: nothing is downloaded)                       install.log
+  environment  GPU, driver, clocks (nvidia-smi), Python, torch, triton, CUDA  environment.txt
+  cuda tests   every test marked `cuda`, per-test timeout      cuda_tests.log, cuda_tests.xml
+  bench        bench/run.py --quick, one process per group         bench/<group>/ + bench_<group>.log
+
+and a short summary (tests passed / failed, the headline speedups) printed last and written
+to summary.txt. The budgets are printed: GQN_FAST_AUTOTUNE_CONFIGS bounds the implicit-GEMM
+autotuning (1 config per kernel for the tests, 6 for the bench); --quick leaves out
+torch.compile's max-autotune mode. Without a CUDA GPU it says so in one line and runs the CPU
+parts instead (the tests are collected, not run; the bench runs --smoke), so CI can smoke-test
+this script (tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["kernels", "conv_cell", "representation", "data", "train_step"]  # most telling first
+# Seconds each part may take at most (the overall budget may cut them shorter).
+CAPS = {"install": 120, "environment": 30, "cuda_tests": 240, "bench": 300}
+TEST_TIMEOUT_S = 60  # per CUDA test (hypothesis tests run 15 examples, each may compile kernels)
+AUTOTUNE_CONFIGS = {"cuda_tests": "1", "bench": "6"}
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def limit(self, cap: float) -> float:
+        """Seconds for the next step: its cap, or what the budget has left (less a margin)."""
+        return max(0.0, min(cap, self.left() - 5.0))
+
+
+def run_logged(command, log: Path, timeout: float, env=None) -> tuple[int | None, float]:
+    """Run command with its output to log; (exit code or None on timeout, seconds taken)."""
+    start = time.monotonic()
+    with log.open("w") as out:
+        out.write("$ " + " ".join(str(c) for c in command) + "\n")
+        out.flush()
+        try:
+            proc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            out.write(f"\n*** killed: still running after {timeout:.0f} s ***\n")
+            code = None
+    return code, time.monotonic() - start
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # a broken torch install: the environment part reports it
+        return False
+
+
+# --- the parts --------------------------------------------------------------------------------
+
+
+def install(out: Path, clock: Clock) -> tuple[str, bool]:
+    if importlib.util.find_spec("gqn_fast") is not None and importlib.util.find_spec("gqn_fast.kernels") is not None:
+        (out / "install.log").write_text("gqn_fast is importable: nothing to install\n")
+        return "already installed", True
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(ROOT)]
+    code, took = run_logged(command, out / "install.log", clock.limit(CAPS["install"]))
+    importlib.invalidate_caches()
+    return f"pip install -e . exit {code} in {took:.0f} s", code == 0
+
+
+def environment(out: Path, clock: Clock, budgets: dict) -> tuple[str, bool]:
+    probe = (
+        "import json, platform, torch\n"
+        "info = {'python': platform.python_version(), 'torch': torch.__version__,\n"
+        "        'cuda (torch built with)': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(),\n"
+        "        'cuda available': torch.cuda.is_available()}\n"
+        "try:\n    import triton; info['triton'] = triton.__version__\n"
+        "except ImportError as e:\n    info['triton'] = f'missing ({e})'\n"
+        "try:\n    import google_crc32c; info['google-crc32c'] = 'installed'\n"
+        "except ImportError:\n    info['google-crc32c'] = 'missing (only the TFRecord reader needs it)'\n"
+        "if torch.cuda.is_available():\n"
+        "    p = torch.cuda.get_device_properties(0)\n"
+        "    info.update({'gpu': p.name, 'capability': f'{p.major}.{p.minor}', 'SMs': p.multi_processor_count,\n"
+        "                 'memory GiB': round(p.total_memory / 2**30, 1)})\n"
+        "print(json.dumps(info))\n"
+    )
+    lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"]
+    try:
+        found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                               timeout=clock.limit(CAPS["environment"]))
+        info = json.loads(found.stdout) if found.returncode == 0 else {"probe failed": found.stderr[-500:]}
+    except (subprocess.TimeoutExpired, json.JSONDecodeError) as error:
+        info = {"probe failed": repr(error)}
+    lines += [f"{k}: {v}" for k, v in info.items()]
+    query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+    try:
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
+                             text=True, timeout=20)
+        lines += ["nvidia-smi:", smi.stdout.strip() or smi.stderr.strip()]
+    except (OSError, subprocess.TimeoutExpired) as error:
+        lines.append(f"nvidia-smi: not available ({error.__class__.__name__})")
+    lines += ["budgets:"] + [f"  {k}: {v}" for k, v in budgets.items()]
+    (out / "environment.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return ", ".join(f"{k}={info[k]}" for k in ("gpu", "torch", "triton", "python") if k in info), "probe failed" not in info
+
+
+def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
+    junit = out / "cuda_tests.xml"
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider",
+               "--hypothesis-profile=ci", f"--junitxml={junit}", "tests"]  # fmt: skip
+    if gpu:
+        command += ["-o", f"faulthandler_timeout={TEST_TIMEOUT_S}"]
+    else:
+        command.append("--collect-only")  # no GPU: check they are found, run none
+    env = {"GQN_TEST_TIMEOUT": str(TEST_TIMEOUT_S), "GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["cuda_tests"]}
+    code, took = run_logged(command, out / "cuda_tests.log", clock.limit(CAPS["cuda_tests"]), env)
+    if code is None:
+        return f"timed out after {took:.0f} s (see cuda_tests.log; the junit file is not written)", False
+    if not gpu:
+        text = (out / "cuda_tests.log").read_text()
+        collected = [line for line in text.splitlines() if "::" in line]
+        return f"{len(collected)} CUDA tests collected, not run (no GPU); exit {code}", code == 0 and len(collected) > 0
+    if not junit.exists():
+        return f"pytest exit {code} without a junit file (see cuda_tests.log)", False
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]  # fmt: skip
+    summary = (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
+               f"{counts['skipped']} skipped in {took:.0f} s")  # fmt: skip
+    return summary + "".join(f"\n    FAILED {name}" for name in failed[:15]), code == 0
+
+
+def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, bool, list[dict]]:
+    env = {"GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["bench"], "PYTHONUNBUFFERED": "1"}
+    script = str(ROOT / "bench" / "run.py")
+    if not gpu:
+        only = [arg for group in groups for arg in ("--only", group)]
+        command = [sys.executable, script, "--smoke", *only, "--out", str(out / "bench" / "smoke")]
+        code, took = run_logged(command, out / "bench_smoke.log", clock.limit(CAPS["bench"]), env)
+        return f"--smoke (no GPU): exit {code} in {took:.0f} s", code == 0, _rows(out / "bench" / "smoke")
+    lines, rows, ok = [], [], True
+    for group in groups:
+        limit = clock.limit(CAPS["bench"])
+        if limit < 20:
+            lines.append(f"{group}: not run, the budget is spent")
+            ok = False
+            continue
+        folder = out / "bench" / group
+        command = [sys.executable, script, "--quick", "--only", group, "--out", str(folder)]
+        code, took = run_logged(command, out / f"bench_{group}.log", limit, env)
+        state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"
+        lines.append(f"{group}: {state}")
+        ok = ok and code == 0
+        rows += _rows(folder)
+    return "; ".join(lines), ok, rows
+
+
+def _rows(folder: Path) -> list[dict]:
+    try:
+        return json.loads((folder / "results.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def headline(rows: list[dict], limit: int = 14) -> list[str]:
+    """gqn_fast's speedups over the reference (and the fused cell's over the unfused one), best
+    per workload, size and precision."""
+    best = {}
+    for r in rows:
+        if not r.get("provider", "").startswith("gqn_fast"):
+            continue
+        ratio_key = "vs_unfused" if "vs_unfused" in r else "speedup"
+        if ratio_key not in r:
+            continue
+        key = (r.get("workload"), r.get("preset"), r.get("batch"), r.get("precision"))
+        if key not in best or r[ratio_key] > best[key][1]:
+            best[key] = (r, r[ratio_key], ratio_key)
+    lines = []
+    for (workload, preset, batch, precision), (r, ratio, key) in list(best.items())[:limit]:
+        against = "unfused cell" if key == "vs_unfused" else "baseline"
+        lines.append(f"{workload} {preset or ''} B={batch} {precision}: {r['provider']} {ratio:.2f}x vs {against} "
+                     f"({r['median_ms']:.3g} ms)")  # fmt: skip
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for every log and result")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together (default 540)")
+    parser.add_argument("--tar", type=Path, help="also pack the folder into this .tar.gz")
+    parser.add_argument("--bench-only", choices=GROUPS, action="append", help="bench only this group (repeatable)")
+    args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    clock = Clock(args.budget)
+    gpu = cuda_available()
+    if not gpu:
+        print("gpu_check: no CUDA GPU here: dry run of the CPU parts (CUDA tests collected, bench --smoke)", flush=True)
+    budgets = {
+        "overall": f"{args.budget:.0f} s",
+        **{f"{part} at most": f"{cap} s" for part, cap in CAPS.items()},
+        "per CUDA test": f"{TEST_TIMEOUT_S} s (GQN_TEST_TIMEOUT)",
+        "autotune configs per kernel": f"tests {AUTOTUNE_CONFIGS['cuda_tests']}, bench {AUTOTUNE_CONFIGS['bench']} (GQN_FAST_AUTOTUNE_CONFIGS)",
+        "torch.compile": "default mode only (--quick leaves out max-autotune)",
+    }
+    summary, failed = {}, []
+    parts = [
+        ("install", lambda: install(out, clock)),
+        ("environment", lambda: environment(out, clock, budgets)),
+        ("cuda tests", lambda: cuda_tests(out, clock, gpu)),
+    ]
+    rows = []
+    for name, part in parts:
+        print(f"--- {name} ({clock.left():.0f} s of the budget left)", flush=True)
+        try:
+            summary[name], ok = part()
+        except Exception as error:  # a part's failure is reported, and the next part runs
+            summary[name], ok = f"failed: {error!r}", False
+        failed += [] if ok else [name]
+    print(f"--- bench ({clock.left():.0f} s of the budget left)", flush=True)
+    try:
+        summary["bench"], ok, rows = bench(out, clock, gpu, args.bench_only or GROUPS)
+    except Exception as error:
+        summary["bench"], ok = f"failed: {error!r}", False
+    failed += [] if ok else ["bench"]
+    lines = ["gpu_check summary" + ("" if gpu else " (dry run: no CUDA GPU)")]
+    lines += [f"{name}: {text}" for name, text in summary.items()]
+    ratios = headline(rows)
+    lines += ["headline ratios:"] + [f"  {line}" for line in ratios] if ratios else ["headline ratios: none measured"]
+    lines.append(f"parts with problems: {', '.join(failed)}" if failed else "every part ran to the end")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.txt").write_text(text)
+    if args.tar:
+        args.tar.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(args.tar, "w:gz") as tar:
+            tar.add(out, arcname=out.name)
+    print(text, end="", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""`python bench/gpu_check.py` on a machine without a GPU: one line saying so, then the CPU
+parts (environment, the CUDA tests collected, bench --smoke), one folder and a summary."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_without_a_gpu(tmp_path):
+    out, archive = tmp_path / "check", tmp_path / "check.tar.gz"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a dry run even where a GPU exists
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), "--tar", str(archive),
+         "--bench-only", "kernels"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.splitlines()[0].startswith("gpu_check: no CUDA GPU here: dry run")
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu_check summary (dry run: no CUDA GPU)")
+    assert run.stdout.endswith(summary)  # printed last
+    assert "every part ran to the end" in summary
+    environment = (out / "environment.txt").read_text()
+    assert "torch: " in environment and "triton: " in environment and "GQN_FAST_AUTOTUNE_CONFIGS" in environment
+    collected = [line for line in (out / "cuda_tests.log").read_text().splitlines() if "::" in line]
+    assert len(collected) >= 50 and f"{len(collected)} CUDA tests collected" in summary
+    assert all("cuda" in line or "gpu" in line.lower() for line in collected), collected[:5]
+    rows = json.loads((out / "bench" / "smoke" / "results.json").read_text())["rows"]
+    assert rows and not [r for r in rows if "error" in r]
+    assert "gqn_fast" in summary.split("headline ratios:")[1]
+    with tarfile.open(archive) as tar:
+        assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/results.json" in tar.getnames()
