@@ -5,7 +5,7 @@ reparameterised z = mu_q + sigma_q eps, and per-sample KL(N(mu_q, sigma_q^2) || 
 
 summed over every dim but the batch, in one pass over the four parameter maps (and eps),
 and computed in a form that stays accurate where posterior and prior nearly agree
-(_variance_mismatch). `gaussian_kl` is the same op without the sample, and
+(_variance_mismatch). `posterior_kl` is the same op without the sample, and
 `elementwise_gaussian_kl_from_sigma` the KL alone, per element, from sigmas (not s).
 
 Layout: kernels, host launch functions, then the torch.library ops with their autograd.
@@ -90,7 +90,7 @@ def _kl_gradients_of_sigmas(diff, sigma_q, sigma_p, grad_kl):
 
 
 @triton.jit
-def _gaussian_kl_forward_kernel(
+def _posterior_kl_forward_kernel(
     mu_q_ptr, s_q_ptr, mu_p_ptr, s_p_ptr, eps_ptr, z_ptr, kl_partial_ptr,
     channels, space,
     mu_q_stride_b, mu_q_stride_c, mu_q_stride_s,
@@ -120,7 +120,7 @@ def _gaussian_kl_forward_kernel(
 
 
 @triton.jit
-def _gaussian_kl_backward_kernel(
+def _posterior_kl_backward_kernel(
     mu_q_ptr, s_q_ptr, mu_p_ptr, s_p_ptr, eps_ptr, grad_z_ptr, grad_kl_ptr,
     grad_mu_q_ptr, grad_s_q_ptr, grad_mu_p_ptr, grad_s_p_ptr, grad_eps_ptr,
     channels, space,
@@ -238,11 +238,11 @@ def _gaussian_launch_shape(view3d: torch.Tensor):
     return grid, block_c, block_s
 
 
-def gaussian_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
+def posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
     """(z, kl): z of mu_q's dtype (None without eps), kl [B] in the compute dtype."""
     _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps)
     if not use_triton(mu_q):
-        return _gaussian_kl_forward_torch(mu_q, s_q, mu_p, s_p, eps)
+        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
     views = [as_batch_channel_space(t) for t in (mu_q, s_q, mu_p, s_p)]
     has_sample = eps is not None
     batch = mu_q.shape[0]
@@ -255,7 +255,7 @@ def gaussian_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
         eps3, z3, z = views[0], kl_partial, None  # placeholders, not read or written
     if mu_q.numel() > 0:
         with launch_device(mu_q):
-            wrap_triton(_gaussian_kl_forward_kernel)[grid](
+            wrap_triton(_posterior_kl_forward_kernel)[grid](
                 *views, eps3, z3, kl_partial, views[0].shape[1], views[0].shape[2],
                 *(stride for view in views for stride in view.stride()),
                 *(eps3.stride() if has_sample else (0, 0, 0)), *(z3.stride() if has_sample else (0, 0, 0)),
@@ -264,7 +264,7 @@ def gaussian_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
     return z, kl_partial.sum(dim=1)
 
 
-def gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
+def posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
     """Gradients to (mu_q, s_q, mu_p, s_p[, eps]) from grad_kl [B] (and grad_z, with eps)."""
     _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps)
     check_floating("grad_kl", grad_kl)
@@ -276,7 +276,7 @@ def gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
     if eps is not None:
         check_like("grad_z", grad_z, "mu_q", mu_q)
     if not use_triton(mu_q):
-        return _gaussian_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z)
+        return posterior_sample_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z)
     views = [as_batch_channel_space(t) for t in (mu_q, s_q, mu_p, s_p)]
     has_sample = eps is not None
     grads = [empty_output_like(view, mu_q.shape) for view in views]
@@ -289,7 +289,7 @@ def gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
     no_strides = (0, 0, 0)
     if mu_q.numel() > 0:
         with launch_device(mu_q):
-            wrap_triton(_gaussian_kl_backward_kernel)[grid](
+            wrap_triton(_posterior_kl_backward_kernel)[grid](
                 *views, eps3, grad_z3, grad_kl, *(grad3 for grad3, _ in grads), grad_eps3,
                 views[0].shape[1], views[0].shape[2],
                 *(stride for view in views for stride in view.stride()),
@@ -382,7 +382,7 @@ def _per_sample_sum(elementwise: torch.Tensor) -> torch.Tensor:
     return as_batch_channel_space(elementwise).sum(dim=(1, 2))
 
 
-def _gaussian_kl_forward_torch(mu_q, s_q, mu_p, s_p, eps):
+def posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps):
     """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtypes."""
     dtype = compute_dtype(mu_q.dtype)
     mu_q_c, s_q_c, mu_p_c, s_p_c = (t.to(dtype) for t in (mu_q, s_q, mu_p, s_p))
@@ -392,7 +392,7 @@ def _gaussian_kl_forward_torch(mu_q, s_q, mu_p, s_p, eps):
     return z, _per_sample_sum(kl)
 
 
-def _gaussian_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z):
+def posterior_sample_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z):
     dtype = compute_dtype(mu_q.dtype)
     mu_q_c, s_q_c, mu_p_c, s_p_c = (t.to(dtype) for t in (mu_q, s_q, mu_p, s_p))
     # grad_kl [B] broadcast over the sample's other dims.
@@ -432,20 +432,20 @@ def _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("gqn_fast::gaussian_sample_kl", mutates_args=())
-def _gaussian_sample_kl_op(
+@torch.library.triton_op("gqn_fast::posterior_sample_kl", mutates_args=())
+def _posterior_sample_kl_op(
     mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return gaussian_kl_forward(mu_q, s_q, mu_p, s_p, eps)
+    return posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps)
 
 
-@torch.library.triton_op("gqn_fast::gaussian_kl", mutates_args=())
-def _gaussian_kl_op(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
-    return gaussian_kl_forward(mu_q, s_q, mu_p, s_p)[1]
+@torch.library.triton_op("gqn_fast::posterior_kl", mutates_args=())
+def _posterior_kl_op(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
+    return posterior_kl_forward(mu_q, s_q, mu_p, s_p)[1]
 
 
-@torch.library.triton_op("gqn_fast::gaussian_sample_kl_backward", mutates_args=())
-def _gaussian_sample_kl_backward_op(
+@torch.library.triton_op("gqn_fast::posterior_sample_kl_backward", mutates_args=())
+def _posterior_sample_kl_backward_op(
     mu_q: torch.Tensor,
     s_q: torch.Tensor,
     mu_p: torch.Tensor,
@@ -454,14 +454,14 @@ def _gaussian_sample_kl_backward_op(
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
 ) -> list[torch.Tensor]:
-    return gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z)
+    return posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z)
 
 
-@torch.library.triton_op("gqn_fast::gaussian_kl_backward", mutates_args=())
-def _gaussian_kl_backward_op(
+@torch.library.triton_op("gqn_fast::posterior_kl_backward", mutates_args=())
+def _posterior_kl_backward_op(
     mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor, grad_kl: torch.Tensor
 ) -> list[torch.Tensor]:
-    return gaussian_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl)
+    return posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl)
 
 
 def _save_inputs(ctx, inputs, output):
@@ -470,15 +470,15 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _gaussian_sample_kl_autograd_backward(ctx, grad_z, grad_kl):
+def _posterior_sample_kl_autograd_backward(ctx, grad_z, grad_kl):
     mu_q, s_q, mu_p, s_p, eps = ctx.saved_tensors
     grad_z = torch.zeros_like(mu_q) if grad_z is None else grad_z
     grad_kl = torch.zeros(mu_q.shape[0], dtype=compute_dtype(mu_q.dtype), device=mu_q.device) if grad_kl is None else grad_kl
-    return tuple(_gaussian_sample_kl_backward_op(mu_q, s_q, mu_p, s_p, eps, grad_z, grad_kl))
+    return tuple(_posterior_sample_kl_backward_op(mu_q, s_q, mu_p, s_p, eps, grad_z, grad_kl))
 
 
-def _gaussian_kl_autograd_backward(ctx, grad_kl):
-    return tuple(_gaussian_kl_backward_op(*ctx.saved_tensors, grad_kl))
+def _posterior_kl_autograd_backward(ctx, grad_kl):
+    return tuple(_posterior_kl_backward_op(*ctx.saved_tensors, grad_kl))
 
 
 @torch.library.triton_op("gqn_fast::elementwise_gaussian_kl_from_sigma", mutates_args=())
@@ -498,11 +498,11 @@ def _elementwise_kl_autograd_backward(ctx, grad_kl):
 
 
 _elementwise_kl_op.register_autograd(_elementwise_kl_autograd_backward, setup_context=_save_inputs)
-_gaussian_sample_kl_op.register_autograd(_gaussian_sample_kl_autograd_backward, setup_context=_save_inputs)
-_gaussian_kl_op.register_autograd(_gaussian_kl_autograd_backward, setup_context=_save_inputs)
+_posterior_sample_kl_op.register_autograd(_posterior_sample_kl_autograd_backward, setup_context=_save_inputs)
+_posterior_kl_op.register_autograd(_posterior_kl_autograd_backward, setup_context=_save_inputs)
 
 
-def gaussian_sample_kl(
+def posterior_sample_kl(
     mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, kl): the reparameterised posterior sample and its KL to the prior, per sample.
@@ -513,12 +513,12 @@ def gaussian_sample_kl(
     format; kl [B] is fp32 (fp64 for fp64 inputs), so the loss is summed in fp32 whatever
     the input dtype. Differentiable once in all five inputs, through z and kl.
     """
-    return _gaussian_sample_kl_op(mu_q, s_q, mu_p, s_p, eps)
+    return _posterior_sample_kl_op(mu_q, s_q, mu_p, s_p, eps)
 
 
-def gaussian_kl(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
-    """kl [B]: gaussian_sample_kl's KL without the sample (fp32; fp64 for fp64 inputs)."""
-    return _gaussian_kl_op(mu_q, s_q, mu_p, s_p)
+def posterior_kl(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
+    """kl [B]: posterior_sample_kl's KL without the sample (fp32; fp64 for fp64 inputs)."""
+    return _posterior_kl_op(mu_q, s_q, mu_p, s_p)
 
 
 def elementwise_gaussian_kl_from_sigma(
@@ -526,8 +526,8 @@ def elementwise_gaussian_kl_from_sigma(
 ) -> torch.Tensor:
     """kl of mu_q's shape: KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) of every element.
 
-    Takes the standard deviations themselves (gaussian_kl takes pre-softplus s) and sums
-    nothing (gaussian_kl sums per sample). The four inputs share shape, dtype and device
+    Takes the standard deviations themselves (posterior_kl takes pre-softplus s) and sums
+    nothing (posterior_kl sums per sample). The four inputs share shape, dtype and device
     (gqn_fast.nn.functional.normal_kl broadcasts them); sigmas must be positive. kl has
     their dtype, computed in fp32 (fp64 for fp64), in the form that stays accurate where q
     and p nearly agree. Differentiable once in all four inputs.

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from gqn_fast.kernels import conv_lstm, gaussian, implicit_gemm, pixel_nll, use_triton
+from gqn_fast.kernels import conv_cell, gates, gaussian, pixel_likelihood, use_triton
 from gqn_fast.kernels.utils import interpreter_enabled, pytorch_path
 from helpers import RMS_LIMITS, rel_rms
 
@@ -199,7 +199,7 @@ def test_kernels_match_the_mode_chosen_at_import(interpret):
     """@triton.jit and use_triton decide the mode from the same TRITON_INTERPRET, at import."""
     pytest.importorskip("triton")
     select_path(interpret)
-    compiled = type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ == "JITFunction"
+    compiled = type(gates._lstm_gates_forward_kernel).__name__ == "JITFunction"
     assert compiled != interpret
 
 
@@ -207,23 +207,23 @@ def test_kernels_match_the_mode_chosen_at_import(interpret):
 def test_interpreter_and_pytorch_paths_in_one_process(monkeypatch):
     """Under the interpreter a call runs the interpreted kernel, inside pytorch_path() the
     PyTorch math, and then the kernel again: the same numbers each time."""
-    from gqn_fast.kernels import conv_lstm_gates
+    from gqn_fast.kernels import lstm_gates
 
     select_path(True)
     preact, c = torch.randn(2, 8, 3, 3), torch.randn(2, 2, 3, 3)
     calls = []
-    real_wrap = conv_lstm.wrap_triton
+    real_wrap = gates.wrap_triton
 
     def spy(kernel):
         calls.append(kernel)
         return real_wrap(kernel)
 
-    monkeypatch.setattr(conv_lstm, "wrap_triton", spy)
-    outs = [conv_lstm_gates(preact, c)]
+    monkeypatch.setattr(gates, "wrap_triton", spy)
+    outs = [lstm_gates(preact, c)]
     with pytorch_path():
-        outs.append(conv_lstm_gates(preact, c))
-    outs.append(conv_lstm_gates(preact, c))
-    assert calls == [conv_lstm._conv_lstm_gates_forward_kernel] * 2
+        outs.append(lstm_gates(preact, c))
+    outs.append(lstm_gates(preact, c))
+    assert calls == [gates._lstm_gates_forward_kernel] * 2
     for h, c_new in outs[1:]:
         assert torch.allclose(h, outs[0][0], rtol=1e-6, atol=1e-7)
         assert torch.allclose(c_new, outs[0][1], rtol=1e-6, atol=1e-7)
@@ -235,11 +235,11 @@ def test_kernels_import_and_run_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import logging; logging.disable(logging.WARNING)\n"
         "import torch\n"
-        "from gqn_fast.kernels import conv_lstm_gates, gaussian_sample_kl, gaussian_nll, use_triton\n"
+        "from gqn_fast.kernels import lstm_gates, posterior_sample_kl, pixel_nll, use_triton\n"
         "p = torch.randn(2, 8, 3, 3, requires_grad=True)\n"
-        "h, c = conv_lstm_gates(p, torch.randn(2, 2, 3, 3)); (h.sum() + c.sum()).backward()\n"
-        "z, kl = gaussian_sample_kl(*[torch.randn(2, 3) for _ in range(5)])\n"
-        "nll = gaussian_nll(torch.rand(2, 3), torch.randn(2, 3), 0.7)\n"
+        "h, c = lstm_gates(p, torch.randn(2, 2, 3, 3)); (h.sum() + c.sum()).backward()\n"
+        "z, kl = posterior_sample_kl(*[torch.randn(2, 3) for _ in range(5)])\n"
+        "nll = pixel_nll(torch.rand(2, 3), torch.randn(2, 3), 0.7)\n"
         "assert not use_triton(p) and torch.isfinite(p.grad).all() and kl.shape == nll.shape == (2,)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -270,23 +270,23 @@ _CONV_GATES = {"KSIZE_Y": 5, "KSIZE_X": 3, "UPCAST": False}
 # (kernel, constexprs, element type of the input pointers): the low-precision input path
 # (bf16: load, upcast, round), and for the conv kernels also fp32 operands on TF32 tensor cores.
 _KERNEL_VARIANTS = [
-    (conv_lstm._conv_lstm_gates_forward_kernel, _GATES_TILE, "bf16"),
-    (conv_lstm._conv_lstm_gates_backward_kernel, _GATES_TILE, "bf16"),
-    (gaussian._gaussian_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
-    (gaussian._gaussian_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
-    (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
-    (gaussian._gaussian_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
+    (gates._lstm_gates_forward_kernel, _GATES_TILE, "bf16"),
+    (gates._lstm_gates_backward_kernel, _GATES_TILE, "bf16"),
+    (gaussian._posterior_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
+    (gaussian._posterior_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
+    (gaussian._posterior_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
+    (gaussian._posterior_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
     (gaussian._elementwise_kl_forward_kernel, _GATES_TILE, "bf16"),
     (gaussian._elementwise_kl_backward_kernel, _GATES_TILE, "bf16"),
-    (pixel_nll._gaussian_nll_forward_kernel, _GATES_TILE, "bf16"),
-    (pixel_nll._gaussian_nll_backward_kernel, _GATES_TILE, "bf16"),
+    (pixel_likelihood._pixel_nll_forward_kernel, _GATES_TILE, "bf16"),
+    (pixel_likelihood._pixel_nll_backward_kernel, _GATES_TILE, "bf16"),
 ] + [
     (kernel, {**_CONV_GATES, **extra, **tile, "DOT_PRECISION": precision}, element)
     for element, precision in (("bf16", "ieee"), ("fp32", "tf32"))
     for kernel, extra, tile in (
-        (implicit_gemm._conv_gates_forward_kernel, {"SAVE_PREACT": True}, {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
-        (implicit_gemm._conv_input_grad_kernel, {}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
-        (implicit_gemm._conv_weight_grad_kernel, {}, {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32}),
+        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True}, {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
+        (conv_cell._conv_input_grad_kernel, {}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
+        (conv_cell._conv_weight_grad_kernel, {}, {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32}),
     )
 ]
 
@@ -322,14 +322,14 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, element):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     ptx = compiled.asm["ptx"]
     assert "st.global" in ptx
-    if kernel.fn.__module__.endswith("implicit_gemm"):  # the GEMMs run on Hopper's tensor cores
+    if kernel.fn.__module__.endswith("conv_cell"):  # the GEMMs run on Hopper's tensor cores
         assert "wgmma" in ptx
 
 
 def test_every_kernel_is_in_the_compile_check():
     kernels = {
         value
-        for module in (implicit_gemm, conv_lstm, gaussian, pixel_nll)
+        for module in (conv_cell, gates, gaussian, pixel_likelihood)
         for name, value in vars(module).items()
         if name.endswith("_kernel") and hasattr(value, "fn")
     }
@@ -341,19 +341,19 @@ def test_triton_op_finds_the_kernels():
     """torch.compile's cache key holds the kernels triton_op finds in each op's source."""
     from torch._library.triton import get_triton_kernels_for_op
 
-    if type(conv_lstm._conv_lstm_gates_forward_kernel).__name__ != "JITFunction":
+    if type(gates._lstm_gates_forward_kernel).__name__ != "JITFunction":
         pytest.skip("no compiled kernels: Triton is missing, or TRITON_INTERPRET=1 was set at import")
     found = {
         name: {k.fn.__name__ for k in get_triton_kernels_for_op(f"gqn_fast::{name}")}
-        for name in ("conv_lstm_gates", "gaussian_sample_kl", "gaussian_nll_backward", "conv_gates", "conv_gates_backward")
+        for name in ("lstm_gates", "posterior_sample_kl", "pixel_nll_backward", "conv_lstm_cell", "conv_lstm_cell_backward")
     }
     assert found == {
-        "conv_gates": {"_conv_gates_forward_kernel"},
+        "conv_lstm_cell": {"_conv_lstm_cell_forward_kernel"},
         # The gate backward and the two Triton convs (the tuned and interpreted launch the same kernel).
-        "conv_gates_backward": {"_conv_lstm_gates_backward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"},
-        "conv_lstm_gates": {"_conv_lstm_gates_forward_kernel"},
-        "gaussian_sample_kl": {"_gaussian_kl_forward_kernel"},
-        "gaussian_nll_backward": {"_gaussian_nll_backward_kernel"},
+        "conv_lstm_cell_backward": {"_lstm_gates_backward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"},
+        "lstm_gates": {"_lstm_gates_forward_kernel"},
+        "posterior_sample_kl": {"_posterior_kl_forward_kernel"},
+        "pixel_nll_backward": {"_pixel_nll_backward_kernel"},
     }
 
 
@@ -361,7 +361,7 @@ def test_autotune_budget_bounds_the_configurations(monkeypatch):
     """GQN_FAST_AUTOTUNE_CONFIGS=N keeps the first N configurations: every tile, 3 stages, 4 warps."""
     pytest.importorskip("triton")
     tiles = ((32, 32, 32), (64, 16, 32), (64, 32, 64))
-    tune = lambda: implicit_gemm._autotuned(implicit_gemm._conv_gates_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, "hidden")  # noqa: E731
+    tune = lambda: conv_cell._autotuned(conv_cell._conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, "hidden")  # noqa: E731
     monkeypatch.delenv("GQN_FAST_AUTOTUNE_CONFIGS", raising=False)
     assert len(tune().configs) == 3 * len(tiles)
     monkeypatch.setenv("GQN_FAST_AUTOTUNE_CONFIGS", "2")
@@ -399,14 +399,14 @@ def _op_cases(device):
     sigma = torch.tensor(0.7, dtype=torch.float64, device=device)
     grad = lambda *args: tuple(t.detach().requires_grad_() for t in args)  # noqa: E731
     return [
-        (ops.conv_lstm_gates.default, grad(preact, c)),
-        (ops.gaussian_sample_kl.default, grad(*params)),
-        (ops.gaussian_kl.default, grad(*params[:4])),
-        (ops.gaussian_nll.default, grad(x, logits) + (sigma,)),
-        (ops.conv_lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3))),
-        (ops.gaussian_sample_kl_backward.default, (*params, make(2, 3, 2, 2), make(2))),
-        (ops.gaussian_kl_backward.default, (*params[:4], make(2))),
-        (ops.gaussian_nll_backward.default, (x, logits, sigma, make(2))),
+        (ops.lstm_gates.default, grad(preact, c)),
+        (ops.posterior_sample_kl.default, grad(*params)),
+        (ops.posterior_kl.default, grad(*params[:4])),
+        (ops.pixel_nll.default, grad(x, logits) + (sigma,)),
+        (ops.lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3))),
+        (ops.posterior_sample_kl_backward.default, (*params, make(2, 3, 2, 2), make(2))),
+        (ops.posterior_kl_backward.default, (*params[:4], make(2))),
+        (ops.pixel_nll_backward.default, (x, logits, sigma, make(2))),
     ]
 
 

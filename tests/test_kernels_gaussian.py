@@ -1,4 +1,4 @@
-"""gqn_fast.kernels.gaussian_sample_kl / gaussian_kl / elementwise_gaussian_kl_from_sigma against
+"""gqn_fast.kernels.posterior_sample_kl / posterior_kl / elementwise_gaussian_kl_from_sigma against
 a float64 oracle built on torch.distributions, on every path (test_kernels_dispatch)."""
 
 import contextlib
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
-from gqn_fast.kernels import elementwise_gaussian_kl_from_sigma, gaussian_kl, gaussian_sample_kl
+from gqn_fast.kernels import elementwise_gaussian_kl_from_sigma, posterior_kl, posterior_sample_kl
 from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
     CPU_PATHS,
@@ -46,7 +46,7 @@ def draw_parameters(shape, dtype, device, gen, mu_scale, s_low, s_high, layout):
     Why apart: as sigma_q -> sigma_p the KL goes to 0 like (sigma_q - sigma_p)^2, and
     sigma = softplus(s) rounded to fp32 (relative error 6e-8) then gives the KL a relative
     error of about 1e-7 sigma / |sigma_q - sigma_p|: beyond 1e-5 within 1% of a tie, for any
-    evaluation from fp32 sigmas. test_gaussian_kl_near_ties covers that regime with its own
+    evaluation from fp32 sigmas. test_posterior_kl_near_ties covers that regime with its own
     tolerance.
     """
 
@@ -68,11 +68,11 @@ def check_against_oracle(inputs, grad_z, grad_kl, with_sample):
     """Outputs of the op and every input gradient against the float64 oracle."""
     inputs = inputs if with_sample else inputs[:4]
     if with_sample:
-        z, kl = gaussian_sample_kl(*inputs)
+        z, kl = posterior_sample_kl(*inputs)
         assert z.dtype == inputs[0].dtype and z.shape == inputs[0].shape
         outputs, grad_outputs = (z, kl), (grad_z, grad_kl)
     else:
-        kl = gaussian_kl(*inputs)
+        kl = posterior_kl(*inputs)
         outputs, grad_outputs = (kl,), (grad_kl,)
     expected_kl_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
     assert kl.dtype == expected_kl_dtype and kl.shape == (inputs[0].shape[0],)
@@ -110,7 +110,7 @@ def check_against_oracle(inputs, grad_z, grad_kl, with_sample):
     with_sample=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_gaussian_kl_matches_float64_oracle(
+def test_posterior_kl_matches_float64_oracle(
     device, interpret, dtype, nan_poison, batch, channels, height, width, mu_scale, s_range, layout,
     with_sample, seed,
 ):  # fmt: skip
@@ -127,7 +127,7 @@ def test_gaussian_kl_matches_float64_oracle(
 
 @path_cases(dtypes=[torch.float32])
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 2, 2, 3)], ids=["1d", "2d", "5d"])
-def test_gaussian_kl_any_rank(device, interpret, dtype, nan_poison, shape):
+def test_posterior_kl_any_rank(device, interpret, dtype, nan_poison, shape):
     select_path(interpret)
     gen = torch.Generator().manual_seed(0)
     inputs = [t.detach().requires_grad_() for t in draw_parameters(shape, dtype, device, gen, 1.0, -5, 5, "contiguous")]
@@ -136,7 +136,7 @@ def test_gaussian_kl_any_rank(device, interpret, dtype, nan_poison, shape):
 
 
 @path_cases(dtypes=[torch.float32])
-def test_gaussian_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_poison):
+def test_posterior_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_poison):
     """The model's layout: (mu, s) as the two halves of one conv output, eps and the upstream
     gradients expanded or sliced."""
     select_path(interpret)
@@ -151,7 +151,7 @@ def test_gaussian_kl_chunked_and_expanded_inputs(device, interpret, dtype, nan_p
 
 
 @on_interpreter
-def test_gaussian_kl_cpu_and_interpreter_agree():
+def test_posterior_kl_cpu_and_interpreter_agree():
     select_path(True)
     gen = torch.Generator().manual_seed(1)
     inputs = draw_parameters((3, 5, 4, 6), torch.float32, "cpu", gen, 1.0, -20, 20, "contiguous")
@@ -159,30 +159,30 @@ def test_gaussian_kl_cpu_and_interpreter_agree():
     results = []
     for path in (pytorch_path, contextlib.nullcontext):
         with path():
-            z, kl = gaussian_sample_kl(*inputs)
-            results.append((z, kl, gaussian_kl(*inputs[:4])) + torch.autograd.grad((z, kl), inputs, (grad_z, grad_kl)))
+            z, kl = posterior_sample_kl(*inputs)
+            results.append((z, kl, posterior_kl(*inputs[:4])) + torch.autograd.grad((z, kl), inputs, (grad_z, grad_kl)))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
-def test_gaussian_kl_gradcheck_float64(interpret):
+def test_posterior_kl_gradcheck_float64(interpret):
     select_path(interpret)
     gen = torch.Generator().manual_seed(2)
     inputs = draw_parameters((2, 2, 1, 2), torch.float64, "cpu", gen, 1.0, -3, 3, "contiguous")
-    assert torch.autograd.gradcheck(gaussian_sample_kl, inputs)
-    assert torch.autograd.gradcheck(gaussian_kl, inputs[:4])
+    assert torch.autograd.gradcheck(posterior_sample_kl, inputs)
+    assert torch.autograd.gradcheck(posterior_kl, inputs[:4])
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
-def test_gaussian_kl_of_equal_distributions_is_zero(interpret):
+def test_posterior_kl_of_equal_distributions_is_zero(interpret):
     select_path(interpret)
     mu, s = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4) * 10
-    assert torch.equal(gaussian_kl(mu, s, mu, s), torch.zeros(2))
+    assert torch.equal(posterior_kl(mu, s, mu, s), torch.zeros(2))
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
-def test_gaussian_kl_near_ties(interpret):
+def test_posterior_kl_near_ties(interpret):
     """Posterior within 1e-3 .. 1e-1 of the prior in s, one element per sample: each KL holds
     to the error that fp32 rounding of sigma implies (see draw_parameters), which the
     textbook form log(sigma_p / sigma_q) + sigma_q^2 / (2 sigma_p^2) - 1/2 misses by far."""
@@ -194,7 +194,7 @@ def test_gaussian_kl_near_ties(interpret):
     sign = torch.where(torch.rand(n, 1, generator=gen) < 0.5, -1.0, 1.0).double()
     s_p = (s_q.double() + gap * sign).float()
     mu = torch.randn(n, 1, generator=gen)
-    kl = gaussian_kl(mu, s_q, mu, s_p).double()  # mu_q = mu_p: only the sigmas differ
+    kl = posterior_kl(mu, s_q, mu, s_p).double()  # mu_q = mu_p: only the sigmas differ
     _, kl_ref = sample_kl_oracle(mu.double(), s_q.double(), mu.double(), s_p.double(), None)
     sigma_q, sigma_p = F.softplus(s_q.double()).flatten(), F.softplus(s_p.double()).flatten()
     conditioning = sigma_q.maximum(sigma_p) / (sigma_q - sigma_p).abs()
@@ -205,11 +205,11 @@ def test_gaussian_kl_near_ties(interpret):
     assert not ((textbook.double() - kl_ref).abs() <= allowed).all()
 
 
-def test_gaussian_kl_empty():
+def test_posterior_kl_empty():
     inputs = [torch.randn(0, 3, 2, 2) for _ in range(5)]
-    z, kl = gaussian_sample_kl(*inputs)
+    z, kl = posterior_sample_kl(*inputs)
     assert z.shape == (0, 3, 2, 2) and kl.shape == (0,)
-    assert torch.equal(gaussian_kl(*[torch.randn(2, 0, 3) for _ in range(4)]), torch.zeros(2))
+    assert torch.equal(posterior_kl(*[torch.randn(2, 0, 3) for _ in range(4)]), torch.zeros(2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,17 +219,17 @@ def test_gaussian_kl_empty():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", NAMES)
-def test_gaussian_kl_nan_propagates(device, interpret, dtype, nan_poison, where):
+def test_posterior_kl_nan_propagates(device, interpret, dtype, nan_poison, where):
     select_path(interpret)
     inputs = [torch.randn(3, 2, 3, 3, dtype=dtype, device=device) for _ in NAMES]
     inputs[NAMES.index(where)][1, 1, 2, 0] = float("nan")
     inputs = [t.requires_grad_() for t in inputs]
-    z, kl = gaussian_sample_kl(*inputs)
+    z, kl = posterior_sample_kl(*inputs)
     # z = mu_q + sigma_q eps sees mu_q, s_q and eps; kl sees the four parameters.
     assert torch.isnan(z[1, 1, 2, 0]) == (where in ("mu_q", "s_q", "eps"))
     assert torch.isnan(kl[1]) == (where != "eps")
     assert torch.isfinite(kl[[0, 2]]).all()
-    assert torch.isnan(gaussian_kl(*inputs[:4])[1]) == (where != "eps")
+    assert torch.isnan(posterior_kl(*inputs[:4])[1]) == (where != "eps")
     grads = torch.autograd.grad((z, kl), inputs, (torch.ones_like(z), torch.ones_like(kl)))
     assert torch.isnan(grads[NAMES.index(where)][1, 1, 2, 0]) or where == "eps"
 
@@ -260,12 +260,12 @@ def _bad_gaussian_inputs():
 
 
 @pytest.mark.parametrize("args,error,match", _bad_gaussian_inputs())
-def test_gaussian_kl_rejects_bad_input(args, error, match):
+def test_posterior_kl_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
-        gaussian_sample_kl(*args)
+        posterior_sample_kl(*args)
     if "eps" not in match:
         with pytest.raises(error, match=match):
-            gaussian_kl(*args[:4])
+            posterior_kl(*args[:4])
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,11 +273,11 @@ def test_gaussian_kl_rejects_bad_input(args, error, match):
 # ---------------------------------------------------------------------------------------
 
 
-def test_gaussian_kl_compiles_without_graph_break():
+def test_posterior_kl_compiles_without_graph_break():
     select_path(False)  # eager and compiled: the CPU's PyTorch path
     def loss(mu_q, s_q, mu_p, s_p, eps):
-        z, kl = gaussian_sample_kl(mu_q, s_q, mu_p, s_p, eps)
-        return z.square().sum() + kl.sum() + 0.5 * gaussian_kl(mu_q, s_q, mu_p, s_p).sum()
+        z, kl = posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
+        return z.square().sum() + kl.sum() + 0.5 * posterior_kl(mu_q, s_q, mu_p, s_p).sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")

@@ -2,7 +2,7 @@
 of the module they replace (ndrplz/ConvLSTM_pytorch: one conv over [x, h], gates split
 i, f, o, g), in float64: a state_dict saved by the plain module loads into ours, and
 outputs, last states and every gradient agree. Under TRITON_INTERPRET=1 each step runs the
-fused conv_gates kernels, on tiny shapes (the `interpreter` tests: see tests/conftest.py)."""
+fused conv_lstm_cell kernels, on tiny shapes (the `interpreter` tests: see tests/conftest.py)."""
 
 import io
 

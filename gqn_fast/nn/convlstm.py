@@ -13,7 +13,7 @@ Same constructor arguments, forward arguments, return values and parameter names
 Where the Triton kernels run (CUDA; the CPU under TRITON_INTERPRET=1) two things are computed
 differently, with the same result: the input's share of the convolution runs once for all
 time steps (one large convolution instead of T small ones), and each step is
-gqn_fast.kernels.conv_gates (the h convolution with the gates in its epilogue). Elsewhere each
+gqn_fast.kernels.conv_lstm_cell (the h convolution with the gates in its epilogue). Elsewhere each
 step is the plain PyTorch of the equations above. Added: an initial state,
 any odd kernel size, any spatial size, channels_last inputs.
 """
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqn_fast.kernels import conv_gates, use_triton
+from gqn_fast.kernels import conv_lstm_cell, use_triton
 
-# conv_gates takes the gates as i, f, g, o; this module's weight holds them as i, f, o, g.
+# conv_lstm_cell takes the gates as i, f, g, o; this module's weight holds them as i, f, o, g.
 _TO_KERNEL_GATE_ORDER = [0, 1, 3, 2]
 
 
@@ -101,7 +101,7 @@ class ConvLSTMCell(nn.Module):
         if not use_triton(input_tensor):
             return self._plain_step(input_tensor, h, c)
         weight_x, weight_h, bias = self._kernel_parameters()
-        return conv_gates(h, weight_h, F.conv2d(input_tensor, weight_x, bias, padding=self.padding), c)
+        return conv_lstm_cell(h, weight_h, F.conv2d(input_tensor, weight_x, bias, padding=self.padding), c)
 
     def run_sequence(self, inputs: torch.Tensor, time_dim: int, h: torch.Tensor, c: torch.Tensor):
         """(outputs [B, T, hidden_dim, Y, X], h_T, c_T) over inputs [B, T, C, Y, X] (time_dim 1)
@@ -117,7 +117,7 @@ class ConvLSTMCell(nn.Module):
         # The input's share of every step's preactivations, in one convolution; bias included.
         input_preact = F.conv2d(frames, weight_x, bias, padding=self.padding).unflatten(0, inputs.shape[:2])
         for t in range(steps):
-            h, c = conv_gates(h, weight_h, input_preact.select(time_dim, t), c)
+            h, c = conv_lstm_cell(h, weight_h, input_preact.select(time_dim, t), c)
             hs.append(h)
         return torch.stack(hs, dim=1), h, c
 
@@ -128,7 +128,7 @@ class ConvLSTMCell(nn.Module):
         return torch.sigmoid(o) * torch.tanh(c), c
 
     def _kernel_parameters(self):
-        """(weight_x, weight_h, bias) in conv_gates' gate order, split at the input channels.
+        """(weight_x, weight_h, bias) in conv_lstm_cell' gate order, split at the input channels.
 
         A small copy of the weight per call, not per step. Where the Triton kernels run it
         also takes the output-channels-innermost layout they read, so they copy nothing.

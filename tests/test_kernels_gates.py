@@ -1,4 +1,4 @@
-"""gqn_fast.kernels.conv_lstm_gates against a float64 oracle, on every path (test_kernels_dispatch)."""
+"""gqn_fast.kernels.lstm_gates against a float64 oracle, on every path (test_kernels_dispatch)."""
 
 import contextlib
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gqn_fast.kernels import conv_lstm_gates
+from gqn_fast.kernels import lstm_gates
 from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
     CPU_PATHS,
@@ -36,7 +36,7 @@ def gates_oracle(preact, c):
 
 
 def check_against_oracle(preact, c, grad_h, grad_c_new):
-    h, c_new = conv_lstm_gates(preact, c)
+    h, c_new = lstm_gates(preact, c)
     assert h.dtype == c_new.dtype == preact.dtype and h.shape == c_new.shape == c.shape
     grads = torch.autograd.grad((h, c_new), (preact, c), (grad_h, grad_c_new))
     preact64 = preact.detach().double().requires_grad_()
@@ -67,7 +67,7 @@ def check_against_oracle(preact, c, grad_h, grad_c_new):
     layout=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**16),
 )
-def test_conv_lstm_gates_matches_float64_oracle(
+def test_lstm_gates_matches_float64_oracle(
     device, interpret, dtype, nan_poison, batch, hidden, height, width, scale, extreme_fraction, layout, seed
 ):
     select_path(interpret)
@@ -89,7 +89,7 @@ def test_conv_lstm_gates_matches_float64_oracle(
     [(3, 5), (2, 7, 1, 1), (1, 3, 2, 3, 4)],  # no spatial dims, 1x1, two spatial dims and more
     ids=["2d", "1x1", "5d"],
 )
-def test_conv_lstm_gates_any_rank(device, interpret, dtype, nan_poison, shape):
+def test_lstm_gates_any_rank(device, interpret, dtype, nan_poison, shape):
     select_path(interpret)
     c = torch.randn(shape, device=device, requires_grad=True)
     preact = torch.randn((shape[0], 4 * shape[1], *shape[2:]), device=device, requires_grad=True)
@@ -97,7 +97,7 @@ def test_conv_lstm_gates_any_rank(device, interpret, dtype, nan_poison, shape):
 
 
 @path_cases(dtypes=[torch.float32])
-def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison):
+def test_lstm_gates_odd_strides(device, interpret, dtype, nan_poison):
     """Expanded (stride 0) and sliced inputs and gradients, and preact as a slice of a bigger
     conv output, as the model's chunked tensors are."""
     select_path(interpret)
@@ -110,7 +110,7 @@ def test_conv_lstm_gates_odd_strides(device, interpret, dtype, nan_poison):
 
 
 @on_interpreter
-def test_conv_lstm_gates_cpu_and_interpreter_agree():
+def test_lstm_gates_cpu_and_interpreter_agree():
     select_path(True)
     preact = torch.randn(3, 4 * 6, 5, 7, requires_grad=True)
     c = torch.randn(3, 6, 5, 7, requires_grad=True)
@@ -118,22 +118,22 @@ def test_conv_lstm_gates_cpu_and_interpreter_agree():
     results = []
     for path in (pytorch_path, contextlib.nullcontext):
         with path():
-            outs = conv_lstm_gates(preact, c)
+            outs = lstm_gates(preact, c)
             results.append(outs + torch.autograd.grad(outs, (preact, c), grads_out))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
-def test_conv_lstm_gates_gradcheck_float64(interpret):
+def test_lstm_gates_gradcheck_float64(interpret):
     select_path(interpret)
     preact = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(conv_lstm_gates, (preact, c))
+    assert torch.autograd.gradcheck(lstm_gates, (preact, c))
 
 
-def test_conv_lstm_gates_empty_batch():
-    h, c_new = conv_lstm_gates(torch.randn(0, 8, 3, 3), torch.randn(0, 2, 3, 3))
+def test_lstm_gates_empty_batch():
+    h, c_new = lstm_gates(torch.randn(0, 8, 3, 3), torch.randn(0, 2, 3, 3))
     assert h.shape == c_new.shape == (0, 2, 3, 3)
 
 
@@ -144,7 +144,7 @@ def test_conv_lstm_gates_empty_batch():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", ["i", "f", "g", "o", "c"])
-def test_conv_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, where):
+def test_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, where):
     select_path(interpret)
     hidden = 3
     preact = torch.randn(2, 4 * hidden, 3, 3, dtype=dtype, device=device)
@@ -155,7 +155,7 @@ def test_conv_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, wh
         preact[1, "ifgo".index(where) * hidden + 2, 0, 1] = float("nan")
     preact.requires_grad_()
     c.requires_grad_()
-    h, c_new = conv_lstm_gates(preact, c)
+    h, c_new = lstm_gates(preact, c)
     # o only reaches h; everything else reaches c' and, through it, h.
     assert torch.isnan(h[1, 2, 0, 1])
     assert torch.isnan(c_new[1, 2, 0, 1]) == (where != "o")
@@ -192,9 +192,9 @@ def _bad_gates_inputs():
 
 
 @pytest.mark.parametrize("args,error,match", _bad_gates_inputs())
-def test_conv_lstm_gates_rejects_bad_input(args, error, match):
+def test_lstm_gates_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
-        conv_lstm_gates(*args)
+        lstm_gates(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,10 +204,10 @@ def test_conv_lstm_gates_rejects_bad_input(args, error, match):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own import
-def test_conv_lstm_gates_compiles_without_graph_break(backend):
+def test_lstm_gates_compiles_without_graph_break(backend):
     select_path(False)  # eager and compiled: the CPU's PyTorch path
     def step(preact, c):
-        h, c_new = conv_lstm_gates(preact * 2.0, c)
+        h, c_new = lstm_gates(preact * 2.0, c)
         return (h * c_new).sum() + h.square().sum()
 
     torch._dynamo.reset()

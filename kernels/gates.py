@@ -43,7 +43,7 @@ from .utils import (
 
 
 @triton.jit
-def _conv_lstm_gates_forward_kernel(
+def _lstm_gates_forward_kernel(
     preact_ptr, c_ptr, h_ptr, c_new_ptr,
     hidden, space,
     preact_stride_b, preact_stride_c, preact_stride_s,
@@ -68,7 +68,7 @@ def _conv_lstm_gates_forward_kernel(
 
 
 @triton.jit
-def _conv_lstm_gates_backward_kernel(
+def _lstm_gates_backward_kernel(
     preact_ptr, c_ptr, grad_h_ptr, grad_c_new_ptr, grad_preact_ptr, grad_c_ptr,
     hidden, space,
     preact_stride_b, preact_stride_c, preact_stride_s,
@@ -134,10 +134,10 @@ def _gates_launch_shape(c3: torch.Tensor):
     return grid, block_c, block_s
 
 
-def conv_lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_gates_inputs(preact, c)
     if not use_triton(preact):
-        return _conv_lstm_gates_forward_torch(preact, c)
+        return lstm_gates_torch(preact, c)
     preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
     h3, h = empty_output_like(c3, c.shape)
     c_new3, c_new = empty_output_like(c3, c.shape)
@@ -145,7 +145,7 @@ def conv_lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torc
     hidden, space = c3.shape[1], c3.shape[2]
     if c.numel() > 0:
         with launch_device(c):
-            wrap_triton(_conv_lstm_gates_forward_kernel)[grid](
+            wrap_triton(_lstm_gates_forward_kernel)[grid](
                 preact3, c3, h3, c_new3, hidden, space,
                 *preact3.stride(), *c3.stride(), *h3.stride(), *c_new3.stride(),
                 BLOCK_C=block_c, BLOCK_S=block_s,
@@ -153,14 +153,14 @@ def conv_lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torc
     return h, c_new
 
 
-def conv_lstm_gates_backward(
+def lstm_gates_backward(
     preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_gates_inputs(preact, c)
     check_like("grad_h", grad_h, "c", c)
     check_like("grad_c_new", grad_c_new, "c", c)
     if not use_triton(preact):
-        return _conv_lstm_gates_backward_torch(preact, c, grad_h, grad_c_new)
+        return lstm_gates_backward_torch(preact, c, grad_h, grad_c_new)
     preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
     grad_h3, grad_c_new3 = as_batch_channel_space(grad_h), as_batch_channel_space(grad_c_new)
     grad_preact3, grad_preact = empty_output_like(preact3, preact.shape)
@@ -169,7 +169,7 @@ def conv_lstm_gates_backward(
     hidden, space = c3.shape[1], c3.shape[2]
     if c.numel() > 0:
         with launch_device(c):
-            wrap_triton(_conv_lstm_gates_backward_kernel)[grid](
+            wrap_triton(_lstm_gates_backward_kernel)[grid](
                 preact3, c3, grad_h3, grad_c_new3, grad_preact3, grad_c3, hidden, space,
                 *preact3.stride(), *c3.stride(), *grad_h3.stride(), *grad_c_new3.stride(),
                 *grad_preact3.stride(), *grad_c3.stride(),
@@ -178,7 +178,7 @@ def conv_lstm_gates_backward(
     return grad_preact, grad_c
 
 
-def _conv_lstm_gates_forward_torch(preact, c):
+def lstm_gates_torch(preact, c):
     """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
     dtype = compute_dtype(preact.dtype)
     a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
@@ -187,7 +187,7 @@ def _conv_lstm_gates_forward_torch(preact, c):
     return h.to(preact.dtype), c_new.to(preact.dtype)
 
 
-def _conv_lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
+def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
     dtype = compute_dtype(preact.dtype)
     a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
     c, grad_h, grad_c_new = c.to(dtype), grad_h.to(dtype), grad_c_new.to(dtype)
@@ -214,38 +214,38 @@ def _conv_lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("gqn_fast::conv_lstm_gates", mutates_args=())
-def _conv_lstm_gates_op(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv_lstm_gates_forward(preact, c)
+@torch.library.triton_op("gqn_fast::lstm_gates", mutates_args=())
+def _lstm_gates_op(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lstm_gates_forward(preact, c)
 
 
-@torch.library.triton_op("gqn_fast::conv_lstm_gates_backward", mutates_args=())
-def _conv_lstm_gates_backward_op(
+@torch.library.triton_op("gqn_fast::lstm_gates_backward", mutates_args=())
+def _lstm_gates_backward_op(
     preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv_lstm_gates_backward(preact, c, grad_h, grad_c_new)
+    return lstm_gates_backward(preact, c, grad_h, grad_c_new)
 
 
-def _conv_lstm_gates_setup_context(ctx, inputs, output):
+def _lstm_gates_setup_context(ctx, inputs, output):
     # Saves the two inputs, the least that determines the backward: the kernel recomputes
     # the four gate activations and c' from them rather than storing them (5 more tensors).
     preact, c = inputs
     ctx.save_for_backward(preact, c)
 
 
-def _conv_lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
+def _lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
     preact, c = ctx.saved_tensors
     grad_h = torch.zeros_like(c) if grad_h is None else grad_h
     grad_c_new = torch.zeros_like(c) if grad_c_new is None else grad_c_new
-    return _conv_lstm_gates_backward_op(preact, c, grad_h, grad_c_new)
+    return _lstm_gates_backward_op(preact, c, grad_h, grad_c_new)
 
 
-_conv_lstm_gates_op.register_autograd(
-    _conv_lstm_gates_autograd_backward, setup_context=_conv_lstm_gates_setup_context
+_lstm_gates_op.register_autograd(
+    _lstm_gates_autograd_backward, setup_context=_lstm_gates_setup_context
 )
 
 
-def conv_lstm_gates(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lstm_gates(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ConvLSTM gate math: (h, c') from preact [B, 4H, *spatial] (gates i, f, g, o on dim 1)
     and the cell state c [B, H, *spatial].
 
@@ -253,4 +253,4 @@ def conv_lstm_gates(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor
     for fp64 inputs); h and c' have the inputs' dtype and c's memory format. Differentiable
     once in preact and c (the backward is not itself differentiable).
     """
-    return _conv_lstm_gates_op(preact, c)
+    return _lstm_gates_op(preact, c)

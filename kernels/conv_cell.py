@@ -19,7 +19,7 @@ convolution once per reduction tile. For the input gradient that is ~10 special-
 ops x 150 per (pixel, hidden) element against 2 x 384 x 25 x 4 GEMM FLOPs, about 51 FLOPs
 per special-function op, where an H100 does about 128 TF32 FLOPs in the time of one (16 per
 SM per clock): the exponentials would take 2.5 times the tensor cores' time. So the forward saves the fp32
-preactivations when autograd needs them, the fused gate-backward kernel (conv_lstm.py)
+preactivations when autograd needs them, the fused gate-backward kernel (gates.py)
 writes grad_preact once, and two convolutions read it: Triton implicit-GEMM kernels
 (backward_convs="triton") or cuDNN through aten.convolution_backward ("aten"). Which is
 faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is the default.
@@ -45,7 +45,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .conv_lstm import conv_lstm_gates_backward
+from .gates import lstm_gates_backward, lstm_gates_torch
 from .utils import (
     HAS_TRITON,
     accurate_tanh,
@@ -84,7 +84,7 @@ def _pixel_coordinates(pid, batch, height, width, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _conv_gates_forward_kernel(
+def _conv_lstm_cell_forward_kernel(
     x_ptr, w_ptr, const_ptr, c_ptr, h_ptr, c_new_ptr, preact_ptr,
     batch, cin: tl.constexpr, hidden, height, width,
     x_sb, x_sc, x_sy, x_sx,
@@ -138,7 +138,7 @@ def _conv_gates_forward_kernel(
         acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
 
-    # Epilogue: the gate math of conv_lstm.py on the accumulators, plus the constant share.
+    # Epilogue: the gate math of gates.py on the accumulators, plus the constant share.
     mask = m_ok[:, None] & h_ok[None, :]
     y64 = y.to(tl.int64)[:, None]
     x64 = x.to(tl.int64)[:, None]
@@ -304,8 +304,8 @@ def _autotuned(kernel, block_names, tiles, size_arg):
 
 
 if HAS_TRITON:
-    _conv_gates_forward_tuned = _autotuned(
-        _conv_gates_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"),
+    _conv_lstm_cell_forward_tuned = _autotuned(
+        _conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"),
         ((32, 32, 32), (64, 16, 32), (64, 32, 32), (64, 32, 64), (128, 32, 32), (128, 16, 64)), "hidden",
     )  # fmt: skip
     _conv_input_grad_tuned = _autotuned(
@@ -379,11 +379,11 @@ def _output_channels_unit_stride(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def conv_gates_forward(x, weight, constant, c, save_preact: bool):
+def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool):
     """(h, c', preact): preact is the fp32 [B, 4H, Y, X] preactivation if save_preact, else empty."""
     _check_inputs(x, weight, constant, c)
     if not _kernels_apply(x):
-        return _conv_gates_forward_torch(x, weight, constant, c, save_preact)
+        return _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact)
     batch, cin, height, width = x.shape
     hidden = c.shape[1]
     weight = _output_channels_unit_stride(weight)
@@ -403,16 +403,16 @@ def conv_gates_forward(x, weight, constant, c, save_preact: bool):
         with launch_device(x):
             if interpreter_enabled():
                 config = _INTERPRETER_CONFIG["forward"]
-                wrap_triton(_conv_gates_forward_kernel)[grid(config)](*args, **constexprs, **config)
+                wrap_triton(_conv_lstm_cell_forward_kernel)[grid(config)](*args, **constexprs, **config)
             else:
-                wrap_triton(_conv_gates_forward_tuned)[grid](*args, **constexprs)
+                wrap_triton(_conv_lstm_cell_forward_tuned)[grid](*args, **constexprs)
     return h, c_new, preact
 
 
-def conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs: str):
+def conv_lstm_cell_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs: str):
     """(grad_x, grad_weight, grad_preact, grad_c); grad_preact (fp32) is also the constant's gradient."""
     _check_backward_convs(backward_convs)
-    grad_preact, grad_c = conv_lstm_gates_backward(preact, c.to(preact.dtype), grad_h.to(preact.dtype), grad_c_new.to(preact.dtype))
+    grad_preact, grad_c = lstm_gates_backward(preact, c.to(preact.dtype), grad_h.to(preact.dtype), grad_c_new.to(preact.dtype))
     # The convolutions' operands are x's dtype (what autocast gives cuDNN), accumulated in fp32.
     grad_operand = grad_preact.to(x.dtype)
     if backward_convs == "aten" or not _kernels_apply(x):
@@ -464,36 +464,34 @@ def _conv_backward_aten(grad, x, weight):
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
-def _conv_gates_forward_torch(x, weight, constant, c, save_preact):
+def _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact):
     """The kernel's math in PyTorch (the CPU path): exact products of the inputs, fp32 sums."""
     dtype = compute_dtype(x.dtype)
     preact = F.conv2d(x.to(dtype), weight.to(dtype), padding=_same_padding(weight)) + constant.to(dtype)
-    a_i, a_f, a_g, a_o = preact.chunk(4, dim=1)
-    c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
-    h = torch.sigmoid(a_o) * torch.tanh(c_new)
+    h, c_new = lstm_gates_torch(preact, c)
     saved = preact if save_preact else preact.new_empty(0, 0, 0, 0)
     return h.to(c.dtype), c_new.to(c.dtype), saved
 
 
 # ---------------------------------------------------------------------------------------
-# The ops (torch.library.triton_op: torch.compile traces through them, see conv_lstm.py)
+# The ops (torch.library.triton_op: torch.compile traces through them, see gates.py)
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("gqn_fast::conv_gates", mutates_args=())
-def _conv_gates_op(
+@torch.library.triton_op("gqn_fast::conv_lstm_cell", mutates_args=())
+def _conv_lstm_cell_op(
     x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, save_preact: bool, backward_convs: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward_convs(backward_convs)  # here, not at backward time
-    return conv_gates_forward(x, weight, constant, c, save_preact)
+    return conv_lstm_cell_forward(x, weight, constant, c, save_preact)
 
 
-@torch.library.triton_op("gqn_fast::conv_gates_backward", mutates_args=())
-def _conv_gates_backward_op(
+@torch.library.triton_op("gqn_fast::conv_lstm_cell_backward", mutates_args=())
+def _conv_lstm_cell_backward_op(
     x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor, c: torch.Tensor,
     grad_h: torch.Tensor, grad_c_new: torch.Tensor, backward_convs: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return conv_gates_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs)
+    return conv_lstm_cell_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -505,22 +503,22 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_h, grad_c_new, _grad_preact):
     if not ctx.save_preact:
         raise RuntimeError(
-            "conv_gates: backward needs the preactivations, which were not saved (save_preact=False); "
-            "call gqn_fast.kernels.conv_gates, which saves them when autograd needs them"
+            "conv_lstm_cell: backward needs the preactivations, which were not saved (save_preact=False); "
+            "call gqn_fast.kernels.conv_lstm_cell, which saves them when autograd needs them"
         )
     x, weight, preact, c = ctx.saved_tensors
     grad_h = torch.zeros_like(c) if grad_h is None else grad_h
     grad_c_new = torch.zeros_like(c) if grad_c_new is None else grad_c_new
-    grad_x, grad_weight, grad_preact, grad_c = _conv_gates_backward_op(
+    grad_x, grad_weight, grad_preact, grad_c = _conv_lstm_cell_backward_op(
         x, weight, preact, c, grad_h, grad_c_new, ctx.backward_convs
     )
     return grad_x, grad_weight, grad_preact.to(ctx.constant_dtype), grad_c, None, None
 
 
-_conv_gates_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_conv_lstm_cell_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def conv_gates(
+def conv_lstm_cell(
     x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, *, backward_convs: str = "aten"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ConvLSTM cell from its step-varying input: (h, c').
@@ -536,5 +534,5 @@ def conv_gates(
     backward's two convolutions.
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, constant, c))
-    h, c_new, _ = _conv_gates_op(x, weight, constant, c, save, backward_convs)
+    h, c_new, _ = _conv_lstm_cell_op(x, weight, constant, c, save, backward_convs)
     return h, c_new

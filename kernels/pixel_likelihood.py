@@ -44,7 +44,7 @@ from .utils import (
 
 
 @triton.jit
-def _gaussian_nll_forward_kernel(
+def _pixel_nll_forward_kernel(
     x_ptr, logits_ptr, sigma_ptr, nll_partial_ptr,
     channels, space,
     x_stride_b, x_stride_c, x_stride_s,
@@ -63,7 +63,7 @@ def _gaussian_nll_forward_kernel(
 
 
 @triton.jit
-def _gaussian_nll_backward_kernel(
+def _pixel_nll_backward_kernel(
     x_ptr, logits_ptr, sigma_ptr, grad_nll_ptr, grad_x_ptr, grad_logits_ptr,
     channels, space,
     x_stride_b, x_stride_c, x_stride_s,
@@ -127,10 +127,10 @@ def _log_normalizer_sum(logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tens
     return normalizer.to(compute_dtype(logits.dtype))
 
 
-def gaussian_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def pixel_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     _check_nll_inputs(x, logits, sigma)
     if not use_triton(logits):
-        return _gaussian_nll_forward_torch(x, logits, sigma)
+        return pixel_nll_torch(x, logits, sigma)
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
     grid, block_c, block_s = _nll_launch_shape(logits3)
     nll_partial = torch.empty(
@@ -138,7 +138,7 @@ def gaussian_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Ten
     )
     if logits.numel() > 0:
         with launch_device(logits):
-            wrap_triton(_gaussian_nll_forward_kernel)[grid](
+            wrap_triton(_pixel_nll_forward_kernel)[grid](
                 x3, logits3, sigma, nll_partial, logits3.shape[1], logits3.shape[2],
                 *x3.stride(), *logits3.stride(),
                 BLOCK_C=block_c, BLOCK_S=block_s,
@@ -146,7 +146,7 @@ def gaussian_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Ten
     return nll_partial.sum(dim=1) + _log_normalizer_sum(logits, sigma)
 
 
-def gaussian_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor, grad_nll: torch.Tensor):
+def pixel_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor, grad_nll: torch.Tensor):
     """(grad_x, grad_logits) from grad_nll [B]."""
     _check_nll_inputs(x, logits, sigma)
     check_floating("grad_nll", grad_nll)
@@ -156,14 +156,14 @@ def gaussian_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Te
             f"got {list(grad_nll.shape)} on {grad_nll.device}"
         )
     if not use_triton(logits):
-        return _gaussian_nll_backward_torch(x, logits, sigma, grad_nll)
+        return pixel_nll_backward_torch(x, logits, sigma, grad_nll)
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
     grad_x3, grad_x = empty_output_like(x3, x.shape)
     grad_logits3, grad_logits = empty_output_like(logits3, logits.shape)
     grid, block_c, block_s = _nll_launch_shape(logits3)
     if logits.numel() > 0:
         with launch_device(logits):
-            wrap_triton(_gaussian_nll_backward_kernel)[grid](
+            wrap_triton(_pixel_nll_backward_kernel)[grid](
                 x3, logits3, sigma, grad_nll, grad_x3, grad_logits3, logits3.shape[1], logits3.shape[2],
                 *x3.stride(), *logits3.stride(), grad_nll.stride(0), *grad_x3.stride(), *grad_logits3.stride(),
                 BLOCK_C=block_c, BLOCK_S=block_s,
@@ -171,7 +171,7 @@ def gaussian_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Te
     return grad_x, grad_logits
 
 
-def _gaussian_nll_forward_torch(x, logits, sigma):
+def pixel_nll_torch(x, logits, sigma):
     """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
     dtype = compute_dtype(logits.dtype)
     inv_sigma = (1.0 / sigma).to(dtype)
@@ -180,7 +180,7 @@ def _gaussian_nll_forward_torch(x, logits, sigma):
     return data_term + _log_normalizer_sum(logits, sigma)
 
 
-def _gaussian_nll_backward_torch(x, logits, sigma, grad_nll):
+def pixel_nll_backward_torch(x, logits, sigma, grad_nll):
     dtype = compute_dtype(logits.dtype)
     logits_c = logits.to(dtype)
     grad_nll = grad_nll.to(dtype).reshape((-1,) + (1,) * (logits.dim() - 1))
@@ -199,34 +199,34 @@ def _gaussian_nll_backward_torch(x, logits, sigma, grad_nll):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("gqn_fast::gaussian_nll", mutates_args=())
-def _gaussian_nll_op(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return gaussian_nll_forward(x, logits, sigma)
+@torch.library.triton_op("gqn_fast::pixel_nll", mutates_args=())
+def _pixel_nll_op(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return pixel_nll_forward(x, logits, sigma)
 
 
-@torch.library.triton_op("gqn_fast::gaussian_nll_backward", mutates_args=())
-def _gaussian_nll_backward_op(
+@torch.library.triton_op("gqn_fast::pixel_nll_backward", mutates_args=())
+def _pixel_nll_backward_op(
     x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor, grad_nll: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return gaussian_nll_backward(x, logits, sigma, grad_nll)
+    return pixel_nll_backward(x, logits, sigma, grad_nll)
 
 
-def _gaussian_nll_setup_context(ctx, inputs, output):
+def _pixel_nll_setup_context(ctx, inputs, output):
     # Saves x, the logits and the scalar sigma (the inputs): the backward recomputes
     # sigmoid(logits) rather than keeping the [B, 3, 64, 64] mean image.
     ctx.save_for_backward(*inputs)
 
 
-def _gaussian_nll_autograd_backward(ctx, grad_nll):
+def _pixel_nll_autograd_backward(ctx, grad_nll):
     x, logits, sigma = ctx.saved_tensors
-    grad_x, grad_logits = _gaussian_nll_backward_op(x, logits, sigma, grad_nll)
+    grad_x, grad_logits = _pixel_nll_backward_op(x, logits, sigma, grad_nll)
     return grad_x, grad_logits, None
 
 
-_gaussian_nll_op.register_autograd(_gaussian_nll_autograd_backward, setup_context=_gaussian_nll_setup_context)
+_pixel_nll_op.register_autograd(_pixel_nll_autograd_backward, setup_context=_pixel_nll_setup_context)
 
 
-def gaussian_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
+def pixel_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
     """nll [B]: -log N(x | sigmoid(logits), sigma^2) summed over all dims but the first.
 
     x and logits share shape [B, ...], dtype and device; sigma is the (annealed) pixel
@@ -240,4 +240,4 @@ def gaussian_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.T
     # ones * sigma, not torch.full / torch.tensor: torch.compile keeps a float multiplier
     # symbolic, but burns a float it must build a tensor from into the graph (recompiles).
     sigma_tensor = torch.ones((), dtype=torch.float64, device=device) * sigma
-    return _gaussian_nll_op(x, logits, sigma_tensor)
+    return _pixel_nll_op(x, logits, sigma_tensor)

@@ -1,4 +1,4 @@
-"""gqn_fast.kernels.gaussian_nll against a float64 oracle built on torch.distributions.Normal,
+"""gqn_fast.kernels.pixel_nll against a float64 oracle built on torch.distributions.Normal,
 on every path (test_kernels_dispatch)."""
 
 import contextlib
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributions import Normal
 
-from gqn_fast.kernels import gaussian_nll
+from gqn_fast.kernels import pixel_nll
 from gqn_fast.kernels.utils import pytorch_path
 from test_kernels_dispatch import (
     CPU_PATHS,
@@ -33,7 +33,7 @@ def nll_oracle(x, logits, sigma):
 
 
 def check_against_oracle(x, logits, sigma, grad_nll):
-    nll = gaussian_nll(x, logits, sigma)
+    nll = pixel_nll(x, logits, sigma)
     expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     assert nll.dtype == expected_dtype and nll.shape == (logits.shape[0],)
     grads = torch.autograd.grad(nll, (x, logits), grad_nll)
@@ -64,7 +64,7 @@ def check_against_oracle(x, logits, sigma, grad_nll):
     layout=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**16),
 )
-def test_gaussian_nll_matches_float64_oracle(
+def test_pixel_nll_matches_float64_oracle(
     device, interpret, dtype, nan_poison, batch, channels, height, width, logit_scale,
     extreme_fraction, sigma, layout, seed,
 ):  # fmt: skip
@@ -81,7 +81,7 @@ def test_gaussian_nll_matches_float64_oracle(
 
 @path_cases(dtypes=[torch.float32])
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 2, 2, 3)], ids=["1d", "2d", "5d"])
-def test_gaussian_nll_any_rank(device, interpret, dtype, nan_poison, shape):
+def test_pixel_nll_any_rank(device, interpret, dtype, nan_poison, shape):
     select_path(interpret)
     x = torch.rand(shape, device=device, requires_grad=True)
     logits = torch.randn(shape, device=device, requires_grad=True)
@@ -89,7 +89,7 @@ def test_gaussian_nll_any_rank(device, interpret, dtype, nan_poison, shape):
 
 
 @path_cases(dtypes=[torch.float32])
-def test_gaussian_nll_odd_strides(device, interpret, dtype, nan_poison):
+def test_pixel_nll_odd_strides(device, interpret, dtype, nan_poison):
     """x as a channels_last image batch, logits sliced out of a bigger tensor, and the
     upstream gradient expanded, as from nll.mean()."""
     select_path(interpret)
@@ -99,7 +99,7 @@ def test_gaussian_nll_odd_strides(device, interpret, dtype, nan_poison):
 
 
 @on_interpreter
-def test_gaussian_nll_cpu_and_interpreter_agree():
+def test_pixel_nll_cpu_and_interpreter_agree():
     select_path(True)
     x = torch.rand(3, 3, 9, 11, requires_grad=True)
     logits = torch.randn(3, 3, 9, 11, requires_grad=True)
@@ -107,25 +107,25 @@ def test_gaussian_nll_cpu_and_interpreter_agree():
     results = []
     for path in (pytorch_path, contextlib.nullcontext):
         with path():
-            nll = gaussian_nll(x, logits, 0.7)
+            nll = pixel_nll(x, logits, 0.7)
             results.append((nll,) + torch.autograd.grad(nll, (x, logits), grad_nll))
     for torch_path, interpreted in zip(*results):
         torch.testing.assert_close(interpreted, torch_path, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
-def test_gaussian_nll_gradcheck_float64(interpret):
+def test_pixel_nll_gradcheck_float64(interpret):
     select_path(interpret)
     x = torch.rand(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, logits: gaussian_nll(x, logits, 0.7), (x, logits))
+    assert torch.autograd.gradcheck(lambda x, logits: pixel_nll(x, logits, 0.7), (x, logits))
 
 
-def test_gaussian_nll_floor_is_the_normalizer():
+def test_pixel_nll_floor_is_the_normalizer():
     """At x = mean the NLL is the constant N (log sigma + log(2 pi) / 2): 6909 nats for
     3x64x64 pixels at sigma 0.7 (GQN_SPEC.md)."""
     logits = torch.randn(2, 3, 64, 64)
-    nll = gaussian_nll(torch.sigmoid(logits), logits, 0.7)
+    nll = pixel_nll(torch.sigmoid(logits), logits, 0.7)
     floor = 3 * 64 * 64 * (math.log(0.7) + 0.5 * math.log(2 * math.pi))
     torch.testing.assert_close(nll, torch.full((2,), floor), rtol=1e-6, atol=1e-3)
     assert round(floor) == 6909
@@ -138,14 +138,14 @@ def test_gaussian_nll_floor_is_the_normalizer():
 
 @path_cases(dtypes=[torch.float32, torch.float16])
 @pytest.mark.parametrize("where", ["x", "logits"])
-def test_gaussian_nll_nan_propagates(device, interpret, dtype, nan_poison, where):
+def test_pixel_nll_nan_propagates(device, interpret, dtype, nan_poison, where):
     select_path(interpret)
     x = torch.rand(3, 2, 4, 4, dtype=dtype, device=device)
     logits = torch.randn(3, 2, 4, 4, dtype=dtype, device=device)
     (x if where == "x" else logits)[2, 1, 3, 0] = float("nan")
     x.requires_grad_()
     logits.requires_grad_()
-    nll = gaussian_nll(x, logits, 0.7)
+    nll = pixel_nll(x, logits, 0.7)
     assert torch.isnan(nll[2]) and torch.isfinite(nll[:2]).all()
     grad_x, grad_logits = torch.autograd.grad(nll, (x, logits), torch.ones_like(nll))
     assert torch.isnan(grad_x[2, 1, 3, 0]) and torch.isnan(grad_logits[2, 1, 3, 0])
@@ -177,9 +177,9 @@ def _bad_nll_inputs():
 
 
 @pytest.mark.parametrize("args,error,match", _bad_nll_inputs())
-def test_gaussian_nll_rejects_bad_input(args, error, match):
+def test_pixel_nll_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
-        gaussian_nll(*args)
+        pixel_nll(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,12 +187,12 @@ def test_gaussian_nll_rejects_bad_input(args, error, match):
 # ---------------------------------------------------------------------------------------
 
 
-def test_gaussian_nll_compiles_without_graph_break_or_recompiles():
+def test_pixel_nll_compiles_without_graph_break_or_recompiles():
     select_path(False)  # eager and compiled: the CPU's PyTorch path
     from torch._dynamo.testing import CompileCounterWithBackend
 
     def loss(x, logits, sigma):
-        return gaussian_nll(x, logits * 1.5, sigma).mean()
+        return pixel_nll(x, logits * 1.5, sigma).mean()
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")

@@ -1,4 +1,4 @@
-"""gqn_fast.kernels.conv_gates (implicit-GEMM conv + ConvLSTM gates) against F.conv2d and the
+"""gqn_fast.kernels.conv_lstm_cell (implicit-GEMM conv + ConvLSTM gates) against F.conv2d and the
 gate math in float64, outputs and every gradient, on every path and both backward kernels."""
 
 import contextlib
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gqn_fast.kernels import conv_gates
+from gqn_fast.kernels import conv_lstm_cell
 from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms
 from test_kernels_dispatch import (
@@ -53,9 +53,9 @@ def limits(dtype, tf32):
 
 
 def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None):
-    """conv_gates against the oracle: h, c' and the gradients of x, weight, constant and c."""
+    """conv_lstm_cell against the oracle: h, c' and the gradients of x, weight, constant and c."""
     inputs = (x, weight, constant, c)
-    h, c_new = conv_gates(*inputs, backward_convs=backward_convs)
+    h, c_new = conv_lstm_cell(*inputs, backward_convs=backward_convs)
     assert h.dtype == c_new.dtype == c.dtype and h.shape == c_new.shape == c.shape
     gen = torch.Generator().manual_seed(1)
     grads_out = grads_out or [torch.randn(c.shape, generator=gen).to(c.device) for _ in range(2)]
@@ -106,7 +106,7 @@ def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_
     x_layout=st.sampled_from(["contiguous", "channels_last", "expanded", "channel_slice"]),
     seed=st.integers(0, 2**16),
 )
-def test_conv_gates_matches_float64_oracle(
+def test_conv_lstm_cell_matches_float64_oracle(
     device, interpret, dtype, tf32, backward_convs, nan_poison, monkeypatch,
     batch, cin, hidden, height, width, ksize, x_layout, seed,
 ):  # fmt: skip
@@ -119,7 +119,7 @@ def test_conv_gates_matches_float64_oracle(
 
 @pytest.mark.parametrize("device,interpret,dtype,tf32", [p for p in PRECISIONS if p.id != "cpu-interpreter-fp16"])
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
-def test_conv_gates_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_convs, nan_poison, monkeypatch):
+def test_conv_lstm_cell_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_convs, nan_poison, monkeypatch):
     """GQN's 5x5 kernel, with more pixels and channels than one tile holds: several pixel,
     hidden and reduction tiles, and masked remainders in each (on the GPU: a core's real
     sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time)."""
@@ -132,7 +132,7 @@ def test_conv_gates_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_
 
 
 @on_interpreter
-def test_conv_gates_paths_agree():
+def test_conv_lstm_cell_paths_agree():
     """The PyTorch path, the interpreted kernels and both backward kernels: the same numbers."""
     select_path(True)
     gen = torch.Generator().manual_seed(3)
@@ -141,7 +141,7 @@ def test_conv_gates_paths_agree():
     results = []
     for path, backward_convs in ((pytorch_path, "aten"), (contextlib.nullcontext, "aten"), (contextlib.nullcontext, "triton")):
         with path():
-            outs = conv_gates(*inputs, backward_convs=backward_convs)
+            outs = conv_lstm_cell(*inputs, backward_convs=backward_convs)
             results.append(outs + torch.autograd.grad(outs, inputs, grads_out))
     # Only fp32 sums in another order differ: an elementwise atol fails the larger weight gradients.
     for other in results[1:]:
@@ -151,7 +151,7 @@ def test_conv_gates_paths_agree():
 
 @pytest.mark.parametrize("device,interpret", OP_PATHS)
 @pytest.mark.parametrize("constant_kind", ["bias", "zero"])
-def test_conv_gates_takes_an_expanded_constant(device, interpret, constant_kind, nan_poison):
+def test_conv_lstm_cell_takes_an_expanded_constant(device, interpret, constant_kind, nan_poison):
     """A cell with only a bias (or none) passes it as an expanded view: stride 0 on the batch
     and pixels, no [B, 4H, Y, X] copy; its gradient sums over them (autograd's expand)."""
     select_path(interpret)
@@ -160,19 +160,19 @@ def test_conv_gates_takes_an_expanded_constant(device, interpret, constant_kind,
     small = torch.randn(1, 16, 1, 1, generator=gen) if constant_kind == "bias" else torch.zeros(1, 1, 1, 1)
     small = small.to(device).requires_grad_()
     check(x, weight, small.expand(2, 16, 5, 6), c, "triton", torch.float32, tf32=False)
-    h, c_new = conv_gates(x, weight, small.expand(2, 16, 5, 6), c)
+    h, c_new = conv_lstm_cell(x, weight, small.expand(2, 16, 5, 6), c)
     (grad_small,) = torch.autograd.grad((h + c_new).sum(), small)
     h64, c64 = oracle(x, weight, small.expand(2, 16, 5, 6), c)
     (grad_ref,) = torch.autograd.grad((h64 + c64).sum(), small)
     assert_close_rms(grad_small, grad_ref, RMS_LIMITS[torch.float32], "grad of the expanded constant")
 
 
-def test_conv_gates_gradcheck_float64():
+def test_conv_lstm_cell_gradcheck_float64():
     """fp64 runs the PyTorch path (the kernels take fp32, fp16 and bf16): its autograd formulas."""
     gen = torch.Generator().manual_seed(0)
     inputs = [t.double().detach().requires_grad_() for t in make_inputs(2, 3, 2, 3, 3, 3, torch.float64, "cpu", gen)]
     for backward_convs in ("aten", "triton"):
-        assert torch.autograd.gradcheck(lambda *a: conv_gates(*a, backward_convs=backward_convs), inputs)
+        assert torch.autograd.gradcheck(lambda *a: conv_lstm_cell(*a, backward_convs=backward_convs), inputs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,9 +184,9 @@ def test_conv_gates_gradcheck_float64():
 def test_preactivations_saved_only_when_autograd_needs_them(interpret):
     select_path(interpret)
     x, weight, constant, c = make_inputs(1, 4, 2, 3, 3, 5, torch.float32, "cpu", torch.Generator().manual_seed(0))
-    op = torch.ops.gqn_fast.conv_gates
+    op = torch.ops.gqn_fast.conv_lstm_cell
     with torch.no_grad():
-        assert conv_gates(x, weight, constant, c)[0].grad_fn is None
+        assert conv_lstm_cell(x, weight, constant, c)[0].grad_fn is None
     _, _, preact = op(x.detach(), weight.detach(), constant.detach(), c.detach(), False, "aten")
     assert preact.numel() == 0
     h, _, preact = op(x, weight, constant, c, True, "aten")
@@ -199,7 +199,7 @@ def test_preactivations_saved_only_when_autograd_needs_them(interpret):
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)
 @pytest.mark.parametrize("where", ["x", "weight", "constant", "c"])
-def test_conv_gates_nan_propagates(interpret, where, nan_poison):
+def test_conv_lstm_cell_nan_propagates(interpret, where, nan_poison):
     """A NaN reaches the outputs it feeds and no others: nothing is silently dropped or spread."""
     select_path(interpret)
     inputs = [t.detach() for t in make_inputs(2, 3, 2, 6, 6, 3, torch.float32, "cpu", torch.Generator().manual_seed(0))]
@@ -217,7 +217,7 @@ def test_conv_gates_nan_propagates(interpret, where, nan_poison):
     else:
         c[1, 0, 0, 3] = float("nan")
         expect[1, 0, 0, 3] = True
-    h, c_new = conv_gates(x, weight, constant, c)
+    h, c_new = conv_lstm_cell(x, weight, constant, c)
     assert torch.equal(torch.isnan(h), expect) and torch.equal(torch.isnan(c_new), expect)
 
 
@@ -243,15 +243,15 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("args,error,match", _bad_inputs())
-def test_conv_gates_rejects_bad_input(args, error, match):
+def test_conv_lstm_cell_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
-        conv_gates(*args)
+        conv_lstm_cell(*args)
 
 
-def test_conv_gates_rejects_unknown_backward_kernels():
+def test_conv_lstm_cell_rejects_unknown_backward_kernels():
     x, w, k, c = torch.randn(2, 3, 4, 4), torch.randn(8, 3, 5, 5), torch.randn(2, 8, 4, 4), torch.randn(2, 2, 4, 4)
     with pytest.raises(ValueError, match=r"backward_convs: expected one of \('aten', 'triton'\), got 'cudnn'"):
-        conv_gates(x, w, k, c, backward_convs="cudnn")
+        conv_lstm_cell(x, w, k, c, backward_convs="cudnn")
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,20 +264,20 @@ def test_conv_gates_rejects_unknown_backward_kernels():
 def test_opcheck(device, interpret, backward_convs):
     select_path(interpret)
     x, weight, constant, c = make_inputs(2, 3, 2, 4, 4, 3, torch.float32, device, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.gqn_fast.conv_gates.default, (x, weight, constant, c, True, backward_convs))
+    torch.library.opcheck(torch.ops.gqn_fast.conv_lstm_cell.default, (x, weight, constant, c, True, backward_convs))
     plain = [t.detach() for t in (x, weight)]
     preact = torch.randn(2, 8, 4, 4, device=device)
     grads = [torch.randn(2, 2, 4, 4, device=device) for _ in range(2)]
     args = (*plain, preact, c.detach(), *grads, backward_convs)
-    torch.library.opcheck(torch.ops.gqn_fast.conv_gates_backward.default, args)
+    torch.library.opcheck(torch.ops.gqn_fast.conv_lstm_cell_backward.default, args)
 
 
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
-def test_conv_gates_compiles_without_graph_break(backward_convs):
+def test_conv_lstm_cell_compiles_without_graph_break(backward_convs):
     select_path(False)
 
     def cell(x, weight, constant, c):
-        h, c_new = conv_gates(x * 2.0, weight, constant, c, backward_convs=backward_convs)
+        h, c_new = conv_lstm_cell(x * 2.0, weight, constant, c, backward_convs=backward_convs)
         return (h * c_new).sum()
 
     torch._dynamo.reset()
