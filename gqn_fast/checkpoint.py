@@ -108,3 +108,23 @@ def check_compatible(state: dict, config: GQNConfig, path: Path) -> None:
                 f"{path}: made for {field}={saved.get(field)!r}, but this run has {field}={value!r}; "
                 f"use another --out folder, or the checkpoint's configuration"
             )
+
+
+def export_model(state: dict, path: Path, half: bool = False, builtin: dict | None = None) -> Path:
+    """Write a published model: the parameters (fp16 if `half`), config, step and training
+    settings of a training checkpoint, without optimizer or RNG state (it cannot be resumed).
+
+    builtin: {"family", "seed", "holdout"} of a built-in dataset the model trained on; then the
+    training settings name it instead of a local folder, and `eval`, `sample` and `analyze`
+    regenerate its test split on any machine (scenes are deterministic from the seed).
+    """
+    model = {
+        name: t.half() if half and t.is_floating_point() else t.clone() for name, t in state["model"].items()
+    }
+    train = dict(state.get("train", {}))
+    if builtin is not None:
+        train.update(data=None, builtin=dict(builtin))
+    published = dict(version=FORMAT_VERSION, step=state["step"], model=model, config=state["config"],
+                     train=train, exported=True)
+    atomic_save(published, Path(path))
+    return Path(path)

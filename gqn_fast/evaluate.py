@@ -53,7 +53,9 @@ def data_folder(state: dict, data: str | None) -> Path:
     train = state.get("train", {})
     if train.get("data"):
         return Path(train["data"])
-    return builtin_dataset("rooms", scenes=train.get("builtin_scenes", 2000))
+    builtin = train.get("builtin") or {}  # a published model names its built-in set (export)
+    return builtin_dataset(builtin.get("family", "rooms"), scenes=train.get("builtin_scenes", 2000),
+                           seed=builtin.get("seed", 0), holdout=builtin.get("holdout"))
 
 
 def scene_views(images: np.ndarray, cameras: np.ndarray, index: int, device):
@@ -332,8 +334,41 @@ def run_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(ns) -> int:
+    from gqn_fast.checkpoint import export_model, load_checkpoint
+    from gqn_fast.data.format import open_split
+
+    state = load_checkpoint(Path(ns.checkpoint))
+    builtin = None
+    data = (state.get("train") or {}).get("data")
+    if data and not ns.keep_data_path:
+        # A built-in set is named by its generator, so the model needs no local folder.
+        try:
+            _, _, manifest = open_split(Path(data) / "test")
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"{data}: the training data cannot be read to name it ({error}); "
+                             "pass --keep-data-path to keep the path as it is") from error
+        generator = manifest.get("generator") or {}
+        if "family" in generator:
+            builtin = {k: generator.get(k) for k in ("family", "seed", "holdout")}
+    out = export_model(state, Path(ns.out), half=ns.half, builtin=builtin)
+    size = out.stat().st_size / 2**20
+    where = f"built-in {builtin}" if builtin else f"data {data!r}"
+    print(f"wrote {out} ({size:.1f} MiB, step {state['step']}, {where})")
+    return 0
+
+
 def register(subparsers) -> None:
     formatter = HelpFormatter
+    p = subparsers.add_parser("export", formatter_class=formatter,
+                              help="a checkpoint as a published model: parameters and config, no optimizer state")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="file to write")
+    p.add_argument("--half", action="store_true", help="store the parameters in fp16 (they load into fp32 models)")
+    p.add_argument("--keep-data-path", action="store_true",
+                   help="keep the training data's local path instead of naming a built-in set by its generator")
+    p.set_defaults(func=run_export)
+
     p = subparsers.add_parser("eval", formatter_class=formatter,
                               help="test-set ELBO terms and prediction error against the number of context views")
     add_common_arguments(p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])")

@@ -140,3 +140,31 @@ def test_help_shows_defaults(capsys, command, default):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     assert default in capsys.readouterr().out
+
+
+def test_export_publishes_a_half_precision_model_that_names_its_builtin_data(run, tmp_path, monkeypatch):
+    data, ckpt = run
+    out = tmp_path / "published.pt"
+    assert cli.main(["export", str(ckpt), str(out), "--half"]) == 0
+    published = torch.load(out, weights_only=False)
+    original = torch.load(ckpt, weights_only=False)
+    assert "optimizer" not in published and "rng" not in published
+    assert all(t.dtype == torch.float16 for t in published["model"].values() if t.is_floating_point())
+    # The local folder is replaced by the built-in set's generator (tiny_run: rooms, seed 3).
+    assert published["train"]["data"] is None
+    assert published["train"]["builtin"] == {"family": "rooms", "seed": 3, "holdout": None}
+    model, _ = evaluate.load_model(out, torch.device("cpu"))
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, original["model"][name].half().float(), rtol=0, atol=0)
+    # With no local data, eval regenerates the named set in the cache: its test scenes are the
+    # stored ones (scene i of a split does not depend on the set's size).
+    monkeypatch.setenv("GQN_FAST_CACHE", str(tmp_path / "cache"))
+    from gqn_fast.data.format import open_split
+
+    state = torch.load(out, weights_only=False)
+    folder = evaluate.data_folder(state | {"train": state["train"] | {"builtin_scenes": 12}}, None)
+    regenerated, _, _ = open_split(folder / "test")
+    stored, _, _ = open_split(data / "test")
+    n = min(len(regenerated), len(stored))  # the sets' test fractions differ
+    assert n >= 1 and (regenerated[:n] == stored[:n]).all()

@@ -199,9 +199,12 @@ def builtin_dataset(
     progress: bool = True,
     workers: int | None = None,
     device=None,
+    holdout: str | None = None,
 ) -> Path:
     """The built-in dataset `name` ("rooms", "shepard_metzler", "shepard_metzler_7") of
-    `scenes` scenes: its folder `<cache>/<name>-<scenes>-<seed>`, generated on first use.
+    `scenes` scenes: its folder `<cache>/<name>-<scenes>-<seed>[-holdout-<holdout>]`, generated
+    on first use. Scene i of a split is the same whatever `scenes` is, so a smaller set's test
+    split is the first scenes of a larger one's.
 
     The cache is `cache_dir`, else $GQN_FAST_CACHE, else ~/.cache/gqn_fast. Concurrent
     callers wait on a lock file, and only one of them generates.
@@ -209,7 +212,8 @@ def builtin_dataset(
     get_family(name)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    root = cache / f"{name}-{scenes}-{seed}"
+    check_holdout(holdout)
+    root = cache / (f"{name}-{scenes}-{seed}" + (f"-holdout-{holdout}" if holdout else ""))
     with _file_lock(cache / f".{root.name}.lock"):
         if is_complete(root):
             return root
@@ -217,7 +221,8 @@ def builtin_dataset(
             shutil.rmtree(root)  # an incomplete set from an older version or a crash
         for stale in cache.glob(f"{root.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-        return make_dataset(root, name, scenes, seed, workers=workers, device=device, progress=progress)
+        return make_dataset(root, name, scenes, seed, workers=workers, device=device, progress=progress,
+                            holdout=holdout)
 
 
 def dataset_summary(root) -> str:
