@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,8 +54,29 @@ def time_fn(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> Tim
         fn()
         synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
+    return _summary(samples)
+
+
+def _summary(samples: list[float]) -> Timing:
     quantiles = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return Timing(statistics.median(samples), quantiles[1], quantiles[7])
+
+
+def interleaved_times(fns: dict, device: torch.device, repeats: int = 10, warmup: int = 2) -> dict:
+    """{name: Timing}: each fn runs once per round, in turn, for `repeats` rounds, so a
+    change in clocks or in the machine's load falls on every provider alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _summary(times) for name, times in samples.items()}
 
 
 def peak_memory_bytes(fn, device: torch.device) -> int | None:
@@ -66,6 +89,41 @@ def peak_memory_bytes(fn, device: torch.device) -> int | None:
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def limit_malloc_caching() -> None:
+    """Make the resident set follow the live tensors (call first, in a process of its own).
+
+    glibc serves large blocks by mmap, but raises that threshold as large blocks are freed
+    and keeps later ones in its heap for reuse, so RSS would stay at the largest earlier
+    peak. A fixed threshold (128 KiB) unmaps every large block when it is freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_bytes(fn) -> int | None:
+    """Peak resident set while fn runs, above the resident set before it (Linux; else None).
+
+    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS."""
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        before = _status_bytes("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return _status_bytes("VmHWM") - before
 
 
 def saved_for_backward_bytes(fn) -> int:

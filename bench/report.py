@@ -27,6 +27,11 @@ def add_speedups(rows: list[dict]) -> None:
         base = baselines.get(key(r))
         if base and "median_ms" in r:
             r["speedup"] = base / r["median_ms"]
+    # Peak memory against the eager reference's at the same workload and size.
+    peaks = {key(r): r["peak_bytes"] for r in rows if r.get("provider") == REFERENCE["model"] and r.get("peak_bytes")}
+    for r in rows:
+        if r.get("peak_bytes") and key(r) in peaks:
+            r["peak_vs_reference"] = r["peak_bytes"] / peaks[key(r)]
     # The fused cell's goal is set against cuDNN's conv followed by the gate kernel.
     unfused = {key(r): r["median_ms"] for r in rows if r.get("provider") == "cudnn+gate-kernel" and "median_ms" in r}
     for r in rows:
@@ -47,7 +52,7 @@ COLUMNS = [
     ("mode", "mode"), ("provider", "provider"), ("median_ms", "median ms"), ("p20_ms", "p20"),
     ("p80_ms", "p80"), ("speedup", "speedup"), ("vs_unfused", "vs unfused"), ("TFLOPs", "TFLOP/s"), ("GBps", "GB/s"),
     ("share_of_copy_bw", "of copy BW"), ("share_of_matmul", "of matmul"), ("share_of_peak", "of peak"),
-    ("images_per_s", "images/s"), ("batches_per_s", "batches/s"), ("peak_bytes", "peak MiB"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
+    ("images_per_s", "images/s"), ("batches_per_s", "batches/s"), ("peak_bytes", "peak MiB"), ("peak_vs_reference", "peak vs ref"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
     ("error", "error"),
 ]
 

@@ -29,7 +29,7 @@ import report  # noqa: E402
 import workloads  # noqa: E402
 from gqn_fast import GQNConfig  # noqa: E402
 
-GROUPS = ["kernels", "conv_cell", "train_step", "representation", "data"]
+GROUPS = ["kernels", "conv_cell", "train_step", "representation", "data", "convlstm"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,22 +65,42 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def plan(device: torch.device, smoke: bool, quick: bool) -> dict:
+# What users run: the paper preset with each representation and with shared cores, and the
+# small preset (label -> config).
+MODEL_PRESETS = {
+    "small": GQNConfig.preset("small"),
+    "paper-tower": GQNConfig.preset("paper"),
+    "paper-pool": GQNConfig.preset("paper", representation="pool"),
+    "paper-pyramid": GQNConfig.preset("paper", representation="pyramid"),
+    "paper-shared": GQNConfig.preset("paper", share_cores=True),
+}
+
+
+def model_cases(device: torch.device, full: bool, presets=None) -> list:
+    """(label, config, batch) of the whole-model comparisons. The paper preset at B = 4 and 36;
+    on a CPU B = 36 only with --full (a step takes minutes there)."""
+    paper_batches = [4, 36] if device.type == "cuda" or full else [4]
+    cases = [("small", MODEL_PRESETS["small"], 36 if device.type == "cuda" else 8)]
+    cases += [(label, config, b) for label, config in MODEL_PRESETS.items() if label != "small" for b in paper_batches]
+    return [case for case in cases if presets is None or case[0] in presets]
+
+
+def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, presets=None) -> dict:
     """Which sizes each group runs at."""
     tiny = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16)
     if smoke:
-        return dict(presets={"tiny": tiny}, batches={"tiny": [2]}, precisions=["fp32"],
+        return dict(cases=[("tiny", tiny, 2)], precisions=["fp32"],
                     kernel_sizes=[2], kernel_dtypes=[torch.float32], repeats=2,
                     representation=(tiny, 2), cell_batches=[2])
     if device.type != "cuda":
-        # A CPU runs the model comparisons only: the kernels are written for GPUs.
-        return dict(presets={"small": GQNConfig.preset("small")}, batches={"small": [8]},
-                    precisions=["fp32"], kernel_sizes=[], kernel_dtypes=[], repeats=5,
+        # A CPU runs the model comparisons only: the kernels are written for GPUs. A paper
+        # step takes seconds here: few repeats, each provider's turns interleaved.
+        return dict(cases=model_cases(device, full, presets), precisions=["fp32"], kernel_sizes=[],
+                    kernel_dtypes=[], repeats=3 if quick else 5,
                     representation=(GQNConfig.preset("small"), 8), cell_batches=[])
     paper = GQNConfig.preset("paper")
     return dict(
-        presets={"paper": paper, "small": GQNConfig.preset("small")},
-        batches={"paper": [8, 36] if quick else [1, 8, 36, 128], "small": [36]},
+        cases=model_cases(device, full, presets),
         precisions=["fp32", "bf16"],
         kernel_sizes=[36, 1024] if quick else [8, 36, 128, 512, 2048],
         kernel_dtypes=[torch.float32, torch.bfloat16],
@@ -95,16 +115,26 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=GROUPS, action="append", help="run only this group (repeatable)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, in seconds (CI)")
+    parser.add_argument("--full", action="store_true", help="on a CPU, the paper preset at B = 36 too")
+    parser.add_argument("--preset", choices=list(MODEL_PRESETS), action="append",
+                        help="whole-model comparisons of this preset only (repeatable)")
+    parser.add_argument("--threads", type=int,
+                        help="torch's CPU threads (default: its own choice); 1 measures a shared, oversubscribed "
+                             "machine fairly, where spinning thread pools slow each other down")
+    parser.add_argument("--provider", action="append",
+                        help="whole-model comparisons with this provider only, e.g. gqn_fast-eager (repeatable)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<device>)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     # Pinned, and printed with the results: fp32 convs and matmuls may use TF32 tensor cores.
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
     env = environment(device)
     groups = args.only or GROUPS
-    sizes = plan(device, args.smoke, args.quick)
+    sizes = plan(device, args.smoke, args.quick, args.full, args.preset)
     log = lambda line: print(line, flush=True)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     limits = measured_limits(device, quick=args.quick or args.smoke)
@@ -128,13 +158,16 @@ def main(argv=None) -> int:
             log("conv_cell: skipped, the fused cell is a GPU kernel (use --smoke to check the plumbing)")
     if "train_step" in groups:
         log("training step and generation:")
-        rows += workloads.model_rows(sizes["presets"], sizes["batches"], sizes["precisions"], device,
-                                     args.smoke, args.quick, sizes["repeats"], log)
+        rows += workloads.model_rows(sizes["cases"], sizes["precisions"], device,
+                                     args.smoke, args.quick, sizes["repeats"], log, args.provider)
     if "representation" in groups:
         log("representation net:")
         config, batch = sizes["representation"]
         rows += workloads.representation_rows(config, batch, sizes["precisions"], device,
                                               args.smoke, sizes["repeats"], log)
+    if "convlstm" in groups:
+        log("gqn_fast.nn.ConvLSTM against the plain ConvLSTM it replaces (CPU: scaled-down sizes):")
+        rows += workloads.convlstm_rows(device, args.smoke, sizes["repeats"], log)
     if "data" in groups:
         log("data:")
         rows += data_bench.data_rows(smoke=args.smoke, log=log)

@@ -8,19 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as the peak-memory child process
+
 from gqn_fast import GQN, GQNConfig
 from gqn_fast import kernels
+from gqn_fast.kernels.gates import lstm_gates_torch
+from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
+from gqn_fast.kernels.pixel_likelihood import pixel_nll_torch
 from gqn_fast.reference import GQN as ReferenceGQN
 from gqn_fast.reference import transform_viewpoint
 
-from measure import peak_memory_bytes, saved_for_backward_bytes, time_fn
+from measure import (
+    interleaved_times,
+    limit_malloc_caching,
+    peak_memory_bytes,
+    peak_rss_bytes,
+    saved_for_backward_bytes,
+    time_fn,
+)
 
 CONTEXT_VIEWS = 3
 ROTATING_BATCHES = 3  # distinct inputs cycled through, so no run reuses a cached input
@@ -47,8 +62,9 @@ def scene_batches(batch: int, device: torch.device, count: int = ROTATING_BATCHE
 # --- whole-model workloads ----------------------------------------------------------------
 
 
-def model_providers(device: torch.device, smoke: bool, quick: bool):
-    """(name, model class, compile mode or None, CUDA-graph capture?, model attributes)."""
+def model_providers(device: torch.device, smoke: bool, quick: bool, only=None):
+    """(name, model class, compile mode or None, CUDA-graph capture?, model attributes);
+    only: the names to keep (None: all that apply here)."""
     providers = [
         ("reference-eager", ReferenceGQN, None, False, {}),
         ("reference-compile", ReferenceGQN, "default", False, {}),
@@ -65,7 +81,7 @@ def model_providers(device: torch.device, smoke: bool, quick: bool):
         providers = [p for p in providers if p[2] != "max-autotune"]
     if device.type != "cuda":  # no CUDA graphs, and the cells run unfused whatever the switch
         providers = [p for p in providers if not p[3] and not p[4]]
-    return providers
+    return [p for p in providers if only is None or p[0] in only]
 
 
 def compile_fn(fn, mode, smoke):
@@ -75,11 +91,14 @@ def compile_fn(fn, mode, smoke):
     return torch.compile(fn, mode=mode)
 
 
-def make_train_step(model, batches, precision, device, compile_mode, smoke, cuda_graph):
+def make_optimizer(model, device, cuda_graph=False):
+    # The same Adam for every provider: fused where it is (CUDA), PyTorch's default elsewhere.
+    return torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=cuda_graph)
+
+
+def make_train_step(model, optimizer, batches, precision, device, compile_mode, smoke, cuda_graph):
     """A closure running one training step (forward, backward, Adam) on the next batch."""
     sigma = 0.7
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused, capturable=cuda_graph)
     elbo = model.elbo if compile_mode is None else compile_fn(model.elbo, compile_mode, smoke)
     cycle = itertools.cycle(batches)
 
@@ -138,53 +157,130 @@ def reference_flops(config: GQNConfig, batch, device, training: bool) -> int:
     return counter.get_total_flops()
 
 
-def model_rows(presets, batch_sizes, precisions, device, smoke, quick, repeats, log):
+MODEL_CLASSES = {"reference": ReferenceGQN, "gqn_fast": GQN}
+WORKLOADS = ("train_step", "generate")
+
+
+def _eager_workload(model: str, config: GQNConfig, batch: int, precision: str, workload: str, device):
+    torch.manual_seed(0)
+    net = MODEL_CLASSES[model](config).to(device)
+    batches = scene_batches(batch, device)
+    if workload == "train_step":
+        return make_train_step(net, make_optimizer(net, device), batches, precision, device, None, False, False)
+    return make_generate(net, batches, precision, device, None, False)
+
+
+def eager_peak_memory(config: GQNConfig, batch: int, precision: str, device) -> dict:
+    """{(model, workload): bytes}: the peak memory of one eager training step or generation of
+    each model above what was live just before it (after a first call, which allocates the
+    optimizer's state).
+
+    CUDA: the caching allocator's peak, in this process. CPU: the peak resident set, in a fresh
+    process (_peak_rss_child) where no other provider's models, compiled graphs or cached
+    blocks are resident; the values are None where /proc is missing."""
+    if device.type == "cuda":
+        peaks = {}
+        for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
+            fn = _eager_workload(model, config, batch, precision, workload, device)
+            fn()
+            peaks[model, workload] = peak_memory_bytes(fn, device)
+            del fn
+        return peaks
+    spec = dict(config=config.to_dict(), batch=batch, precision=precision)
+    child = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"peak-memory process failed: {child.stderr[-2000:]}")
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    return {(model, workload): measured[f"{model} {workload}"] for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS)}
+
+
+def _peak_rss_child(spec: dict) -> None:
+    """eager_peak_memory's process on a CPU: each model and workload in turn, built, called
+    once, then measured (peak RSS over the RSS before the call), and freed."""
+    limit_malloc_caching()
+    device = torch.device("cpu")
+    config = GQNConfig.from_dict(spec["config"])
+    peaks = {}
+    for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
+        fn = _eager_workload(model, config, spec["batch"], spec["precision"], workload, device)
+        fn()
+        peaks[f"{model} {workload}"] = peak_rss_bytes(fn)
+        del fn
+    print(json.dumps(peaks))
+
+
+def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None):
+    """cases: [(preset label, GQNConfig, batch)]. For each case, precision and workload, every
+    provider is built and warmed (compiled) first, then all are timed interleaved; eager
+    providers also get their peak memory, compiled ones share their model (and optimizer)
+    with the eager one of the same class."""
     rows = []
-    for preset, config in presets.items():
-        for batch in batch_sizes[preset]:
-            batches = scene_batches(batch, device)
-            flops = {w: reference_flops(config, batch, device, w == "train_step") for w in ("train_step", "generate")}
-            for precision in precisions:
-                for name, cls, mode, graph, attributes in model_providers(device, smoke, quick):
-                    for workload in ("train_step", "generate"):
-                        if graph and workload == "generate":
-                            continue
+    for preset, config, batch in cases:
+        batches = scene_batches(batch, device)
+        flops = {w: reference_flops(config, batch, device, w == "train_step") for w in ("train_step", "generate")}
+        peaks = {}
+        for precision, workload in itertools.product(precisions, WORKLOADS):
+            models, fns, compile_s, errors = {}, {}, {}, {}
+            for name, cls, mode, graph, attributes in model_providers(device, smoke, quick, only):
+                if graph and workload == "generate":
+                    continue
+                label = f"{workload} {preset} B={batch} {precision} {name}"
+                try:
+                    key = (cls, graph, tuple(sorted(attributes.items())))
+                    if key not in models:
                         torch.manual_seed(0)
                         model = cls(config).to(device)
                         for attribute, value in attributes.items():
                             setattr(model, attribute, value)
-                        label = f"{workload} {preset} B={batch} {precision} {name}"
-                        try:
-                            start = time.perf_counter()
-                            if workload == "train_step":
-                                fn = make_train_step(model, batches, precision, device, mode, smoke, graph)
-                            else:
-                                fn = make_generate(model, batches, precision, device, mode, smoke)
-                            fn()
-                            compile_s = time.perf_counter() - start if mode else None
-                            timing = time_fn(fn, device, repeats=repeats)
-                            peak = peak_memory_bytes(fn, device)
-                            saved = None
-                            if workload == "train_step" and not graph:
-                                with autocast(device, precision):
-                                    saved = saved_for_backward_bytes(
-                                        lambda m=model: m.elbo(*batches[0], sigma=0.7)
-                                    )
-                        except Exception as error:  # one failing provider must not sink the run
-                            log(f"  {label}: FAILED {type(error).__name__}: {error}")
-                            rows.append(dict(workload=workload, provider=name, preset=preset, batch=batch,
-                                             precision=precision, error=f"{type(error).__name__}: {error}"))
-                            continue
-                        row = dict(
-                            workload=workload, provider=name, preset=preset, batch=batch,
-                            precision=precision, mode="fwd+bwd+adam" if workload == "train_step" else "fwd",
-                            median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                            peak_bytes=peak, saved_bytes=saved, compile_s=compile_s,
-                            flops=flops[workload], TFLOPs=flops[workload] / timing.median_ms / 1e9,
-                        )
-                        log(f"  {label}: {timing.median_ms:.3f} ms")
-                        rows.append(row)
-                        del model, fn
+                        models[key] = model, make_optimizer(model, device, graph)
+                    model, optimizer = models[key]
+                    start = time.perf_counter()
+                    if workload == "train_step":
+                        fn = make_train_step(model, optimizer, batches, precision, device, mode, smoke, graph)
+                    else:
+                        fn = make_generate(model, batches, precision, device, mode, smoke)
+                    fn()
+                    compile_s[name] = time.perf_counter() - start if mode else None
+                    fns[name] = fn
+                except Exception as error:  # one failing provider must not sink the run
+                    log(f"  {label}: FAILED {type(error).__name__}: {error}")
+                    errors[name] = f"{type(error).__name__}: {error}"
+            if device.type == "cuda":  # CUDA events time each alone, with L2 flushed
+                timings = {name: time_fn(fn, device, repeats=repeats) for name, fn in fns.items()}
+            else:
+                timings = interleaved_times(fns, device, repeats=repeats, warmup=1)
+            for name, cls, mode, graph, attributes in model_providers(device, smoke, quick, only):
+                if graph and workload == "generate":
+                    continue
+                row = dict(workload=workload, provider=name, preset=preset, batch=batch, precision=precision,
+                           mode="fwd+bwd+adam" if workload == "train_step" else "fwd")
+                if name in errors:
+                    rows.append(dict(row, error=errors[name]))
+                    continue
+                try:
+                    peak = saved = None
+                    if mode is None and not graph and not attributes:
+                        if precision not in peaks:
+                            peaks[precision] = eager_peak_memory(config, batch, precision, device)
+                        peak = peaks[precision][name.split("-")[0], workload]
+                    if workload == "train_step" and not graph:
+                        model = models[(cls, graph, tuple(sorted(attributes.items())))][0]
+                        with autocast(device, precision):
+                            saved = saved_for_backward_bytes(lambda m=model: m.elbo(*batches[0], sigma=0.7))
+                except Exception as error:
+                    log(f"  {workload} {preset} {name}: memory FAILED {type(error).__name__}: {error}")
+                    rows.append(dict(row, error=f"{type(error).__name__}: {error}"))
+                    continue
+                timing = timings[name]
+                row.update(
+                    median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                    peak_bytes=peak, saved_bytes=saved, compile_s=compile_s[name],
+                    flops=flops[workload], TFLOPs=flops[workload] / timing.median_ms / 1e9,
+                )
+                memory = "" if peak is None else f", peak {peak / 2**20:.0f} MiB"
+                log(f"  {workload} {preset} B={batch} {precision} {name}: {timing.median_ms:.1f} ms{memory}")
+                rows.append(row)
+            del models, fns
     return rows
 
 
@@ -220,23 +316,16 @@ def representation_rows(config, batch, precisions, device, smoke, repeats, log):
 # --- kernel microbenchmarks -----------------------------------------------------------------
 
 
-def eager_gates(preact, c):
-    i, f, g, o = preact.float().chunk(4, dim=1)
-    c_new = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
-    return (torch.sigmoid(o) * torch.tanh(c_new)).to(preact.dtype), c_new.to(preact.dtype)
+# The eager baselines are the ops' own PyTorch forms (their CPU paths), run by autograd.
+eager_gates = lstm_gates_torch
 
 
 def eager_sample_kl(mu_q, s_q, mu_p, s_p, eps):
-    mu_q, s_q, mu_p, s_p = (t.float() for t in (mu_q, s_q, mu_p, s_p))
-    sigma_q, sigma_p = F.softplus(s_q), F.softplus(s_p)
-    kl = torch.log(sigma_p / sigma_q) + (sigma_q**2 + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
-    return (mu_q + sigma_q * eps).to(eps.dtype), kl.flatten(1).sum(1)
+    return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
 
 
 def eager_nll(x, logits, sigma):
-    mean = torch.sigmoid(logits.float())
-    nll = 0.5 * ((x.float() - mean) / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
-    return nll.flatten(1).sum(1)
+    return pixel_nll_torch(x, logits, torch.tensor(float(sigma), dtype=torch.float64, device=logits.device))
 
 
 def kernel_cases(device, dtype, sizes):
@@ -253,18 +342,18 @@ def kernel_cases(device, dtype, sizes):
         n = B * 128 * 16 * 16  # H = 128 on the 16x16 grid
         # fwd reads preact (4n) and c, writes h and c_new; bwd reads preact, c and two grads,
         # writes grad_preact (4n) and grad_c.
-        yield ("conv_lstm_gates", B, eager_gates, kernels.conv_lstm_gates,
+        yield ("lstm_gates", B, eager_gates, kernels.lstm_gates,
                lambda B=B: (randn(B, 512, 16, 16), randn(B, 128, 16, 16)),
                7 * n * elt, 12 * n * elt)
         m = B * 3 * 16 * 16  # z_dim = 3
         # fwd reads 5 tensors, writes z; bwd reads 5 and grad_z, writes 4 grads.
-        yield ("gaussian_sample_kl", B, eager_sample_kl, kernels.gaussian_sample_kl,
+        yield ("posterior_sample_kl", B, eager_sample_kl, kernels.posterior_sample_kl,
                lambda B=B: tuple(randn(B, 3, 16, 16, grad=i < 4) for i in range(5)),
                6 * m * elt, 10 * m * elt)
         p = B * 3 * 64 * 64
         # fwd reads x and logits; bwd reads both again and writes grad_logits.
-        yield ("gaussian_nll", B, lambda x, l: eager_nll(x, l, 0.7),
-               lambda x, l: kernels.gaussian_nll(x, l, 0.7),
+        yield ("pixel_nll", B, lambda x, l: eager_nll(x, l, 0.7),
+               lambda x, l: kernels.pixel_nll(x, l, 0.7),
                lambda B=B: (torch.rand(B, 3, 64, 64, device=device, dtype=dtype), randn(B, 3, 64, 64)),
                2 * p * elt, 3 * p * elt)
 
@@ -315,11 +404,11 @@ def eager_cell(x, weight, constant, c):
 def unfused_cell(x, weight, constant, c):
     """gqn_fast's unfused path: cuDNN's conv, then the fused gate kernel."""
     preact = F.conv2d(x, weight, padding=2) + constant
-    return kernels.conv_lstm_gates(preact.to(c.dtype), c)
+    return kernels.lstm_gates(preact.to(c.dtype), c)
 
 
 def fused_cell(backward_convs):
-    return lambda x, weight, constant, c: kernels.conv_gates(x, weight, constant, c, backward_convs=backward_convs)
+    return lambda x, weight, constant, c: kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs)
 
 
 # (core, step-varying input channels) at the paper's sizes: the generator reads z and h_g,
@@ -382,3 +471,119 @@ def conv_cell_rows(device, dtypes, batches, smoke, repeats, peaks, log):
             log(f"  {label}: {timing.median_ms:.4f} ms, {tflops:.1f} TFLOP/s")
             rows.append(row)
     return rows
+
+
+# --- gqn_fast.nn.ConvLSTM against the module it replaces (issue 15) -----------------------
+
+
+class PlainConvLSTMCell(torch.nn.Module):
+    """The replaced module's cell (ndrplz/ConvLSTM_pytorch), from its equations: one conv over
+    [x, h], gates split i, f, o, g."""
+
+    def __init__(self, input_dim, hidden_dim, kernel_size):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        padding = (kernel_size[0] // 2, kernel_size[1] // 2)
+        self.conv = torch.nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, kernel_size, padding=padding)
+
+    def forward(self, x, h, c):
+        i, f, o, g = torch.split(self.conv(torch.cat([x, h], dim=1)), self.hidden_dim, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class PlainConvLSTM(torch.nn.Module):
+    """Batch-first, zero initial state, the last layer's outputs: the replaced module's forward."""
+
+    def __init__(self, input_dim, hidden_dim, kernel_size, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * num_layers
+        self.cell_list = torch.nn.ModuleList(PlainConvLSTMCell(dims[i], dims[i + 1], kernel_size) for i in range(num_layers))
+
+    def forward(self, x):
+        for cell in self.cell_list:
+            h = c = x.new_zeros(x.shape[0], cell.hidden_dim, *x.shape[3:])
+            hs = []
+            for t in range(x.shape[1]):
+                h, c = cell(x[:, t], h, c)
+                hs.append(h)
+            x = torch.stack(hs, dim=1)
+        return x
+
+
+# name: (batch, steps, input channels, image side, hidden, kernel side, layers) as the issue
+# sets them, and scaled down for a CPU (a 2-core machine takes seconds per full-size step).
+CONVLSTM_SIZES = {
+    "gpu": {"moving_mnist": (16, 10, 1, 64, 64, 3, 2), "nowcasting": (4, 10, 1, 100, 64, 5, 3)},
+    "cpu": {"moving_mnist": (4, 10, 1, 32, 16, 3, 2), "nowcasting": (2, 10, 1, 50, 16, 5, 3)},
+    "smoke": {"moving_mnist": (1, 2, 1, 8, 4, 3, 2)},  # the plumbing only, in seconds
+}
+
+
+def convlstm_rows(device, smoke, repeats, log):
+    """gqn_fast.nn.ConvLSTM (a state_dict loaded from the plain module) against the plain module,
+    each eager and compiled, forward (no grad) and forward+backward, timed interleaved."""
+    from gqn_fast.nn import ConvLSTM
+    from measure import interleaved_times
+
+    sizes = CONVLSTM_SIZES["smoke" if smoke else "gpu" if device.type == "cuda" else "cpu"]
+    rows = []
+    for name, (batch, steps, cin, side, hidden, k, layers) in sizes.items():
+        torch.manual_seed(0)
+        plain = PlainConvLSTM(cin, hidden, (k, k), layers).to(device)
+        ours = ConvLSTM(cin, hidden, (k, k), layers, batch_first=True).to(device)
+        ours.load_state_dict(plain.state_dict())
+        models = {
+            "eager": plain,
+            "compile": compile_fn(plain, "default", smoke),
+            "gqn_fast-eager": lambda x: ours(x)[0][0],
+            "gqn_fast-compile": compile_fn(lambda x: ours(x)[0][0], "default", smoke),
+        }
+        frames = [torch.randn(batch, steps, cin, side, side, device=device) for _ in range(ROTATING_BATCHES)]
+        # Multiply-adds of every step's conv over [x, h], x2; the backward does two more convs.
+        conv_flops = sum(2 * batch * side * side * ((cin if i == 0 else hidden) + hidden) * k * k * 4 * hidden
+                         for i in range(layers)) * steps  # fmt: skip
+        for mode in ("fwd", "fwd+bwd"):
+            cycle = itertools.cycle(frames)
+
+            def runner(model, mode=mode, cycle=cycle):
+                def run():
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            model(next(cycle))
+                    else:
+                        model(next(cycle)).mean().backward()
+                return run
+
+            fns, compile_s, errors = {}, {}, {}
+            for provider, model in models.items():
+                start = time.perf_counter()
+                try:
+                    runner(model)()  # compiles here, outside the timing
+                except Exception as error:  # one failing provider must not sink the run
+                    errors[provider] = f"{type(error).__name__}: {error}"
+                    log(f"  convlstm {name} {provider} {mode}: FAILED {errors[provider]}")
+                    continue
+                compile_s[provider] = time.perf_counter() - start if "compile" in provider else None
+                fns[provider] = runner(model)
+            timings = interleaved_times(fns, device, repeats=repeats)
+            flops = conv_flops * (3 if mode == "fwd+bwd" else 1)
+            for provider in models:
+                row = dict(workload=f"convlstm_{name}", provider=provider, mode=mode, batch=batch, precision="fp32",
+                           size=f"T={steps} {side}x{side} hidden={hidden} k={k}x{k} layers={layers}")  # fmt: skip
+                if provider in errors:
+                    rows.append(dict(row, error=errors[provider]))
+                    continue
+                timing = timings[provider]
+                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, flops=flops,
+                           TFLOPs=flops / timing.median_ms / 1e9, compile_s=compile_s[provider])  # fmt: skip
+                rows.append(row)
+            base = {p: timings[p].median_ms for p in ("eager", "compile") if p in timings}
+            for provider, timing in timings.items():
+                ratios = ", ".join(f"{base[p] / timing.median_ms:.2f}x {p}" for p in base)
+                log(f"  convlstm {name} B={batch} {provider} {mode}: {timing.median_ms:.2f} ms ({ratios})")
+    return rows
+
+
+if __name__ == "__main__":
+    _peak_rss_child(json.loads(sys.argv[1]))

@@ -31,3 +31,12 @@ def observation_after_upsample(obs_w, up_w, up_b):
     """
     obs = obs_w[:, :, 0, 0]
     return torch.einsum("oc,hcij->hoij", obs, up_w), obs @ up_b
+
+
+def downsample_after_upsample_pairs(down_w, up_w):
+    """Every pair's 1x1 map at once: down_w [Ld, C', C, 4, 4], up_w [Lu, H, C, 4, 4] -> [Ld*C', Lu*H].
+
+    Block (l, j) is M for down-sampling conv l after up-sampling convT j: one matrix product for
+    all pairs, whose backward is one product per operand (no per-pair weight-sized gradients).
+    """
+    return down_w.flatten(2).flatten(0, 1) @ up_w.flatten(2).flatten(0, 1).T

@@ -3,15 +3,23 @@
 Same constructor, methods and parameter names as gqn_fast.reference.GQN (it subclasses it
 for exactly that: one state_dict loads into both); only `elbo` and `generate` differ. What
 changes (GQN_SPEC.md, "Where the speed comes from"), all exact in real arithmetic:
-- The query image, viewpoint and r do not change across the L steps, so their share of every
-  core's 5x5 conv is computed once per forward, for all cores in one conv.
+- Each cell's weight is split once per forward into runs of its input groups (the layouts of
+  reference/cores.py): a split's backward is one concatenation, where per-step slices would
+  each zero-fill a weight-sized gradient. Nothing weight-sized is allocated per step.
+- The query image, viewpoint and r do not change across the L steps, so their share of a
+  core's 5x5 conv is computed once per core (once in all with shared cores). With a 1x1 r
+  (pool, pyramid) v_q and r are a vector per scene and that share is exact in closed form,
+  with no convolution (gqn_fast.constant_conv); so is the first step's, where the states are
+  zero and the canvas view is its bias everywhere.
 - The 128x64x64 canvas never exists: the inference core's view of it, conv(k4 s4) of a sum of
   convT(k4 s4) outputs, is a running sum of 1x1 maps on the 16x16 grid, and the output image
   is one transposed conv of the generator states straight to 3 channels (gqn_fast.folding).
-- Each ConvLSTM cell's 5x5 conv over its step-varying inputs carries the gate math in its
-  epilogue (kernels.conv_gates), so the [B, 4H, 16, 16] preactivations never make a round
-  trip through memory; the posterior sample with its KL and the pixel NLL are fused kernels
-  too, and recompute their activations in backward instead of storing them.
+- Where the Triton kernels run, each ConvLSTM cell's 5x5 conv over its step-varying inputs
+  carries the gate math in its epilogue (kernels.conv_lstm_cell), so the [B, 4H, 16, 16]
+  preactivations never make a round trip through memory; the posterior sample with its KL and
+  the pixel NLL are fused kernels too, and recompute their activations in backward instead of
+  storing them. On the CPU's PyTorch path the cells are a conv, then the gate math through
+  autograd, and the representation net reads channels-last images (oneDNN's faster layout).
 
 Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
 latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
@@ -25,9 +33,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM
-from gqn_fast.folding import downsample_after_upsample, observation_after_upsample
-from gqn_fast.kernels import conv_gates, conv_lstm_gates, gaussian_nll, gaussian_sample_kl, use_triton
+from gqn_fast.config import GRID_SIZE
+from gqn_fast.constant_conv import constant_conv
+from gqn_fast.folding import (
+    downsample_after_upsample,
+    downsample_after_upsample_pairs,
+    observation_after_upsample,
+)
+from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
+from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
 
@@ -40,42 +54,94 @@ def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
+# How each cell's weight is split, into runs of adjacent input groups (names from the layouts
+# in reference/cores.py): what is constant across steps, then what one conv per step reads.
+INFERENCE_RUNS = (("x_q",), ("v_q", "r"), ("h_g", "u", "h_e"))
+GENERATOR_RUNS = (("v_q", "r"), ("z", "h_g"))
+# With one core per step, the first generator core only ever sees h_g = 0.
+FIRST_GENERATOR_RUNS = (("v_q", "r"), ("z",), ("h_g",))
+
+
+def split_runs(weight: torch.Tensor, layout: dict[str, int], runs) -> tuple[torch.Tensor, ...]:
+    """The cell weight [4H, sum(layout), K, K] cut into one piece per run of input groups, by one
+    split (its backward is a single concatenation of the pieces' gradients)."""
+    names = [name for run in runs for name in run]
+    if names != list(layout):
+        raise ValueError(f"runs: expected the groups {list(layout)} in order, got {names}")
+    return weight.split([sum(layout[name] for name in run) for run in runs], dim=1)
+
+
+class SceneInput:
+    """What every core reads unchanged at every step: v_q and r, concatenated as in the layouts.
+
+    With a 1x1 r (pool, pyramid) it is one vector per scene and its share of a conv is computed
+    in closed form (gqn_fast.constant_conv); with the tower's 16x16 r it is a map (v_q tiled),
+    built once and read by every core's conv (and saved once for their backward).
+    """
+
+    def __init__(self, query_v: torch.Tensor, r: torch.Tensor):
+        self.vector = self.map = None
+        if r.shape[-1] == 1:
+            self.vector = torch.cat([query_v, r.flatten(1)], dim=1)
+        else:
+            self.map = torch.cat([tile(query_v, GRID_SIZE), r], dim=1)
+
+    def share(self, weight: torch.Tensor) -> torch.Tensor:
+        """conv2d(cat[v_q tiled, r], weight, padding=2): [B, 4H, 16, 16]."""
+        if self.vector is not None:
+            return constant_conv(self.vector, weight, GRID_SIZE)
+        return F.conv2d(self.map, weight, padding=weight.shape[-1] // 2)
+
+
 class CanvasView:
     """What each inference step reads of the canvas, conv_k4s4(u), kept on the 16x16 grid.
 
     Step l's inference core reads D_l(u_{l-1}) with u_{l-1} = sum_{j<l} T_j(h_j), which is
     a_l + sum_{j<l} (M_lj h_j + m_lj) (gqn_fast.folding). With shared cores M and m are one
-    matrix and vector, so one running sum serves every step; with one core per step, each new
-    h_j is mapped at once to its share of every later step's view.
+    matrix and vector, so one running sum serves every step. With one core per step, all the
+    M_lj come from one matrix product per forward, and each new h_j is mapped at once to its
+    share of every later step's view. Before any drawing the view is the conv bias a_l.
     """
 
-    def __init__(self, model: "GQN", batch: int):
+    def __init__(self, model: "GQN"):
         self.shared = model.config.share_cores
-        self.down_w = torch.stack([core.downsample_u.weight for core in model.inference_cores])
-        down_b = [core.downsample_u.bias for core in model.inference_cores]
-        self.up_w = [core.upsample_h.weight for core in model.generator_cores]
-        self.up_b = [core.upsample_h.bias for core in model.generator_cores]
-        shape = (batch, model.config.canvas, GRID_SIZE, GRID_SIZE)
-        # Before any drawing the canvas is zero and each view is its conv bias.
-        self.views = [b[None, :, None, None].expand(shape) for b in down_b]
+        down = [core.downsample_u for core in model.inference_cores]
+        up = [core.upsample_h for core in model.generator_cores]
+        self.start = down[0].bias  # step 1's view, the same at every position of every scene
         if self.shared:
-            self.shared_map = downsample_after_upsample(self.down_w[0], self.up_w[0], self.up_b[0])
+            weight, bias = downsample_after_upsample(down[0].weight, up[0].weight, up[0].bias)
+            self.map = weight[:, :, None, None], bias
+            self.views = [down[0].bias[None, :, None, None]]
+            return
+        self.canvas = down[0].bias.shape[0]
+        self.views = [None]
+        if len(down) == 1:
+            return
+        hidden = up[0].weight.shape[0]
+        later_down = torch.stack([d.weight for d in down[1:]])  # rows: the views of steps 2..L
+        # Column block j holds T_j's share of every later view; its rows l <= j are never read.
+        self.columns = downsample_after_upsample_pairs(later_down, torch.stack([u.weight for u in up[:-1]])).split(hidden, dim=1)
+        # a_l + sum_{j<l} m_lj = a_l + (D_l summed over its taps) . (sum_{j<l} t_j)
+        drawn_bias = torch.stack([u.bias for u in up[:-1]]).cumsum(0)
+        bias = torch.einsum("lpcij,lc->lp", later_down, drawn_bias)
+        self.views += [(b + d.bias)[None, :, None, None] for b, d in zip(bias, down[1:])]
 
     def before(self, step: int) -> torch.Tensor:
+        """The view of step `step` (0-based; not step 0, see `start`), broadcastable to [B, C, 16, 16]."""
         return self.views[0 if self.shared else step]
 
     def draw(self, step: int, h: torch.Tensor) -> None:
         """Account for step `step`'s generator state h in the views of all later steps."""
         if self.shared:
-            weight, bias = self.shared_map
-            self.views[0] = self.views[0] + F.conv2d(h, weight[:, :, None, None], bias)
+            weight, bias = self.map
+            self.views[0] = self.views[0] + F.conv2d(h, weight, bias)
             return
-        later = self.down_w[step + 1 :]
-        if len(later) == 0:
+        later = len(self.views) - 1 - step
+        if later == 0:
             return
-        weight, bias = downsample_after_upsample(later, self.up_w[step], self.up_b[step])
-        shares = F.conv2d(h, weight.flatten(0, 1)[:, :, None, None], bias.flatten())
-        for offset, share in enumerate(shares.chunk(len(later), dim=1)):
+        weight = self.columns[step][-later * self.canvas :]
+        shares = F.conv2d(h, weight[:, :, None, None]).split(self.canvas, dim=1)
+        for offset, share in enumerate(shares):
             self.views[step + 1 + offset] = self.views[step + 1 + offset] + share
 
 
@@ -83,7 +149,7 @@ class GQN(reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
     Two switches, plain attributes (not in the state_dict), for benchmarks and comparisons:
-    fused_cells: None (default) fuses each cell's 5x5 conv with its gates (kernels.conv_gates)
+    fused_cells: None (default) fuses each cell's 5x5 conv with its gates (kernels.conv_lstm_cell)
         wherever the Triton kernels run (CUDA, or the CPU interpreter), and keeps the unfused
         conv + gate kernel elsewhere; True or False forces one or the other.
     backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
@@ -92,36 +158,40 @@ class GQN(reference.GQN):
     fused_cells: bool | None = None
     backward_convs: str = "aten"
 
-    def _constant_preactivations(self, query_x, v_q, r):
-        """Each core's preactivation share from the inputs that are the same at every step.
+    def _scene(self, context_x, context_v, query_v) -> SceneInput:
+        """v_q and r; r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
+        B, M = context_x.shape[:2]
+        x = context_x.flatten(0, 1)
+        if x.device.type == "cpu":
+            # oneDNN's convs run about twice as fast on channels-last images (bench/run.py).
+            x = x.contiguous(memory_format=torch.channels_last)
+        r_k = self.representation(x, context_v.flatten(0, 1))
+        return SceneInput(query_v, r_k.view(B, M, *r_k.shape[1:]).sum(dim=1))
 
-        Returns (inference, generator): lists with one [B, 4H, 16, 16] tensor per core
-        (inference is None when query_x is None, as in generation), conv biases included.
-        """
-        V, R = VIEWPOINT_DIM, self.config.r_dim
-        gen_w = [core.cell.conv.weight[:, : V + R] for core in self.generator_cores]
-        gen_b = [core.cell.conv.bias for core in self.generator_cores]
-        inputs = torch.cat([v_q, r], dim=1)
-        n = len(self.generator_cores)
-        if query_x is None:
-            return None, F.conv2d(inputs, torch.cat(gen_w), torch.cat(gen_b), padding=2).chunk(n, 1)
-        # Inference cell input channels: [x_q down (3), v_q, r, h_g, u down, h_e].
-        inf_w = [core.cell.conv.weight[:, 3 : 3 + V + R] for core in self.inference_cores]
-        inf_b = [core.cell.conv.bias for core in self.inference_cores]
-        both = F.conv2d(inputs, torch.cat(inf_w + gen_w), torch.cat(inf_b + gen_b), padding=2)
-        inference, generator = both.chunk(2, dim=1)
-        # Each inference core down-samples the query image with its own conv: one conv for all,
-        # then a grouped 5x5 conv applies each core's weights to its own 3 channels.
-        cores = self.inference_cores
-        x_down = F.conv2d(
-            query_x,
-            torch.cat([core.downsample_x.weight for core in cores]),
-            torch.cat([core.downsample_x.bias for core in cores]),
-            stride=4,
-        )
-        x_w = torch.cat([core.cell.conv.weight[:, :3] for core in cores])
-        inference = inference + F.conv2d(x_down, x_w, padding=2, groups=n)
-        return inference.chunk(n, 1), generator.chunk(n, 1)
+    def _core_index(self, step: int) -> int:
+        return 0 if self.config.share_cores else step
+
+    def _inference_weights(self):
+        """Each inference core's cell weight in pieces (INFERENCE_RUNS), split once per forward."""
+        return [split_runs(core.cell.conv.weight, core.layout, INFERENCE_RUNS) for core in self.inference_cores]
+
+    def _generator_weights(self):
+        """Each generator core's cell weight in pieces, split once per forward."""
+        first = GENERATOR_RUNS if self.config.share_cores else FIRST_GENERATOR_RUNS
+        return [
+            split_runs(core.cell.conv.weight, core.layout, first if index == 0 else GENERATOR_RUNS)
+            for index, core in enumerate(self.generator_cores)
+        ]
+
+    def _inference_constant(self, core, pieces, scene: SceneInput, query_x):
+        """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
+        x_weight, scene_weight, _ = pieces
+        x_down = core.downsample_x(query_x)
+        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2) + scene.share(scene_weight)
+
+    def _generator_constant(self, core, pieces, scene: SceneInput):
+        """The share of v_q, r and the bias in a generator core's preactivations."""
+        return scene.share(pieces[0]) + core.cell.conv.bias[:, None, None]
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
@@ -146,40 +216,41 @@ class GQN(reference.GQN):
             return bias.chunk(2, dim=1)
         return self.prior(h_g).chunk(2, dim=1)
 
-    def _inference_step(self, step, h_g, view, h_e, c_e, constant):
-        core = self.inference_cores[0 if self.config.share_cores else step]
-        # Inference cell input channels: [x_q down, v_q, r, h_g, u down, h_e]; the first three
-        # are in `constant`.
-        H, C = self.config.hidden, self.config.canvas
-        weight = core.cell.conv.weight[:, 3 + VIEWPOINT_DIM + self.config.r_dim :]
+    def _inference_step(self, step, pieces, constant, h_g, canvas: CanvasView, h_e, c_e):
+        weight = pieces[-1]  # the run [h_g, u down, h_e]
         if step == 0:
-            return self._cell(view, weight[:, H : H + C], constant, c_e, batch_constant_input=True)
-        return self._cell(torch.cat([h_g, view, h_e], dim=1), weight, constant, c_e)
+            # h_g = h_e = 0 and the canvas view is its bias everywhere: a constant input.
+            zeros = canvas.start.new_zeros(self.config.hidden)
+            start = torch.cat([zeros, canvas.start, zeros])[None]
+            return self._gates(constant + constant_conv(start, weight, GRID_SIZE), c_e)
+        return self._cell(torch.cat([h_g, canvas.before(step), h_e], dim=1), weight, constant, c_e)
 
-    def _generator_step(self, step, z, h_g, c_g, constant):
-        core = self.generator_cores[0 if self.config.share_cores else step]
-        # Generator cell input channels: [v_q, r, z, h_g]; v_q and r are in `constant`.
-        weight = core.cell.conv.weight[:, VIEWPOINT_DIM + self.config.r_dim :]
-        if step == 0:
-            return self._cell(z, weight[:, : self.config.z_dim], constant, c_g)
-        return self._cell(torch.cat([z, h_g], dim=1), weight, constant, c_g)
+    def _generator_step(self, step, pieces, constant, z, h_g, c_g):
+        if step == 0 and len(pieces) == 3:  # FIRST_GENERATOR_RUNS: h_g = 0 is not convolved
+            return self._cell(z, pieces[1], constant, c_g)
+        return self._cell(torch.cat([z, h_g], dim=1), pieces[1], constant, c_g)
 
-    def _cell(self, x, weight, constant, c, batch_constant_input=False):
+    def _cell(self, x, weight, constant, c):
         """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
 
         Fused (the 5x5 conv with the gates in its epilogue) where the kernels run; unfused
-        (cuDNN or the CPU's conv, then the gate kernel) elsewhere or when asked. An input that
-        is the same for every scene (the canvas view before any drawing) is convolved once
-        on the unfused path.
+        (cuDNN or the CPU's conv, then the gate kernel) elsewhere or when asked.
         """
         fused = use_triton(c) if self.fused_cells is None else self.fused_cells
         if fused:
             dtype = _conv_dtype(weight)
-            return conv_gates(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
-        if batch_constant_input:
-            x = x[:1]
-        preact = F.conv2d(x, weight, padding=2) + constant
-        return conv_lstm_gates(preact.to(c.dtype), c)
+            return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
+        return self._gates(F.conv2d(x, weight, padding=2) + constant, c)
+
+    @staticmethod
+    def _gates(preact, c):
+        """The gate math: the gate kernel where Triton runs. On the CPU's PyTorch path, the
+        kernel's own PyTorch form differentiated by autograd, which keeps the activations where
+        the op's backward recomputes them: a third of the elementwise passes, on a CPU where
+        they are slow and memory is plentiful."""
+        if use_triton(c):
+            return lstm_gates(preact.to(c.dtype), c)
+        return lstm_gates_torch(preact.to(c.dtype), c)
 
     def _zeros(self, batch, like):
         return like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE)
@@ -189,28 +260,31 @@ class GQN(reference.GQN):
         c = self.config
         B = query_x.shape[0]
 
-        r = self.represent(context_x, context_v)
-        inference_const, generator_const = self._constant_preactivations(
-            query_x, tile(query_v, GRID_SIZE), r
-        )
-        canvas = CanvasView(self, B)
+        scene = self._scene(context_x, context_v, query_v)
+        inference_weights, generator_weights = self._inference_weights(), self._generator_weights()
+        canvas = CanvasView(self)
         h_g, c_g, h_e, c_e = (self._zeros(B, query_x) for _ in range(4))
         kls, states = [], []
         for step in range(c.L):
-            core = 0 if c.share_cores else step
+            core = self._core_index(step)
+            if step == 0 or not c.share_cores:  # each core's constant share, once
+                inference_const = self._inference_constant(
+                    self.inference_cores[core], inference_weights[core], scene, query_x
+                )
+                generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
             mu_p, s_p = self._prior(step, h_g)
-            h_e, c_e = self._inference_step(step, h_g, canvas.before(step), h_e, c_e, inference_const[core])
+            h_e, c_e = self._inference_step(step, inference_weights[core], inference_const, h_g, canvas, h_e, c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             eps = torch.randn_like(h_e[:, : c.z_dim]) if noise is None else noise[step]
-            z, kl = gaussian_sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
+            z, kl = posterior_sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
-            h_g, c_g = self._generator_step(step, z, h_g, c_g, generator_const[core])
+            h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
             states.append(h_g)
             if step < c.L - 1:
                 canvas.draw(step, h_g)
 
         logits = self._image_logits(states)
-        nll = gaussian_nll(query_x, logits.to(query_x.dtype), float(sigma))
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), float(sigma))
         kl = torch.stack(kls, dim=1)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
@@ -221,15 +295,17 @@ class GQN(reference.GQN):
         c = self.config
         B = query_v.shape[0]
 
-        r = self.represent(context_x, context_v)
-        _, generator_const = self._constant_preactivations(None, tile(query_v, GRID_SIZE), r)
+        scene = self._scene(context_x, context_v, query_v)
+        generator_weights = self._generator_weights()
         h_g, c_g = self._zeros(B, context_x), self._zeros(B, context_x)
         states = []
         for step in range(c.L):
+            core = self._core_index(step)
+            if step == 0 or not c.share_cores:
+                generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
             mu_p, s_p = self._prior(step, h_g)
             eps = torch.randn_like(mu_p) if noise is None else noise[step]
             z = mu_p + F.softplus(s_p) * eps
-            core = 0 if c.share_cores else step
-            h_g, c_g = self._generator_step(step, z, h_g, c_g, generator_const[core])
+            h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
             states.append(h_g)
         return torch.sigmoid(self._image_logits(states))

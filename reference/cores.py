@@ -24,21 +24,38 @@ class ConvLSTMCell(nn.Module):
         return h, c
 
 
+def inference_layout(v_dim: int, r_dim: int, hidden: int, canvas: int) -> dict[str, int]:
+    """The inference cell's input channels in the order they are concatenated: name -> count.
+
+    x_q and u are down-sampled to 16x16; the last group, h_e, is the cell's own state.
+    """
+    return {"x_q": 3, "v_q": v_dim, "r": r_dim, "h_g": hidden, "u": canvas, "h_e": hidden}
+
+
+def generator_layout(v_dim: int, r_dim: int, z_dim: int, hidden: int) -> dict[str, int]:
+    """The generator cell's input channels in the order they are concatenated: name -> count.
+
+    The last group, h_g, is the cell's own state.
+    """
+    return {"v_q": v_dim, "r": r_dim, "z": z_dim, "h_g": hidden}
+
+
 class InferenceCore(nn.Module):
     """Reads the query image, the viewpoint, r, the generator's state and its canvas."""
 
     def __init__(self, v_dim: int, r_dim: int, hidden: int, canvas: int):
         super().__init__()
+        self.layout = inference_layout(v_dim, r_dim, hidden, canvas)
         # 64x64 -> 16x16 so that the query image and the canvas meet the 16x16 state.
         self.downsample_x = nn.Conv2d(3, 3, kernel_size=4, stride=4)
         self.downsample_u = nn.Conv2d(canvas, canvas, kernel_size=4, stride=4)
-        self.cell = ConvLSTMCell(3 + v_dim + r_dim + hidden + canvas, hidden)
+        self.cell = ConvLSTMCell(sum(self.layout.values()) - hidden, hidden)
 
     def forward(self, x_q, v_q, r, h_g, u, h_e, c_e):
-        inputs = torch.cat(
-            [self.downsample_x(x_q), v_q, r, h_g, self.downsample_u(u)], dim=1
-        )
-        return self.cell(inputs, h_e, c_e)
+        inputs = {"x_q": self.downsample_x(x_q), "v_q": v_q, "r": r, "h_g": h_g, "u": self.downsample_u(u)}
+        # In layout order; the cell appends the last group, its own state h_e.
+        ordered = [inputs[name] for name in list(self.layout)[:-1]]
+        return self.cell(torch.cat(ordered, dim=1), h_e, c_e)
 
 
 class GeneratorCore(nn.Module):
@@ -46,10 +63,14 @@ class GeneratorCore(nn.Module):
 
     def __init__(self, v_dim: int, r_dim: int, z_dim: int, hidden: int, canvas: int):
         super().__init__()
-        self.cell = ConvLSTMCell(v_dim + r_dim + z_dim, hidden)
+        self.layout = generator_layout(v_dim, r_dim, z_dim, hidden)
+        self.cell = ConvLSTMCell(sum(self.layout.values()) - hidden, hidden)
         self.upsample_h = nn.ConvTranspose2d(hidden, canvas, kernel_size=4, stride=4)
 
     def forward(self, v_q, r, z, h_g, c_g, u):
-        h_g, c_g = self.cell(torch.cat([v_q, r, z], dim=1), h_g, c_g)
+        inputs = {"v_q": v_q, "r": r, "z": z}
+        # In layout order; the cell appends the last group, its own state h_g.
+        ordered = [inputs[name] for name in list(self.layout)[:-1]]
+        h_g, c_g = self.cell(torch.cat(ordered, dim=1), h_g, c_g)
         u = u + self.upsample_h(h_g)
         return h_g, c_g, u
