@@ -168,3 +168,22 @@ def test_export_publishes_a_half_precision_model_that_names_its_builtin_data(run
     stored, _, _ = open_split(data / "test")
     n = min(len(regenerated), len(stored))  # the sets' test fractions differ
     assert n >= 1 and (regenerated[:n] == stored[:n]).all()
+
+
+def test_the_published_model_loads_and_predicts():
+    """models/small-rooms-redbox/model.pt: the model in the box loads into both models and draws images."""
+    from pathlib import Path
+
+    from gqn_fast.reference import GQN as ReferenceGQN
+
+    path = Path(__file__).resolve().parents[1] / "models" / "small-rooms-redbox" / "model.pt"
+    model, state = evaluate.load_model(path, torch.device("cpu"))
+    assert state["step"] == 11750 and state["train"]["builtin"]["holdout"] == "red-boxes"
+    reference = ReferenceGQN(model.config)
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    x, v, qv = torch.rand(2, 3, 3, 64, 64), torch.randn(2, 3, 7), torch.randn(2, 7)
+    noise = torch.randn(model.config.L, 2, model.config.z_dim, 16, 16)
+    fast, plain = model.generate(x, v, qv, noise=noise), reference.generate(x, v, qv, noise=noise)
+    assert fast.shape == (2, 3, 64, 64) and torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
