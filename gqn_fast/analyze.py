@@ -198,12 +198,12 @@ def plot_tsne(xy: np.ndarray, scene_ids: np.ndarray, labels: list[dict] | None, 
 
 
 def run_tsne(ns: argparse.Namespace) -> int:
-    require_sklearn()
     check_int("--scenes", ns.scenes, 2)
     check_int("--subsets", ns.subsets, 2)
     device, model, state, images, cameras, manifest = open_checkpoint(ns)
     T = images.shape[1]
     check_int("--views", ns.views, 1, T, f" (the data has {T} views a scene)")
+    require_sklearn()  # after the arguments: a bad one is named first, with or without the extra
     n = min(ns.scenes, images.shape[0])
     r, pixels, scene_ids = scene_representations(model, images, cameras, n, ns.subsets, ns.views, ns.seed, device)
     xy = tsne_2d(r, ns.seed)
