@@ -30,7 +30,7 @@ from tqdm import tqdm
 from gqn_fast.data.render import Box, Cylinder, Scene, Sphere
 from gqn_fast.errors import UsageError
 from gqn_fast.evaluate import (
-    HelpFormatter, add_common_arguments, check_int, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
+    add_common_arguments, check_int, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
     split_views,
 )
 from gqn_fast.images import save_grid
@@ -462,20 +462,17 @@ def run_composition(ns: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    formatter = HelpFormatter
-    analyze = subparsers.add_parser("analyze", formatter_class=formatter, help="what the scene representation r holds: t-SNE, scene algebra, composition")
+    analyze = subparsers.add_parser("analyze", help="what the scene representation r holds: t-SNE, scene algebra, composition")
     commands = analyze.add_subparsers(dest="analysis", required=True)
 
-    p = commands.add_parser("tsne", formatter_class=formatter,
-                            help="t-SNE of r over scenes and view subsets; nearest-neighbour scene accuracy of r vs pixels")
+    p = commands.add_parser("tsne", help="t-SNE of r over scenes and view subsets; nearest-neighbour scene accuracy of r vs pixels")
     add_common_arguments(p, "folder for tsne.json and tsne.png (default: a new folder <run>/analyze-tsne/step-N[-i])")
     p.add_argument("--scenes", type=int, default=50, help="test scenes")
     p.add_argument("--subsets", type=int, default=5, help="random subsets of views per scene")
     p.add_argument("--views", type=int, default=2, help="views in each subset")
     p.set_defaults(func=run_tsne)
 
-    p = commands.add_parser("algebra", formatter_class=formatter,
-                            help="r(A) - r(B) + r(C) on built-in rooms that differ in one property")
+    p = commands.add_parser("algebra", help="r(A) - r(B) + r(C) on built-in rooms that differ in one property")
     add_common_arguments(p, "folder for algebra.json and algebra.png (default: a new folder <run>/analyze-algebra/step-N[-i])")
     p.add_argument("--properties", nargs="+", choices=list(PROPERTIES), help="properties to change (default: all)")
     p.add_argument("--triples", type=int, default=4, help="scene triples per property")
@@ -484,8 +481,7 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=4, help="prior samples averaged per prediction")
     p.set_defaults(func=run_algebra)
 
-    p = commands.add_parser("composition", formatter_class=formatter,
-                            help="prediction error on test scenes with the combination the training split held out")
+    p = commands.add_parser("composition", help="prediction error on test scenes with the combination the training split held out")
     add_common_arguments(p, "folder for composition.json and composition.png "
                             "(default: a new folder <run>/analyze-composition/step-N[-i])")
     p.add_argument("--scenes", type=int, default=500, help="test scenes to use at most")

@@ -279,13 +279,6 @@ def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Pa
     raise UsageError(f"{parent}: holds 10000 results for step {step} already; pass --out")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except None: the option's help says what happens without it."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("checkpoint", help="a checkpoint written by `gqn-fast train` (runs/NAME/checkpoints/step-*.pt)")
     p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
@@ -359,9 +352,7 @@ def run_export(ns) -> int:
 
 
 def register(subparsers) -> None:
-    formatter = HelpFormatter
-    p = subparsers.add_parser("export", formatter_class=formatter,
-                              help="a checkpoint as a published model: parameters and config, no optimizer state")
+    p = subparsers.add_parser("export", help="a checkpoint as a published model: parameters and config, no optimizer state")
     p.add_argument("checkpoint")
     p.add_argument("out", help="file to write")
     p.add_argument("--half", action="store_true", help="store the parameters in fp16 (they load into fp32 models)")
@@ -369,8 +360,7 @@ def register(subparsers) -> None:
                    help="keep the training data's local path instead of naming a built-in set by its generator")
     p.set_defaults(func=run_export)
 
-    p = subparsers.add_parser("eval", formatter_class=formatter,
-                              help="test-set ELBO terms and prediction error against the number of context views")
+    p = subparsers.add_parser("eval", help="test-set ELBO terms and prediction error against the number of context views")
     add_common_arguments(p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])")
     p.add_argument("--scenes", type=int, default=1000, help="test scenes to use at most")
     p.add_argument("--max-context", type=int, help="K: the curve covers 1..K views (default: T - 1)")
@@ -378,8 +368,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=32, help="scenes per forward pass")
     p.set_defaults(func=run_eval)
 
-    p = subparsers.add_parser("sample", formatter_class=formatter,
-                              help="pictures of held-out scenes and fly-around GIFs")
+    p = subparsers.add_parser("sample", help="pictures of held-out scenes and fly-around GIFs")
     add_common_arguments(p, "folder for the pictures (default: a new folder <run>/samples/step-N[-i])")
     p.add_argument("--scenes", type=int, default=4, help="test scenes to draw")
     p.add_argument("--samples", type=int, default=4, help="prior samples per scene")
