@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -138,10 +140,35 @@ def write(out: Path, environment: dict, limits: dict, rows: list[dict]) -> list[
         "speedup": out / "speedup.png",
         "roofline": out / "roofline.png",
     }
-    rows = [dict(r, **{k: environment[k] for k in ("device", "commit")}) for r in rows]
+    rows = [dict(r, **{k: environment[k] for k in ("device", "commit", "date") if k not in r}) for r in rows]
     files["json"].write_text(json.dumps({"environment": environment, "limits": limits, "rows": rows}, indent=1))
     header = "\n".join(f"- {k}: {v}" for k, v in {**environment, **limits}.items())
     files["md"].write_text(f"# gqn-fast benchmark\n\n{header}\n\n{markdown_table(rows)}")
     plot_speedups(rows, files["speedup"])
     plot_roofline(rows, limits, files["roofline"])
     return list(files.values())
+
+
+def merge(out: Path, runs: list[Path]) -> list[Path]:
+    """One results folder from several runs on the same device (e.g. one preset per run, so that a
+    long run lost loses one preset). Each row keeps its own commit and date; the header lists
+    every run's, and its command; the limits are the first run's."""
+    loaded = [json.loads((run / "results.json").read_text()) for run in runs]
+    devices = {d["environment"]["device"] for d in loaded}
+    if len(devices) != 1:
+        raise SystemExit(f"runs: expected one device, got {sorted(devices)}")
+    environment = dict(loaded[0]["environment"])
+    for key in ("commit", "date", "command"):
+        environment[key] = "; ".join(str(d["environment"].get(key)) for d in loaded)
+    rows = [row for d in loaded for row in d["rows"]]
+    add_speedups(rows)
+    return write(out, environment, loaded[0]["limits"], rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Merge bench/run.py result folders into one.")
+    parser.add_argument("--out", type=Path, required=True, help="the merged results folder")
+    parser.add_argument("runs", type=Path, nargs="+", help="result folders of bench/run.py --out")
+    args = parser.parse_args()
+    print("wrote " + ", ".join(str(f) for f in merge(args.out, args.runs)))
+    sys.exit(0)

@@ -37,12 +37,16 @@ def environment(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+uncommitted changes" if changed else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,

@@ -18,7 +18,6 @@ are stored with the data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from gqn_fast.data.render import Box, Cylinder, Scene, Sphere
 from gqn_fast.errors import UsageError
 from gqn_fast.evaluate import (
-    add_common_arguments, check_int, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
+    add_common_arguments, check_int, draw_samples, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
     split_views,
 )
 from gqn_fast.images import save_grid
@@ -79,38 +78,10 @@ def features(model, r: torch.Tensor) -> torch.Tensor:
     return untiled(model, r).flatten(1)
 
 
-class _Constant(torch.nn.Module):
-    """Stands in for the representation net: r for every view, whatever the view."""
-
-    def __init__(self, r: torch.Tensor):
-        super().__init__()
-        self.r = r
-
-    def forward(self, x, v):
-        return self.r.repeat(x.shape[0] // self.r.shape[0], 1, 1, 1)
-
-
-@contextlib.contextmanager
-def given_representation(model, r: torch.Tensor):
-    """Inside, the model's representation net returns r (repeated to the batch) for every view,
-    so that with one context view per scene `generate` renders r itself (scene algebra). Both
-    implementations compute r with `model.representation` (the parameter names' contract)."""
-    net = model.representation
-    model.representation = _Constant(untiled(model, r))
-    try:
-        yield
-    finally:
-        model.representation = net
-
-
 def predict_from_representation(model, r, query_v, samples: int, generator) -> torch.Tensor:
-    """[samples, B, 3, 64, 64] drawn by `generate` from r [B, r_dim, 16, 16] instead of a context."""
-    B = query_v.shape[0]
-    # generate checks and needs a context of one view; `given_representation` makes it unused.
-    context_x = query_v.new_zeros(B, 1, 3, 64, 64)
-    context_v = query_v.new_zeros(B, 1, query_v.shape[1])
-    with given_representation(model, r):
-        return predict(model, context_x, context_v, query_v, samples, generator)
+    """[samples, B, 3, 64, 64] drawn by `generate_from` from r [B, r_dim, 16, 16] (z from the prior)."""
+    return draw_samples(model, query_v, samples, generator,
+                        lambda repeat, noise: model.generate_from(repeat(untiled(model, r)), repeat(query_v), noise=noise))
 
 
 @torch.no_grad()

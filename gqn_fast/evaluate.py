@@ -85,10 +85,17 @@ def predict(model, context_x, context_v, query_v, samples: int, generator: torch
     Takes no query image, so a prediction cannot depend on one. The noise comes from
     `generator` (on the CPU), never the global RNG, so evaluating leaves training's RNG alone.
     """
-    noise = standard_normal(model, samples * query_v.shape[0], generator)
-    repeat = lambda t: t.repeat(samples, *([1] * (t.dim() - 1)))  # sample-major: [k * B, ...]
-    images = model.generate(repeat(context_x), repeat(context_v), repeat(query_v),
-                            noise=noise.to(query_v.device, query_v.dtype))
+    return draw_samples(model, query_v, samples, generator,
+                        lambda repeat, noise: model.generate(repeat(context_x), repeat(context_v), repeat(query_v), noise=noise))
+
+
+def draw_samples(model, query_v, samples: int, generator: torch.Generator, draw) -> torch.Tensor:
+    """[samples, B, 3, 64, 64] from draw(repeat, noise), which renders all samples of all B queries
+    at once: `repeat` tiles a [B, ...] input sample-major ([samples * B, ...]), and `noise` holds
+    their draws from `generator`."""
+    noise = standard_normal(model, samples * query_v.shape[0], generator).to(query_v.device, query_v.dtype)
+    repeat = lambda t: t.repeat(samples, *([1] * (t.dim() - 1)))
+    images = draw(repeat, noise)
     return images.view(samples, query_v.shape[0], *images.shape[1:])
 
 

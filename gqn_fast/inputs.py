@@ -110,3 +110,26 @@ def check_sigma(sigma) -> None:
     value = float(sigma) if not isinstance(sigma, torch.Tensor) else None
     if value is not None and not value > 0:
         raise ValueError(f"sigma: expected a positive pixel standard deviation, got {sigma!r}")
+
+
+def check_representation(r, query_v, r_dim: int, grid: int, vector: bool, dtype: torch.dtype | None = None) -> None:
+    """r for query_v [B, 7], of `dtype` (the model's) when given: [B, r_dim, grid, grid] (the
+    tower's map) or, when `vector` (pool, pyramid: one vector per scene), [B, r_dim, 1, 1] or that
+    vector tiled to [B, r_dim, grid, grid] as `represent` returns it."""
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"r: expected a torch.Tensor, got {type(r).__name__}")
+    _check_tensor("query_v", query_v, 2, (VIEWPOINT_DIM,), f"[B, {VIEWPOINT_DIM}]")
+    sizes = {(grid, grid), (1, 1)} if vector else {(grid, grid)}
+    if r.dim() != 4 or r.shape[1] != r_dim or tuple(r.shape[2:]) not in sizes:
+        expected = f"[B, {r_dim}, {grid}, {grid}]" + (f" or [B, {r_dim}, 1, 1]" if vector else "")
+        raise ValueError(f"r: expected shape {expected}, got {_shape(r)}")
+    _check_dtype("r", r, dtype)
+    _check_dtype("query_v", query_v, dtype)
+    if r.shape[0] != query_v.shape[0]:
+        raise ValueError(f"query_v: expected batch size {r.shape[0]} as in r, got {query_v.shape[0]}")
+    if r.device != query_v.device:
+        raise ValueError(f"query_v: expected device {r.device} as r, got {query_v.device}")
+    _check_values("r", r, unit_range=False)
+    _check_values("query_v", query_v, unit_range=False)
+    if vector and not torch.compiler.is_compiling() and not torch.equal(r, r[:, :, :1, :1].expand_as(r)):
+        raise ValueError("r: expected one vector per scene, tiled (pool and pyramid); got one that varies over the grid")

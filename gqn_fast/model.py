@@ -1,16 +1,19 @@
 """gqn_fast.GQN: the reference GQN's parameters and function, computed the fast way.
 
 Same constructor, methods and parameter names as gqn_fast.reference.GQN (it subclasses it
-for exactly that: one state_dict loads into both); only `elbo` and `generate` differ. What
-changes (GQN_SPEC.md, "Where the speed comes from"), all exact in real arithmetic:
+for exactly that: one state_dict loads into both); `represent`, `elbo`, `generate` and
+`generate_from` compute the same function differently. What changes (GQN_SPEC.md, "Where the
+speed comes from"), all exact in real arithmetic:
 - Each cell's weight is split once per forward into runs of its input groups (the layouts of
   reference/cores.py): a split's backward is one concatenation, where per-step slices would
   each zero-fill a weight-sized gradient. Nothing weight-sized is allocated per step.
 - The query image, viewpoint and r do not change across the L steps, so their share of a
-  core's 5x5 conv is computed once per core (once in all with shared cores). With a 1x1 r
-  (pool, pyramid) v_q and r are a vector per scene and that share is exact in closed form,
-  with no convolution (gqn_fast.constant_conv); so is the first step's, where the states are
-  zero and the canvas view is its bias everywhere.
+  core's 5x5 conv is computed once per core (once in all with shared cores). v_q is a vector
+  per scene, tiled, and so is r with the pool and pyramid nets: their share is exact in closed
+  form, with no convolution (gqn_fast.constant_conv); so is the first step's, where the states
+  are zero and the canvas view is its bias everywhere. The first generator step, whose h_g is
+  zero, convolves z alone.
+- The representation nets read v the same way (gqn_fast.representation).
 - The 128x64x64 canvas never exists: the inference core's view of it, conv(k4 s4) of a sum of
   convT(k4 s4) outputs, is a running sum of 1x1 maps on the 16x16 grid, and the output image
   is one transposed conv of the generator states straight to 3 channels (gqn_fast.folding).
@@ -19,7 +22,8 @@ changes (GQN_SPEC.md, "Where the speed comes from"), all exact in real arithmeti
   preactivations never make a round trip through memory; the posterior sample with its KL and
   the pixel NLL are fused kernels too, and recompute their activations in backward instead of
   storing them. On the CPU's PyTorch path the cells are a conv, then the gate math through
-  autograd, and the representation net reads channels-last images (oneDNN's faster layout).
+  autograd, and images, states and (with shared cores, read L times) weights are channels-last,
+  oneDNN's faster layout.
 
 Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
 latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
@@ -30,11 +34,14 @@ The fused kernels compute in fp32 internally whatever they are given.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.constant_conv import constant_conv
+from gqn_fast.inputs import check_noise, check_representation
 from gqn_fast.folding import (
     downsample_after_upsample,
     downsample_after_upsample_pairs,
@@ -43,7 +50,7 @@ from gqn_fast.folding import (
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.reference import gqn as reference
-from gqn_fast.reference.representation import tile
+from gqn_fast.representation import represent
 
 ELBO = reference.ELBO
 
@@ -55,11 +62,12 @@ def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 # How each cell's weight is split, into runs of adjacent input groups (names from the layouts
-# in reference/cores.py): what is constant across steps, then what one conv per step reads.
-INFERENCE_RUNS = (("x_q",), ("v_q", "r"), ("h_g", "u", "h_e"))
-GENERATOR_RUNS = (("v_q", "r"), ("z", "h_g"))
+# in reference/cores.py): what is constant across steps (v_q apart from r: it is always a
+# tiled vector, so its share has a closed form), then what one conv per step reads.
+INFERENCE_RUNS = (("x_q",), ("v_q",), ("r",), ("h_g", "u", "h_e"))
+GENERATOR_RUNS = (("v_q",), ("r",), ("z", "h_g"))
 # With one core per step, the first generator core only ever sees h_g = 0.
-FIRST_GENERATOR_RUNS = (("v_q", "r"), ("z",), ("h_g",))
+FIRST_GENERATOR_RUNS = (("v_q",), ("r",), ("z",), ("h_g",))
 
 
 def split_runs(weight: torch.Tensor, layout: dict[str, int], runs) -> tuple[torch.Tensor, ...]:
@@ -72,25 +80,40 @@ def split_runs(weight: torch.Tensor, layout: dict[str, int], runs) -> tuple[torc
 
 
 class SceneInput:
-    """What every core reads unchanged at every step: v_q and r, concatenated as in the layouts.
+    """What every core reads unchanged at every step: v_q and r.
 
-    With a 1x1 r (pool, pyramid) it is one vector per scene and its share of a conv is computed
-    in closed form (gqn_fast.constant_conv); with the tower's 16x16 r it is a map (v_q tiled),
-    built once and read by every core's conv (and saved once for their backward).
+    v_q is one vector per scene, tiled; so is r with the pool and pyramid nets (1x1), and their
+    share of a conv is computed in closed form (gqn_fast.constant_conv). The tower's 16x16 r is a
+    map, read by every core's conv (and saved once for their backward).
     """
 
     def __init__(self, query_v: torch.Tensor, r: torch.Tensor):
-        self.vector = self.map = None
-        if r.shape[-1] == 1:
-            self.vector = torch.cat([query_v, r.flatten(1)], dim=1)
-        else:
-            self.map = torch.cat([tile(query_v, GRID_SIZE), r], dim=1)
+        self.query_v = query_v
+        self.r_vector = r.flatten(1) if r.shape[-1] == 1 else None
+        self.r_map = r if self.r_vector is None else None
 
-    def share(self, weight: torch.Tensor) -> torch.Tensor:
-        """conv2d(cat[v_q tiled, r], weight, padding=2): [B, 4H, 16, 16]."""
-        if self.vector is not None:
-            return constant_conv(self.vector, weight, GRID_SIZE)
-        return F.conv2d(self.map, weight, padding=weight.shape[-1] // 2)
+    def share(self, v_weight: torch.Tensor, r_weight: torch.Tensor) -> torch.Tensor:
+        """conv2d(cat[v_q tiled, r tiled or not], cat[v_weight, r_weight], padding=2): [B, 4H, 16, 16]."""
+        # In place: sums into fresh outputs whose ops' backward does not read them.
+        share = constant_conv(self.query_v, v_weight, GRID_SIZE)
+        if self.r_vector is not None:
+            return share.add_(constant_conv(self.r_vector, r_weight, GRID_SIZE))
+        return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(share)
+
+
+class CellWeights(NamedTuple):
+    """A core's cell weight, split once per forward (INFERENCE_RUNS, GENERATOR_RUNS).
+
+    constant: the pieces over the inputs that do not change across steps, in layout order.
+    step: the piece over the inputs one conv per step reads.
+    first_step: the piece over what step 1 reads when the cell's own state is still zero (the
+    generator's z alone); None where step 1 is not convolved (the inference cell, in closed
+    form) or the core never runs it (one core per step, after the first).
+    """
+
+    constant: tuple[torch.Tensor, ...]
+    step: torch.Tensor | None
+    first_step: torch.Tensor | None = None
 
 
 class CanvasView:
@@ -158,40 +181,69 @@ class GQN(reference.GQN):
     fused_cells: bool | None = None
     backward_convs: str = "aten"
 
-    def _scene(self, context_x, context_v, query_v) -> SceneInput:
-        """v_q and r; r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the memory layout this model's convs read fastest: channels-last on the CPU's
+        PyTorch path (oneDNN runs its convs 5 to 40% faster on it, bench/run.py, and converts
+        anything else on every call), unchanged where the Triton kernels run."""
+        if t.device.type == "cpu" and not use_triton(t):
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _representation(self, context_x, context_v) -> torch.Tensor:
+        """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
         B, M = context_x.shape[:2]
-        x = context_x.flatten(0, 1)
-        if x.device.type == "cpu":
-            # oneDNN's convs run about twice as fast on channels-last images (bench/run.py).
-            x = x.contiguous(memory_format=torch.channels_last)
-        r_k = self.representation(x, context_v.flatten(0, 1))
-        return SceneInput(query_v, r_k.view(B, M, *r_k.shape[1:]).sum(dim=1))
+        r_k = represent(self.representation, self._layout(context_x.flatten(0, 1)), context_v.flatten(0, 1))
+        return self._layout(r_k.view(B, M, *r_k.shape[1:]).sum(dim=1))
+
+    def represent(self, context_x, context_v) -> torch.Tensor:
+        return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
+
+    def _scene(self, context_x, context_v, query_v) -> SceneInput:
+        return SceneInput(query_v, self._representation(context_x, context_v))
 
     def _core_index(self, step: int) -> int:
         return 0 if self.config.share_cores else step
 
-    def _inference_weights(self):
+    def _split(self, core, runs) -> tuple[torch.Tensor, ...]:
+        pieces = split_runs(core.cell.conv.weight, core.layout, runs)
+        if not self.config.share_cores:
+            # Each piece is read once per forward: oneDNN's own per-call reorder costs the same
+            # as a copy here, without a second copy of every core's weight alive at once.
+            return pieces
+        return tuple(self._layout(piece) for piece in pieces)
+
+    def _inference_weights(self) -> list[CellWeights]:
         """Each inference core's cell weight in pieces (INFERENCE_RUNS), split once per forward."""
-        return [split_runs(core.cell.conv.weight, core.layout, INFERENCE_RUNS) for core in self.inference_cores]
+        weights = []
+        for core in self.inference_cores:
+            *constant, step = self._split(core, INFERENCE_RUNS)
+            weights.append(CellWeights(tuple(constant), step))
+        return weights
 
-    def _generator_weights(self):
+    def _generator_weights(self) -> list[CellWeights]:
         """Each generator core's cell weight in pieces, split once per forward."""
-        first = GENERATOR_RUNS if self.config.share_cores else FIRST_GENERATOR_RUNS
-        return [
-            split_runs(core.cell.conv.weight, core.layout, first if index == 0 else GENERATOR_RUNS)
-            for index, core in enumerate(self.generator_cores)
-        ]
+        z_dim = self.config.z_dim
+        if self.config.share_cores:
+            (core,) = self.generator_cores
+            v, r, step = self._split(core, GENERATOR_RUNS)
+            # Step 1's h_g = 0: convolve z alone, with a view of the (z, h_g) piece.
+            return [CellWeights((v, r), step, first_step=step[:, :z_dim])]
+        v, r, z, _ = self._split(self.generator_cores[0], FIRST_GENERATOR_RUNS)
+        weights = [CellWeights((v, r), None, first_step=z)]
+        for core in self.generator_cores[1:]:
+            v, r, step = self._split(core, GENERATOR_RUNS)
+            weights.append(CellWeights((v, r), step))
+        return weights
 
-    def _inference_constant(self, core, pieces, scene: SceneInput, query_x):
+    def _inference_constant(self, core, weights: CellWeights, scene: SceneInput, query_x):
         """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
-        x_weight, scene_weight, _ = pieces
-        x_down = core.downsample_x(query_x)
-        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2) + scene.share(scene_weight)
+        x_weight, v_weight, r_weight = weights.constant
+        x_down = core.downsample_x(self._layout(query_x))
+        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2).add_(scene.share(v_weight, r_weight))
 
-    def _generator_constant(self, core, pieces, scene: SceneInput):
+    def _generator_constant(self, core, weights: CellWeights, scene: SceneInput):
         """The share of v_q, r and the bias in a generator core's preactivations."""
-        return scene.share(pieces[0]) + core.cell.conv.bias[:, None, None]
+        return scene.share(*weights.constant).add_(core.cell.conv.bias[:, None, None])
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
@@ -216,8 +268,8 @@ class GQN(reference.GQN):
             return bias.chunk(2, dim=1)
         return self.prior(h_g).chunk(2, dim=1)
 
-    def _inference_step(self, step, pieces, constant, h_g, canvas: CanvasView, h_e, c_e):
-        weight = pieces[-1]  # the run [h_g, u down, h_e]
+    def _inference_step(self, step, weights: CellWeights, constant, h_g, canvas: CanvasView, h_e, c_e):
+        weight = weights.step  # the run [h_g, u down, h_e]
         if step == 0:
             # h_g = h_e = 0 and the canvas view is its bias everywhere: a constant input.
             zeros = canvas.start.new_zeros(self.config.hidden)
@@ -225,10 +277,10 @@ class GQN(reference.GQN):
             return self._gates(constant + constant_conv(start, weight, GRID_SIZE), c_e)
         return self._cell(torch.cat([h_g, canvas.before(step), h_e], dim=1), weight, constant, c_e)
 
-    def _generator_step(self, step, pieces, constant, z, h_g, c_g):
-        if step == 0 and len(pieces) == 3:  # FIRST_GENERATOR_RUNS: h_g = 0 is not convolved
-            return self._cell(z, pieces[1], constant, c_g)
-        return self._cell(torch.cat([z, h_g], dim=1), pieces[1], constant, c_g)
+    def _generator_step(self, step, weights: CellWeights, constant, z, h_g, c_g):
+        if step == 0:  # h_g = 0 is not convolved
+            return self._cell(z, weights.first_step, constant, c_g)
+        return self._cell(torch.cat([z, h_g], dim=1), weights.step, constant, c_g)
 
     def _cell(self, x, weight, constant, c):
         """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
@@ -240,7 +292,7 @@ class GQN(reference.GQN):
         if fused:
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
-        return self._gates(F.conv2d(x, weight, padding=2) + constant, c)
+        return self._gates(F.conv2d(self._layout(x), weight, padding=2).add_(constant), c)
 
     @staticmethod
     def _gates(preact, c):
@@ -253,7 +305,7 @@ class GQN(reference.GQN):
         return lstm_gates_torch(preact.to(c.dtype), c)
 
     def _zeros(self, batch, like):
-        return like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE)
+        return self._layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
 
     def elbo(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
         self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
@@ -292,12 +344,24 @@ class GQN(reference.GQN):
     @torch.no_grad()
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
         self.check_inputs(context_x, context_v, query_v, noise=noise)
-        c = self.config
-        B = query_v.shape[0]
+        return self._generate(self._scene(context_x, context_v, query_v), noise)
 
-        scene = self._scene(context_x, context_v, query_v)
+    @torch.no_grad()
+    def generate_from(self, r, query_v, noise=None) -> torch.Tensor:
+        c = self.config
+        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", self.prior.weight.dtype)
+        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, self.prior.weight.dtype)
+        if c.representation != "tower":
+            r = r[:, :, :1, :1]  # a tiled vector: the closed-form path reads it once
+        return self._generate(SceneInput(query_v, self._layout(r)), noise)
+
+    def _generate(self, scene: SceneInput, noise) -> torch.Tensor:
+        c = self.config
+        B = scene.query_v.shape[0]
+        like = scene.query_v
+
         generator_weights = self._generator_weights()
-        h_g, c_g = self._zeros(B, context_x), self._zeros(B, context_x)
+        h_g, c_g = self._zeros(B, like), self._zeros(B, like)
         states = []
         for step in range(c.L):
             core = self._core_index(step)

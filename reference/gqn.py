@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM, GQNConfig
-from gqn_fast.inputs import check_context, check_noise, check_query, check_sigma
+from gqn_fast.inputs import check_context, check_noise, check_query, check_representation, check_sigma
 from gqn_fast.reference.cores import GeneratorCore, InferenceCore
 from gqn_fast.reference.distributions import gaussian_kl, gaussian_nll
 from gqn_fast.reference.representation import NETS, tile
@@ -131,12 +131,20 @@ class GQN(nn.Module):
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
         """The mean image [B, 3, 64, 64] of a scene seen from query_v, z drawn from the prior."""
         self.check_inputs(context_x, context_v, query_v, noise=noise)
+        return self.generate_from(self.represent(context_x, context_v), query_v, noise)
+
+    @torch.no_grad()
+    def generate_from(self, r, query_v, noise=None) -> torch.Tensor:
+        """`generate` from a scene representation r instead of context views (scene algebra):
+        [B, r_dim, 16, 16] as `represent` returns it, or [B, r_dim, 1, 1] untiled (pool, pyramid)."""
         c = self.config
+        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", self.prior.weight.dtype)
+        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, self.prior.weight.dtype)
         B = query_v.shape[0]
 
-        r = self.represent(context_x, context_v)
+        r = r.expand(-1, -1, GRID_SIZE, GRID_SIZE)
         v_q = tile(query_v, GRID_SIZE)
-        h_g, c_g, u = self._initial_state(B, context_x)
+        h_g, c_g, u = self._initial_state(B, r)
         for step in range(c.L):
             mu_p, sigma_p = self._gaussian(self.prior, h_g)
             eps = torch.randn_like(mu_p) if noise is None else noise[step]

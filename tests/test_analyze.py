@@ -14,7 +14,7 @@ import torch
 from gqn_fast import analyze, cli, evaluate
 from gqn_fast.data.render import Box
 from gqn_fast.data.scenes import is_red, sample_scenes
-from helpers import random_scene_batch, tiny_config
+from helpers import assert_close_rms, random_scene_batch, rel_rms, tiny_config
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 
@@ -68,10 +68,10 @@ def test_predicting_from_the_context_representation_equals_predicting_from_the_c
     r = model.represent(cx, cv)
     direct = evaluate.predict(model, cx, cv, qv, 2, torch.Generator().manual_seed(5))
     from_r = analyze.predict_from_representation(model, r, qv, 2, torch.Generator().manual_seed(5))
-    assert torch.equal(direct, from_r)
-    assert not any(isinstance(m, analyze._Constant) for m in model.modules())  # the substitution is undone
+    # Equal up to fp32 rounding: oneDNN's channels-last convs round differently at another batch size.
+    assert_close_rms(from_r, direct, 1e-6, "from r")
     other = analyze.predict_from_representation(model, 2 * r, qv, 2, torch.Generator().manual_seed(5))
-    assert not torch.equal(direct, other)  # the given r is what generate used
+    assert rel_rms(other, direct) > 1e-3  # the given r is what generate_from used
 
 
 # --- scene algebra's variants ------------------------------------------------------------------

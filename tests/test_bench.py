@@ -46,3 +46,30 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     for plot in ("speedup.png", "roofline.png"):
         with Image.open(out / plot) as image:
             assert image.width > 100 and image.height > 100
+
+
+def test_merged_runs_keep_each_rows_commit(tmp_path):
+    """bench/report.py --out DIR RUN...: one table from runs of one preset each."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    env = {"device": "cpu (x86_64, 1 threads)", "torch": "2.13"}
+    row = {"workload": "train_step", "preset": "small", "batch": 8, "precision": "fp32", "mode": "fwd+bwd+adam",
+           "median_ms": 100.0, "p20_ms": 90.0, "p80_ms": 110.0, "peak_bytes": 1000}
+    for name, commit, preset, fast_ms in [("a", "abc", "small", 50.0), ("b", "def", "paper-pool", 25.0)]:
+        rows = [dict(row, preset=preset, provider="reference-eager"),
+                dict(row, preset=preset, provider="gqn_fast-eager", median_ms=fast_ms, p20_ms=fast_ms, p80_ms=fast_ms)]
+        report.write(tmp_path / name, dict(env, commit=commit, date=name, command=f"run {name}"), {"copy_GBps": 1.0}, rows)
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "merged"),
+                          str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["environment"]["commit"] == "abc; def" and merged["environment"]["command"] == "run a; run b"
+    speedups = {(r["preset"], r["provider"]): (r["speedup"], r["commit"]) for r in merged["rows"]}
+    assert speedups[("small", "gqn_fast-eager")] == (2.0, "abc")
+    assert speedups[("paper-pool", "gqn_fast-eager")] == (4.0, "def")
+    other = dict(env, device="NVIDIA H100", commit="x", date="c")
+    report.write(tmp_path / "c", other, {"copy_GBps": 1.0}, [dict(row, provider="reference-eager")])
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "m2"),
+                          str(tmp_path / "a"), str(tmp_path / "c")], capture_output=True, text=True)
+    assert run.returncode != 0 and "expected one device" in run.stderr

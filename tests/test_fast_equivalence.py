@@ -86,6 +86,44 @@ def test_cpu_path_matches_reference(config, batch, views, seed, fused_cells):
     compare(config, batch, views, seed, fused_cells=fused_cells)
 
 
+@given(config=configs(), batch=st.integers(1, 3), untiled=st.booleans(), seed=st.integers(0, 2**16))
+def test_generate_from_a_given_r_matches_reference(config, batch, untiled, seed):
+    """Any r, not one the net made (scene algebra): the tower's map, or the vector of pool and
+    pyramid, tiled as `represent` returns it or untiled."""
+    torch.manual_seed(seed)
+    oracle = ReferenceGQN(config).double()
+    fast = GQN(config)
+    fast.load_state_dict(oracle.state_dict())
+    size = 16 if config.representation == "tower" else 1
+    r = torch.randn(batch, config.r_dim, size, size, dtype=torch.float64)
+    if not untiled:
+        r = r.expand(-1, -1, 16, 16)
+    query_v = torch.randn(batch, 7, dtype=torch.float64)
+    noise = torch.randn(config.L, batch, config.z_dim, 16, 16, dtype=torch.float64)
+    want = oracle.generate_from(r, query_v, noise=noise)
+    got = fast.generate_from(r.float(), query_v.float(), noise=noise.float())
+    assert_close_rms(got, want, RMS_LIMITS[torch.float32], "generate_from")
+
+
+@pytest.mark.parametrize("cls", [GQN, ReferenceGQN], ids=["fast", "reference"])
+def test_generate_from_names_a_bad_r(cls):
+    tower, pool = cls(GQNConfig.preset("small", L=1)), cls(GQNConfig.preset("small", L=1, representation="pool"))
+    query_v = torch.zeros(2, 7)
+    r_dim = tower.config.r_dim
+    with pytest.raises(ValueError, match=r"r: expected shape \[B, 64, 16, 16\], got \[2, 64, 1, 1\]"):
+        tower.generate_from(torch.zeros(2, r_dim, 1, 1), query_v)  # the tower's r is a map
+    with pytest.raises(ValueError, match=r"or \[B, 64, 1, 1\], got \[2, 32, 1, 1\]"):
+        pool.generate_from(torch.zeros(2, 32, 1, 1), query_v)
+    with pytest.raises(ValueError, match="varies over the grid"):
+        pool.generate_from(torch.randn(2, r_dim, 16, 16), query_v)
+    with pytest.raises(ValueError, match="query_v: expected batch size 3 as in r, got 2"):
+        tower.generate_from(torch.zeros(3, r_dim, 16, 16), query_v)
+    with pytest.raises(ValueError, match="r: contains NaN"):
+        tower.generate_from(torch.full((2, r_dim, 16, 16), float("nan")), query_v)
+    with pytest.raises(TypeError, match="r: expected the model's dtype"):
+        tower.generate_from(torch.zeros(2, r_dim, 16, 16, dtype=torch.float64), query_v)
+
+
 @pytest.mark.parametrize("share_cores", [False, True])
 def test_small_preset_matches_reference(share_cores):
     compare(GQNConfig.preset("small", share_cores=share_cores, L=3), batch=2, views=2, seed=0)
