@@ -80,16 +80,17 @@ MODEL_PRESETS = {
 }
 
 
-def model_cases(device: torch.device, full: bool, presets=None) -> list:
+def model_cases(device: torch.device, full: bool, presets=None, batches=None) -> list:
     """(label, config, batch) of the whole-model comparisons. The paper preset at B = 4 and 36;
-    on a CPU B = 36 only with --full (a step takes minutes there)."""
+    on a CPU B = 36 only with --full (a step takes minutes there). presets, batches: the ones to
+    keep (None: all)."""
     paper_batches = [4, 36] if device.type == "cuda" or full else [4]
     cases = [("small", MODEL_PRESETS["small"], 36 if device.type == "cuda" else 8)]
     cases += [(label, config, b) for label, config in MODEL_PRESETS.items() if label != "small" for b in paper_batches]
-    return [case for case in cases if presets is None or case[0] in presets]
+    return [case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)]
 
 
-def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, presets=None) -> dict:
+def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, presets=None, batches=None) -> dict:
     """Which sizes each group runs at."""
     tiny = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16)
     if smoke:
@@ -99,12 +100,12 @@ def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, pre
     if device.type != "cuda":
         # A CPU runs the model comparisons only: the kernels are written for GPUs. A paper
         # step takes seconds here: few repeats, each provider's turns interleaved.
-        return dict(cases=model_cases(device, full, presets), precisions=["fp32"], kernel_sizes=[],
+        return dict(cases=model_cases(device, full, presets, batches), precisions=["fp32"], kernel_sizes=[],
                     kernel_dtypes=[], repeats=3 if quick else 5,
                     representation=(GQNConfig.preset("small"), 8), cell_batches=[])
     paper = GQNConfig.preset("paper")
     return dict(
-        cases=model_cases(device, full, presets),
+        cases=model_cases(device, full, presets, batches),
         precisions=["fp32", "bf16"],
         kernel_sizes=[36, 1024] if quick else [8, 36, 128, 512, 2048],
         kernel_dtypes=[torch.float32, torch.bfloat16],
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="on a CPU, the paper preset at B = 36 too")
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), action="append",
                         help="whole-model comparisons of this preset only (repeatable)")
+    parser.add_argument("--batch", type=int, action="append",
+                        help="whole-model comparisons at this batch size only (repeatable)")
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads (default: its own choice); 1 measures a shared, oversubscribed "
                              "machine fairly, where spinning thread pools slow each other down")
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     env = environment(device)
     groups = args.only or GROUPS
-    sizes = plan(device, args.smoke, args.quick, args.full, args.preset)
+    sizes = plan(device, args.smoke, args.quick, args.full, args.preset, args.batch)
     log = lambda line: print(line, flush=True)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     limits = measured_limits(device, quick=args.quick or args.smoke)
