@@ -49,6 +49,7 @@ from gqn_fast.folding import (
 )
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
 from gqn_fast.kernels.gates import lstm_gates_torch
+from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
 from gqn_fast.reference import gqn as reference
 from gqn_fast.representation import represent
 
@@ -304,6 +305,15 @@ class GQN(reference.GQN):
             return lstm_gates(preact.to(c.dtype), c)
         return lstm_gates_torch(preact.to(c.dtype), c)
 
+    @staticmethod
+    def _sample_kl(mu_q, s_q, mu_p, s_p, eps):
+        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
+        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
+        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
+        if use_triton(mu_q):
+            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
+        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+
     def _zeros(self, batch, like):
         return self._layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
 
@@ -328,7 +338,7 @@ class GQN(reference.GQN):
             h_e, c_e = self._inference_step(step, inference_weights[core], inference_const, h_g, canvas, h_e, c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             eps = torch.randn_like(h_e[:, : c.z_dim]) if noise is None else noise[step]
-            z, kl = posterior_sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
+            z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
             h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
             states.append(h_g)
