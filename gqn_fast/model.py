@@ -22,8 +22,8 @@ speed comes from"), all exact in real arithmetic:
   preactivations never make a round trip through memory; the posterior sample with its KL and
   the pixel NLL are fused kernels too, and recompute their activations in backward instead of
   storing them. On the CPU's PyTorch path the cells are a conv, then the gate math through
-  autograd, and images, states and (with shared cores, read L times) weights are channels-last,
-  oneDNN's faster layout.
+  autograd; the representation nets read channels-last images, and the cores run channels-last
+  where oneDNN is faster on it (CHANNELS_LAST_MAX_GATES).
 
 Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
 latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
@@ -54,6 +54,14 @@ from gqn_fast.reference import gqn as reference
 from gqn_fast.representation import represent
 
 ELBO = reference.ELBO
+
+
+# On the CPU's PyTorch path oneDNN runs the cores' convs faster on channels-last activations for
+# cells of at most this many gate channels (4H), and faster on NCHW ones for wider cells, where
+# the weight dominates. Forward and backward of one 5x5 cell conv on the 16x16 grid, one thread:
+# channels-last 6% faster at 4H = 128 (small preset, B = 8, 96 input channels), 25% at 35
+# input channels; 4 to 9% slower at 4H = 512 (paper, B = 4 and 36, 131 to 384 input channels).
+CHANNELS_LAST_MAX_GATES = 256
 
 
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -182,19 +190,31 @@ class GQN(reference.GQN):
     fused_cells: bool | None = None
     backward_convs: str = "aten"
 
-    def _layout(self, t: torch.Tensor) -> torch.Tensor:
-        """t in the memory layout this model's convs read fastest: channels-last on the CPU's
-        PyTorch path (oneDNN runs its convs 5 to 40% faster on it, bench/run.py, and converts
-        anything else on every call), unchanged where the Triton kernels run."""
-        if t.device.type == "cpu" and not use_triton(t):
+    @staticmethod
+    def _pytorch_cpu(t: torch.Tensor) -> bool:
+        """True on the CPU's PyTorch path, where oneDNN runs the convs."""
+        return t.device.type == "cpu" and not use_triton(t)
+
+    def _cores_channels_last(self, t: torch.Tensor) -> bool:
+        return self._pytorch_cpu(t) and 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
+
+    def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """An input of the cores' convs in the layout they read fastest (CHANNELS_LAST_MAX_GATES):
+        oneDNN converts any other on every call. Unchanged where the Triton kernels run."""
+        if not self._pytorch_cpu(t):
+            return t
+        if self._cores_channels_last(t):
             return t.contiguous(memory_format=torch.channels_last)
-        return t
+        return t.contiguous()
 
     def _representation(self, context_x, context_v) -> torch.Tensor:
         """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
         B, M = context_x.shape[:2]
-        r_k = represent(self.representation, self._layout(context_x.flatten(0, 1)), context_v.flatten(0, 1))
-        return self._layout(r_k.view(B, M, *r_k.shape[1:]).sum(dim=1))
+        x = context_x.flatten(0, 1)
+        if self._pytorch_cpu(x):
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
+        r_k = represent(self.representation, x, context_v.flatten(0, 1))
+        return self._core_layout(r_k.view(B, M, *r_k.shape[1:]).sum(dim=1))
 
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
@@ -207,11 +227,12 @@ class GQN(reference.GQN):
 
     def _split(self, core, runs) -> tuple[torch.Tensor, ...]:
         pieces = split_runs(core.cell.conv.weight, core.layout, runs)
-        if not self.config.share_cores:
-            # Each piece is read once per forward: oneDNN's own per-call reorder costs the same
-            # as a copy here, without a second copy of every core's weight alive at once.
-            return pieces
-        return tuple(self._layout(piece) for piece in pieces)
+        if self.config.share_cores and self._cores_channels_last(pieces[0]):
+            # A shared core's pieces are read L times: one channels-last copy per forward saves
+            # oneDNN a reorder per call. (In NCHW oneDNN reorders to its blocked layout anyway,
+            # and a piece read once gains nothing from a copy, which would also stay alive.)
+            return tuple(piece.contiguous(memory_format=torch.channels_last) for piece in pieces)
+        return pieces
 
     def _inference_weights(self) -> list[CellWeights]:
         """Each inference core's cell weight in pieces (INFERENCE_RUNS), split once per forward."""
@@ -239,7 +260,7 @@ class GQN(reference.GQN):
     def _inference_constant(self, core, weights: CellWeights, scene: SceneInput, query_x):
         """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
         x_weight, v_weight, r_weight = weights.constant
-        x_down = core.downsample_x(self._layout(query_x))
+        x_down = core.downsample_x(self._core_layout(query_x))
         return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2).add_(scene.share(v_weight, r_weight))
 
     def _generator_constant(self, core, weights: CellWeights, scene: SceneInput):
@@ -293,7 +314,7 @@ class GQN(reference.GQN):
         if fused:
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
-        return self._gates(F.conv2d(self._layout(x), weight, padding=2).add_(constant), c)
+        return self._gates(F.conv2d(self._core_layout(x), weight, padding=2).add_(constant), c)
 
     @staticmethod
     def _gates(preact, c):
@@ -315,7 +336,7 @@ class GQN(reference.GQN):
         return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
 
     def _zeros(self, batch, like):
-        return self._layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
+        return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
 
     def elbo(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
         self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
@@ -363,7 +384,7 @@ class GQN(reference.GQN):
         check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, self.prior.weight.dtype)
         if c.representation != "tower":
             r = r[:, :, :1, :1]  # a tiled vector: the closed-form path reads it once
-        return self._generate(SceneInput(query_v, self._layout(r)), noise)
+        return self._generate(SceneInput(query_v, self._core_layout(r)), noise)
 
     def _generate(self, scene: SceneInput, noise) -> torch.Tensor:
         c = self.config

@@ -124,6 +124,16 @@ def test_generate_from_names_a_bad_r(cls):
         tower.generate_from(torch.zeros(2, r_dim, 16, 16, dtype=torch.float64), query_v)
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last-cores", "nchw-cores"])
+@pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
+def test_both_cpu_core_layouts_match_reference(monkeypatch, channels_last, share_cores):
+    """The CPU path runs the cores channels-last or NCHW by their width (CHANNELS_LAST_MAX_GATES):
+    both layouts, forced on one configuration, compute the reference's function."""
+    monkeypatch.setattr(model_module, "CHANNELS_LAST_MAX_GATES", 10**6 if channels_last else 0)
+    config = GQNConfig(representation="tower", L=3, z_dim=2, hidden=6, canvas=5, r_dim=8, share_cores=share_cores)
+    compare(config, batch=2, views=2, seed=1)
+
+
 @pytest.mark.parametrize("share_cores", [False, True])
 def test_small_preset_matches_reference(share_cores):
     compare(GQNConfig.preset("small", share_cores=share_cores, L=3), batch=2, views=2, seed=0)
