@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as the peak-memory child process
 
 from gqn_fast import GQN, GQNConfig
+from gqn_fast.model import compile_options
 from gqn_fast import kernels
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
@@ -84,10 +85,13 @@ def model_providers(device: torch.device, smoke: bool, quick: bool, only=None):
     return [p for p in providers if only is None or p[0] in only]
 
 
-def compile_fn(fn, mode, smoke):
+def compile_fn(fn, mode, smoke, options=None):
+    """torch.compile(fn) in `mode`, or with inductor `options` (a model's own, gqn_fast.model.compile_options)."""
     # Smoke runs check the plumbing in seconds: aot_eager traces like inductor but skips codegen.
     if smoke:
         return torch.compile(fn, backend="aot_eager")
+    if options:
+        return torch.compile(fn, options={**options, "max_autotune": mode == "max-autotune"})
     return torch.compile(fn, mode=mode)
 
 
@@ -99,7 +103,7 @@ def make_optimizer(model, device, cuda_graph=False):
 def make_train_step(model, optimizer, batches, precision, device, compile_mode, smoke, cuda_graph):
     """A closure running one training step (forward, backward, Adam) on the next batch."""
     sigma = 0.7
-    elbo = model.elbo if compile_mode is None else compile_fn(model.elbo, compile_mode, smoke)
+    elbo = model.elbo if compile_mode is None else compile_fn(model.elbo, compile_mode, smoke, compile_options(model))
     cycle = itertools.cycle(batches)
 
     def step(batch):
@@ -133,7 +137,7 @@ def make_train_step(model, optimizer, batches, precision, device, compile_mode, 
 
 
 def make_generate(model, batches, precision, device, compile_mode, smoke):
-    generate = model.generate if compile_mode is None else compile_fn(model.generate, compile_mode, smoke)
+    generate = model.generate if compile_mode is None else compile_fn(model.generate, compile_mode, smoke, compile_options(model))
     cycle = itertools.cycle(batches)
 
     def run():

@@ -51,6 +51,7 @@ from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sa
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
 from gqn_fast.reference import gqn as reference
+from gqn_fast.reference.representation import tile
 from gqn_fast.representation import represent
 
 ELBO = reference.ELBO
@@ -391,16 +392,43 @@ class GQN(reference.GQN):
         B = scene.query_v.shape[0]
         like = scene.query_v
 
-        generator_weights = self._generator_weights()
+        # With one core per step and the tower's map r, hoisting saves no work (each core runs
+        # once), and generate keeps no activations: what counts is the transient weight reorder,
+        # and on the CPU a weight piece costs oneDNN a copy besides it. There each cell is the
+        # reference's conv over all its inputs with the whole weight (paper tower, B = 4: peak
+        # 39.1 MiB with pieces, below the reference's 35.7 without; bench/run.py).
+        whole_cells = not c.share_cores and scene.r_map is not None and self._pytorch_cpu(like)
+        generator_weights = None if whole_cells else self._generator_weights()
         h_g, c_g = self._zeros(B, like), self._zeros(B, like)
         states = []
         for step in range(c.L):
             core = self._core_index(step)
-            if step == 0 or not c.share_cores:
-                generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
             mu_p, s_p = self._prior(step, h_g)
             eps = torch.randn_like(mu_p) if noise is None else noise[step]
             z = mu_p + F.softplus(s_p) * eps
-            h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
+            if whole_cells:
+                h_g, c_g = self._whole_cell(self.generator_cores[core], [tile(like, GRID_SIZE), scene.r_map, z, h_g], c_g)
+            else:
+                if step == 0 or not c.share_cores:
+                    generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
+                h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
             states.append(h_g)
         return torch.sigmoid(self._image_logits(states))
+
+    def _whole_cell(self, core, inputs: list[torch.Tensor], c):
+        """A cell as the reference computes it: one conv over all its inputs (layout order) with
+        the whole weight and bias, then the gates."""
+        conv = core.cell.conv
+        x = self._core_layout(torch.cat(inputs, dim=1))
+        return self._gates(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding), c)
+
+
+def compile_options(model: torch.nn.Module) -> dict:
+    """torch.compile's inductor options for `model`: for a fast GQN on the CPU, no layout
+    optimization. Inductor would turn every conv channels-last, the slower layout for the paper's
+    cells (CHANNELS_LAST_MAX_GATES) and one that costs a weight reorder per call: at the paper
+    preset with shared cores, B = 2, one thread, the compiled step took 2382 ms against eager's
+    1794; without it 1814 ms. The model picks each conv's layout itself. {} for any other model."""
+    if isinstance(model, GQN) and model.prior.weight.device.type == "cpu":
+        return {"layout_optimization": False}
+    return {}

@@ -236,7 +236,9 @@ def train(args: TrainArgs) -> torch.nn.Module:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if args.compile:
-        elbo = torch.compile(elbo)
+        from gqn_fast.model import compile_options
+
+        elbo = torch.compile(elbo, options=compile_options(model))
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     )

@@ -306,3 +306,18 @@ def test_bf16_autocast_matches_reference(share_cores, interpret, monkeypatch):
     expected_image = oracle.generate(data[0], data[1], data[3], noise=noise)
     assert_close_rms(image, expected_image, RMS_LIMITS[torch.bfloat16], "generate")
     assert len(calls) == (fused_cells_per_run(config) if interpret else 0)
+
+
+def test_compile_options_keep_the_models_own_layouts():
+    """On the CPU the fast model compiles without inductor's layout optimization (which would make
+    the paper's cells channels-last, their slower layout); the reference with inductor's defaults."""
+    from gqn_fast.model import compile_options
+
+    config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=4, canvas=4, r_dim=8, share_cores=True)
+    fast = GQN(config)
+    assert compile_options(fast) == {"layout_optimization": False}
+    assert compile_options(ReferenceGQN(config)) == {}
+    torch._dynamo.reset()
+    compiled = torch.compile(fast.elbo, options=compile_options(fast))
+    batch, noise = random_scene_batch(2, 1), torch.randn(2, 2, 2, 16, 16)
+    assert_close_rms(compiled(*batch, sigma=0.7, noise=noise).loss, fast.elbo(*batch, sigma=0.7, noise=noise).loss, 1e-6)
