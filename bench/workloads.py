@@ -190,27 +190,26 @@ def eager_peak_memory(config: GQNConfig, batch: int, precision: str, device) -> 
             peaks[model, workload] = peak_memory_bytes(fn, device)
             del fn
         return peaks
-    spec = dict(config=config.to_dict(), batch=batch, precision=precision)
-    child = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True)
-    if child.returncode != 0:
-        raise RuntimeError(f"peak-memory process failed: {child.stderr[-2000:]}")
-    measured = json.loads(child.stdout.strip().splitlines()[-1])
-    return {(model, workload): measured[f"{model} {workload}"] for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS)}
+    peaks = {}
+    for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
+        # One process per measurement: one measured after another would see the heap the first
+        # left behind (about 1 MiB in 700 at the paper preset).
+        spec = dict(config=config.to_dict(), batch=batch, precision=precision, model=model, workload=workload)
+        child = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"peak-memory process failed: {child.stderr[-2000:]}")
+        peaks[model, workload] = json.loads(child.stdout.strip().splitlines()[-1])
+    return peaks
 
 
 def _peak_rss_child(spec: dict) -> None:
-    """eager_peak_memory's process on a CPU: each model and workload in turn, built, called
-    once, then measured (peak RSS over the RSS before the call), and freed."""
+    """eager_peak_memory's process on a CPU: one model and workload, built, called once, then
+    measured (peak RSS over the RSS before the call)."""
     limit_malloc_caching()
-    device = torch.device("cpu")
-    config = GQNConfig.from_dict(spec["config"])
-    peaks = {}
-    for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
-        fn = _eager_workload(model, config, spec["batch"], spec["precision"], workload, device)
-        fn()
-        peaks[f"{model} {workload}"] = peak_rss_bytes(fn)
-        del fn
-    print(json.dumps(peaks))
+    fn = _eager_workload(spec["model"], GQNConfig.from_dict(spec["config"]), spec["batch"], spec["precision"],
+                         spec["workload"], torch.device("cpu"))
+    fn()
+    print(json.dumps(peak_rss_bytes(fn)))
 
 
 def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None):
