@@ -41,12 +41,12 @@ import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.constant_conv import constant_conv
-from gqn_fast.inputs import check_noise, check_representation
 from gqn_fast.folding import (
     downsample_after_upsample,
     downsample_after_upsample_pairs,
     observation_after_upsample,
 )
+from gqn_fast.inputs import check_noise, check_representation
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
