@@ -46,7 +46,6 @@ from gqn_fast.folding import (
     downsample_after_upsample_pairs,
     observation_after_upsample,
 )
-from gqn_fast.inputs import check_noise, check_representation
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
@@ -373,33 +372,21 @@ class GQN(reference.GQN):
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
 
-    @torch.no_grad()
-    def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
-        self.check_inputs(context_x, context_v, query_v, noise=noise)
-        return self._generate(self._scene(context_x, context_v, query_v), noise)
-
-    @torch.no_grad()
-    def generate_from(self, r, query_v, noise=None) -> torch.Tensor:
+    def _generate(self, r, query_v, noise) -> torch.Tensor:
         c = self.config
-        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", self.prior.weight.dtype)
-        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, self.prior.weight.dtype)
         if c.representation != "tower":
             r = r[:, :, :1, :1]  # a tiled vector: the closed-form path reads it once
-        return self._generate(SceneInput(query_v, self._core_layout(r)), noise)
-
-    def _generate(self, scene: SceneInput, noise) -> torch.Tensor:
-        c = self.config
-        B = scene.query_v.shape[0]
-        like = scene.query_v
+        scene = SceneInput(query_v, self._core_layout(r))
+        B = query_v.shape[0]
 
         # With one core per step and the tower's map r, hoisting saves no work (each core runs
         # once), and generate keeps no activations: what counts is the transient weight reorder,
         # and on the CPU a weight piece costs oneDNN a copy besides it. There each cell is the
         # reference's conv over all its inputs with the whole weight (paper tower, B = 4: peak
         # 39.1 MiB with pieces, below the reference's 35.7 without; bench/run.py).
-        whole_cells = not c.share_cores and scene.r_map is not None and self._pytorch_cpu(like)
+        whole_cells = not c.share_cores and scene.r_map is not None and self._pytorch_cpu(query_v)
         generator_weights = None if whole_cells else self._generator_weights()
-        h_g, c_g = self._zeros(B, like), self._zeros(B, like)
+        h_g, c_g = self._zeros(B, query_v), self._zeros(B, query_v)
         states = []
         for step in range(c.L):
             core = self._core_index(step)
@@ -407,7 +394,7 @@ class GQN(reference.GQN):
             eps = torch.randn_like(mu_p) if noise is None else noise[step]
             z = mu_p + F.softplus(s_p) * eps
             if whole_cells:
-                h_g, c_g = self._whole_cell(self.generator_cores[core], [tile(like, GRID_SIZE), scene.r_map, z, h_g], c_g)
+                h_g, c_g = self._whole_cell(self.generator_cores[core], [tile(query_v, GRID_SIZE), scene.r_map, z, h_g], c_g)
             else:
                 if step == 0 or not c.share_cores:
                     generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)

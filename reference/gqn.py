@@ -131,15 +131,21 @@ class GQN(nn.Module):
     def generate(self, context_x, context_v, query_v, noise=None) -> torch.Tensor:
         """The mean image [B, 3, 64, 64] of a scene seen from query_v, z drawn from the prior."""
         self.check_inputs(context_x, context_v, query_v, noise=noise)
-        return self.generate_from(self.represent(context_x, context_v), query_v, noise)
+        return self._generate(self.represent(context_x, context_v), query_v, noise)
 
     @torch.no_grad()
     def generate_from(self, r, query_v, noise=None) -> torch.Tensor:
         """`generate` from a scene representation r instead of context views (scene algebra):
         [B, r_dim, 16, 16] as `represent` returns it, or [B, r_dim, 1, 1] untiled (pool, pyramid)."""
         c = self.config
-        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", self.prior.weight.dtype)
-        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, self.prior.weight.dtype)
+        dtype = self.prior.weight.dtype  # the inputs must be of the model's dtype
+        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", dtype)
+        check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, dtype)
+        return self._generate(r, query_v, noise)
+
+    def _generate(self, r, query_v, noise) -> torch.Tensor:
+        """generate's and generate_from's steps, from a checked r."""
+        c = self.config
         B = query_v.shape[0]
 
         r = r.expand(-1, -1, GRID_SIZE, GRID_SIZE)
