@@ -8,7 +8,9 @@ taken from one overall budget (default 9 minutes, inside a 10-minute command lim
   install      gqn_fast importable, else `pip install --no-deps --no-build-isolation -e .`
                (works offline: nothing is downloaded)                       install.log
   environment  GPU, driver, clocks (nvidia-smi), Python, torch, triton, CUDA  environment.txt
-  cuda tests   every test marked `cuda`, per-test timeout      cuda_tests.log, cuda_tests.xml
+  cuda tests   every test marked `cuda`, per-test timeout, in parallel worker processes
+               (pytest-xdist, where installed: Triton's compiles are CPU-bound), each failure
+               printed the moment it happens             cuda_tests.log, cuda_tests.xml
   bench        bench/run.py --quick, one process per group         bench/<group>/ + bench_<group>.log
 
 and a short summary (tests passed / failed, the headline speedups) printed last and written
@@ -36,8 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["kernels", "conv_cell", "representation", "data", "train_step"]  # most telling first
 # Seconds each part may take at most (the overall budget may cut them shorter).
-CAPS = {"install": 120, "environment": 30, "cuda_tests": 240, "bench": 300}
-TEST_TIMEOUT_S = 60  # per CUDA test (hypothesis tests run 15 examples, each may compile kernels)
+CAPS = {"install": 120, "environment": 30, "cuda_tests": 300, "bench": 300}
+# Per CUDA test: a hypothesis test runs 15 examples, and each new channel count or image size
+# compiles the conv cell's three kernels anew (their loop bounds are constexprs), seconds each
+# with several workers compiling at once. The first H100 run (60 s per test, one process) was a
+# third of the way through when its 4 minutes ran out.
+TEST_TIMEOUT_S = 240
 AUTOTUNE_CONFIGS = {"cuda_tests": "1", "bench": "6"}
 
 
@@ -128,18 +134,40 @@ def environment(out: Path, clock: Clock, budgets: dict) -> tuple[str, bool]:
     return ", ".join(f"{k}={info[k]}" for k in ("gpu", "torch", "triton", "python") if k in info), "probe failed" not in info
 
 
+def test_workers() -> int:
+    """pytest-xdist worker processes for the CUDA tests: one per two CPUs, at most 8 (0: xdist
+    is not installed, one process)."""
+    if importlib.util.find_spec("xdist") is None:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def failures_reported(log: Path) -> list[str]:
+    """Node ids of the failures the tests printed as they happened (GQN_REPORT_FAILURES_AT_ONCE)."""
+    prefix = "=== FAILED "
+    return [line[len(prefix):].split(" ")[0] for line in log.read_text(errors="replace").splitlines()
+            if line.startswith(prefix)]  # fmt: skip
+
+
 def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
     junit = out / "cuda_tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider",
                "--hypothesis-profile=ci", f"--junitxml={junit}", "tests"]  # fmt: skip
+    workers = test_workers() if gpu else 0
+    if workers:
+        command += ["-n", str(workers)]
     if gpu:
         command += ["-o", f"faulthandler_timeout={TEST_TIMEOUT_S}"]
     else:
         command.append("--collect-only")  # no GPU: check they are found, run none
-    env = {"GQN_TEST_TIMEOUT": str(TEST_TIMEOUT_S), "GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["cuda_tests"]}
-    code, took = run_logged(command, out / "cuda_tests.log", clock.limit(CAPS["cuda_tests"]), env)
+    env = {"GQN_TEST_TIMEOUT": str(TEST_TIMEOUT_S), "GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["cuda_tests"],
+           "GQN_REPORT_FAILURES_AT_ONCE": "1"}  # fmt: skip
+    log = out / "cuda_tests.log"
+    code, took = run_logged(command, log, clock.limit(CAPS["cuda_tests"]), env)
     if code is None:
-        return f"timed out after {took:.0f} s (see cuda_tests.log; the junit file is not written)", False
+        failed = failures_reported(log)
+        return (f"timed out after {took:.0f} s with {len(failed)} failures reported so far (see cuda_tests.log; "
+                f"the junit file is not written)" + "".join(f"\n    FAILED {name}" for name in failed[:15])), False
     if not gpu:
         text = (out / "cuda_tests.log").read_text()
         collected = [line for line in text.splitlines() if "::" in line]

@@ -3,7 +3,9 @@
 Markers (pyproject.toml): `cuda` tests need a GPU and are skipped without one; `interpreter`
 tests run Triton's CPU interpreter, which is chosen when Triton is imported, so they run in a
 pytest process of their own with TRITON_INTERPRET=1 (test_kernels_interpreter.py starts it),
-and every other test runs without it. GQN_TEST_TIMEOUT=N fails a test that runs past N s.
+and every other test runs without it. GQN_TEST_TIMEOUT=N fails a test that runs past N s;
+GQN_REPORT_FAILURES_AT_ONCE=1 prints each failure's traceback the moment it fails (a run killed
+by an outer time limit, as on a rented GPU, otherwise loses pytest's end-of-run report).
 """
 
 import os
@@ -72,6 +74,13 @@ def pytest_runtest_call(item):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_runtest_logreport(report):
+    """GQN_REPORT_FAILURES_AT_ONCE=1: a failure's node id and traceback, printed when it happens
+    (also by pytest-xdist's controller, which receives every worker's reports)."""
+    if report.failed and os.environ.get("GQN_REPORT_FAILURES_AT_ONCE") == "1":
+        print(f"\n=== FAILED {report.nodeid} ({report.when}) ===\n{report.longreprtext[-4000:]}\n", flush=True)
 
 
 @pytest.fixture(autouse=True)

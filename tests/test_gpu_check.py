@@ -35,3 +35,18 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert "gqn_fast" in summary.split("headline ratios:")[1]
     with tarfile.open(archive) as tar:
         assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/results.json" in tar.getnames()
+
+
+def test_failures_printed_as_they_happen_are_read_back(tmp_path):
+    """A run killed by its time limit still names the failures it printed (GQN_REPORT_FAILURES_AT_ONCE)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    log = tmp_path / "cuda_tests.log"
+    log.write_text("..F\n=== FAILED tests/test_a.py::test_b[cuda-fp32] (call) ===\nE  AssertionError\n"
+                   "=== FAILED tests/test_c.py::test_d (setup) ===\n.\n")
+    assert gpu_check.failures_reported(log) == ["tests/test_a.py::test_b[cuda-fp32]", "tests/test_c.py::test_d"]
+    workers = gpu_check.test_workers()
+    assert 0 <= workers <= 8

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gqn_fast.kernels import conv_lstm_cell
 from gqn_fast.kernels.utils import pytorch_path
-from helpers import RMS_LIMITS, assert_close_rms
+from helpers import RMS_LIMITS, assert_close_rms, rel_rms
 from test_kernels_dispatch import (
     CPU_PATHS,
     OP_PATHS,
@@ -66,9 +66,29 @@ def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None):
     out_limit, operand_limit = limits(dtype, tf32)
     assert_close_rms(h, h_ref, out_limit, "h")
     assert_close_rms(c_new, c_new_ref, out_limit, "c_new")
+    conv_limits = {"x": operand_limit, "weight": operand_limit}
+    if backward_convs == "aten" and x.is_cuda:
+        # The "aten" backward convs are cuDNN's, whose algorithms for 5x5 kernels (FFT, Winograd)
+        # can err more than fp32 sums: on the H100 the weight gradient at a core's shape was
+        # 5.8e-4 off in strict fp32. Hold them to what cuDNN does in PyTorch's own unfused cell.
+        conv_limits = {name: max(limit, 2 * err) for (name, limit), err in
+                       zip(conv_limits.items(), unfused_cell_grad_errors(inputs, grads_out, grads_ref[:2]))}  # fmt: skip
     for name, tensor, grad, grad_ref in zip(("x", "weight", "constant", "c"), inputs, grads, grads_ref):
         assert grad.shape == grad_ref.shape and grad.dtype == tensor.dtype
-        assert_close_rms(grad, grad_ref, operand_limit if name in ("x", "weight") else out_limit, f"grad {name}")
+        assert_close_rms(grad, grad_ref, conv_limits.get(name, out_limit), f"grad {name}")
+
+
+def unfused_cell_grad_errors(inputs, grads_out, grads_ref):
+    """Relative RMS errors of the x and weight gradients of F.conv2d + the gate math (PyTorch's
+    autograd, cuDNN on a GPU) in the inputs' dtypes, against the float64 oracle's."""
+    x, weight, constant, c = (t.detach().requires_grad_() for t in inputs)
+    padding = (weight.shape[-2] // 2, weight.shape[-1] // 2)
+    preact = F.conv2d(x, weight, padding=padding).float() + constant
+    i, f, g, o = preact.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c_new)
+    grads = torch.autograd.grad((h, c_new), (x, weight), grads_out)
+    return [rel_rms(grad, ref) for grad, ref in zip(grads, grads_ref)]
 
 
 def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_layout="contiguous"):
@@ -151,10 +171,11 @@ def test_conv_lstm_cell_paths_agree():
 
 @pytest.mark.parametrize("device,interpret", OP_PATHS)
 @pytest.mark.parametrize("constant_kind", ["bias", "zero"])
-def test_conv_lstm_cell_takes_an_expanded_constant(device, interpret, constant_kind, nan_poison):
+def test_conv_lstm_cell_takes_an_expanded_constant(device, interpret, constant_kind, nan_poison, monkeypatch):
     """A cell with only a bias (or none) passes it as an expanded view: stride 0 on the batch
     and pixels, no [B, 4H, Y, X] copy; its gradient sums over them (autograd's expand)."""
     select_path(interpret)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 limits: no TF32 (on by default)
     gen = torch.Generator().manual_seed(5)
     x, weight, _, c = make_inputs(2, 3, 4, 5, 6, (3, 1), torch.float32, device, gen)
     small = torch.randn(1, 16, 1, 1, generator=gen) if constant_kind == "bias" else torch.zeros(1, 1, 1, 1)
