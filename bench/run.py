@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                              "machine fairly, where spinning thread pools slow each other down")
     parser.add_argument("--provider", action="append",
                         help="whole-model comparisons with this provider only, e.g. gqn_fast-eager (repeatable)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls per provider and size (default: 5 on a CPU, 3 with --quick; 30 on a GPU, 10 with --quick)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<device>)")
     args = parser.parse_args(argv)
 
@@ -142,6 +144,10 @@ def main(argv=None) -> int:
     env = environment(device)
     groups = args.only or GROUPS
     sizes = plan(device, args.smoke, args.quick, args.full, args.preset, args.batch)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats: expected a positive number, got {args.repeats}")
+        sizes["repeats"] = args.repeats
     log = lambda line: print(line, flush=True)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     limits = measured_limits(device, quick=args.quick or args.smoke)

@@ -73,3 +73,12 @@ def test_merged_runs_keep_each_rows_commit(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "m2"),
                           str(tmp_path / "a"), str(tmp_path / "c")], capture_output=True, text=True)
     assert run.returncode != 0 and "expected one device" in run.stderr
+
+
+def test_repeats_must_be_positive(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--repeats", "0", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert run.returncode == 2 and "--repeats: expected a positive number, got 0" in run.stderr
+    assert not (tmp_path / "r").exists()
