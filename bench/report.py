@@ -132,20 +132,18 @@ def plot_roofline(rows: list[dict], limits: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(out: Path, environment: dict, limits: dict, rows: list[dict]) -> list[Path]:
+def write(out: Path, environment: dict, limits: dict, rows: list[dict], plots: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "json": out / "results.json",
-        "md": out / "results.md",
-        "speedup": out / "speedup.png",
-        "roofline": out / "roofline.png",
-    }
+    files = {"json": out / "results.json", "md": out / "results.md"}
+    if plots:
+        files.update(speedup=out / "speedup.png", roofline=out / "roofline.png")
     rows = [dict(r, **{k: environment[k] for k in ("device", "commit", "date") if k not in r}) for r in rows]
     files["json"].write_text(json.dumps({"environment": environment, "limits": limits, "rows": rows}, indent=1))
     header = "\n".join(f"- {k}: {v}" for k, v in {**environment, **limits}.items())
     files["md"].write_text(f"# gqn-fast benchmark\n\n{header}\n\n{markdown_table(rows)}")
-    plot_speedups(rows, files["speedup"])
-    plot_roofline(rows, limits, files["roofline"])
+    if plots:
+        plot_speedups(rows, files["speedup"])
+        plot_roofline(rows, limits, files["roofline"])
     return list(files.values())
 
 

@@ -5,7 +5,8 @@ fused with the gates against cuDNN's conv plus the gate kernel, at B = 8 and 36)
 (default and max-autotune), gqn_fast eager, compiled, and with the training step captured in a
 CUDA graph; fp32 (TF32 settings pinned and printed) and bf16 autocast. Results go to
 bench/results/<device>/: results.json (one row per measurement, with the environment),
-results.md (the table), speedup.png and roofline.png.
+results.md (the table), speedup.png and roofline.png; a --smoke run to bench/results/smoke/<device>/
+(ignored by git), never among the committed results.
 """
 
 from __future__ import annotations
@@ -154,12 +155,31 @@ def main(argv=None) -> int:
     limits.update(nominal_peaks(env["device"]))
     log("measured limits: " + ", ".join(f"{k}={v:.1f}" for k, v in limits.items()))
 
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", env["device"]).strip("-")
+    results = ROOT / "bench" / "results"
+    # A smoke run's tiny sizes never land where the committed results are (git ignores smoke/).
+    out = args.out or (results / "smoke" / name if args.smoke else results / name)
+    if args.smoke and out.resolve().is_relative_to(results.resolve()) and not out.resolve().is_relative_to((results / "smoke").resolve()):
+        parser.error(f"--smoke: --out {args.out} is among the committed results in {results}; "
+                     f"write a smoke run elsewhere (default {results / 'smoke' / name})")
+
+    def save(rows: list[dict], final: bool) -> list:
+        """Rates and speedups filled in, then results.json and results.md written (the plots too
+        when final)."""
+        for r in rows:
+            if "TFLOPs" in r:
+                rate = limits["matmul_bfloat16_TFLOPs" if r["precision"] == "bf16" else "matmul_float32_TFLOPs"]
+                r["share_of_matmul"] = r["TFLOPs"] / rate
+        report.add_speedups(rows)
+        return report.write(out, env, limits, rows, plots=final)
+
     rows = []
     if "kernels" in groups:
         if sizes["kernel_sizes"]:
             log("kernels:")
             rows += workloads.kernel_rows(device, sizes["kernel_dtypes"], sizes["kernel_sizes"],
                                           args.smoke, sizes["repeats"], limits["copy_GBps"], log)
+            save(rows, final=False)
         else:
             log("kernels: skipped, the kernel microbenchmarks need a CUDA GPU (use --smoke to check the plumbing)")
     if "conv_cell" in groups:
@@ -167,32 +187,31 @@ def main(argv=None) -> int:
             log("one ConvLSTM cell (5x5 conv + gates), fused and unfused:")
             rows += workloads.conv_cell_rows(device, sizes["kernel_dtypes"], sizes["cell_batches"], args.smoke,
                                              sizes["repeats"], limits, log)
+            save(rows, final=False)
         else:
             log("conv_cell: skipped, the fused cell is a GPU kernel (use --smoke to check the plumbing)")
     if "train_step" in groups:
         log("training step and generation:")
-        rows += workloads.model_rows(sizes["cases"], sizes["precisions"], device,
-                                     args.smoke, args.quick, sizes["repeats"], log, args.provider)
+        for case in sizes["cases"]:  # results written after each: a run killed at its time limit keeps them
+            rows += workloads.model_rows([case], sizes["precisions"], device,
+                                         args.smoke, args.quick, sizes["repeats"], log, args.provider)
+            save(rows, final=False)
     if "representation" in groups:
         log("representation net:")
         config, batch = sizes["representation"]
         rows += workloads.representation_rows(config, batch, sizes["precisions"], device,
                                               args.smoke, sizes["repeats"], log)
+        save(rows, final=False)
     if "convlstm" in groups:
         log("gqn_fast.nn.ConvLSTM against the plain ConvLSTM it replaces (CPU: scaled-down sizes):")
         rows += workloads.convlstm_rows(device, args.smoke, sizes["repeats"], log)
+        save(rows, final=False)
     if "data" in groups:
         log("data:")
         rows += data_bench.data_rows(smoke=args.smoke, log=log)
+        save(rows, final=False)
 
-    for r in rows:
-        if "TFLOPs" in r:
-            rate = limits["matmul_bfloat16_TFLOPs" if r["precision"] == "bf16" else "matmul_float32_TFLOPs"]
-            r["share_of_matmul"] = r["TFLOPs"] / rate
-    report.add_speedups(rows)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", env["device"]).strip("-")
-    out = args.out or ROOT / "bench" / "results" / name
-    files = report.write(out, env, limits, rows)
+    files = save(rows, final=True)
     print(report.markdown_table(rows))
     log("wrote " + ", ".join(str(f) for f in files))
     failures = [r for r in rows if "error" in r]

@@ -82,3 +82,14 @@ def test_repeats_must_be_positive(tmp_path):
     )
     assert run.returncode == 2 and "--repeats: expected a positive number, got 0" in run.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_smoke_never_writes_among_the_committed_results(tmp_path):
+    committed = ROOT / "bench" / "results" / "cpu-x86_64-1-threads"
+    before = (committed / "results.json").read_bytes()
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--only", "data", "--out", str(committed)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert run.returncode == 2 and "among the committed results" in run.stderr
+    assert (committed / "results.json").read_bytes() == before
