@@ -58,6 +58,7 @@ class TrainArgs:
     checkpoint_every: int = 250
     keep: int = 3
     device: str | None = None
+    max_minutes: float | None = None
 
 
 def _data_setting(args: dict) -> str:
@@ -105,6 +106,10 @@ def check_args(args: TrainArgs) -> None:
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
             raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    minutes = args.max_minutes
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not math.isfinite(minutes) or minutes <= 0):
+        raise UsageError(f"--max-minutes: expected a positive number of minutes, got {minutes!r}")
     unknown = sorted(set(allowed_changes(args)) - set(RESULT_SETTINGS))
     if unknown:
         raise UsageError(f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}")
@@ -186,6 +191,8 @@ def train(args: TrainArgs) -> torch.nn.Module:
         args = dataclasses.replace(args, data=str(Path(args.data).resolve()))
     rank, world, device = setup_distributed(args.device)
     main = rank == 0
+    if args.max_minutes is not None and world > 1:
+        raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     config = GQNConfig.preset(args.preset)
@@ -280,11 +287,17 @@ def train(args: TrainArgs) -> torch.nn.Module:
     # The state at the last step boundary is what a checkpoint holds: the parameters, optimiser
     # and data position change only in the update below, the RNG as the step draws.
     boundary_rng, updating = rng_state(), False
+    # --max-minutes: the clock starts at the first step (the data and model are ready).
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    out_of_time, shown = False, None
     try:
         with StopAtBoundary(active=world == 1) as stop:
             while step < args.steps:
                 if stop.requested:
                     raise KeyboardInterrupt
+                if deadline is not None and time.monotonic() >= deadline:
+                    out_of_time = True
+                    break
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -340,9 +353,17 @@ def train(args: TrainArgs) -> torch.nn.Module:
                     sums, window_start, window_steps = None, time.perf_counter(), 0
                     if last_ckpt:
                         checkpoint(boundary_rng)
+                shown = (context_x, context_v, query_x, query_v), result.mean.detach()
                 if main and (step % args.image_every == 0 or step == args.steps):
-                    save_progress_picture(model, (context_x, context_v, query_x, query_v), result.mean,
-                                          out / "images" / f"step-{step:08d}.png", seed=args.seed)
+                    save_progress_picture(model, *shown, out / "images" / f"step-{step:08d}.png", seed=args.seed)
+        if out_of_time:
+            # As at the last step: a checkpoint and a picture of where the run stopped.
+            tqdm.write(f"--max-minutes {args.max_minutes:g}: stopping at step {step}; --resume continues here")
+            if saved_step != step:
+                checkpoint(boundary_rng)
+            last_picture = out / "images" / f"step-{step:08d}.png"
+            if main and shown is not None and not last_picture.exists():
+                save_progress_picture(model, *shown, last_picture, seed=args.seed)
     except KeyboardInterrupt:
         # Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
         # checkpointed (it is finite: it was just checked, or is one step past a finite check,
@@ -473,6 +494,9 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+    p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
+                   help="stop at the first step boundary after this many minutes of training, with a "
+                        "checkpoint and a picture (a time-limited machine); --resume continues")
     p.set_defaults(func=run_command)
 
 

@@ -237,3 +237,26 @@ def test_two_process_ddp_keeps_ranks_identical(dataset, tmp_path):
     # Rank 0 alone writes the run folder.
     assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_a_picture(dataset, tmp_path, straight, monkeypatch):
+    """--max-minutes: at the first step boundary past the time limit the run ends normally with a
+    checkpoint and a picture of that step, and --resume finishes it exactly."""
+    import gqn_fast.train as train_module
+
+    clock = iter(range(0, 10_000, 60))  # one minute passes per reading of the clock
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    train(args_for(dataset, out, max_minutes=2.5))
+    monkeypatch.undo()
+    stopped = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert 0 < stopped["step"] < 4
+    assert (out / "images" / f"step-{stopped['step']:08d}.png").exists()
+    train(args_for(dataset, out, resume=True))
+    assert_same_state(last_state(out), straight)
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0, float("nan")])
+def test_max_minutes_must_be_positive(dataset, tmp_path, minutes):
+    with pytest.raises(UsageError, match="--max-minutes: expected a positive number"):
+        train(args_for(dataset, tmp_path / "run", max_minutes=minutes))
