@@ -9,6 +9,7 @@ be worse than plain PyTorch at the same precision.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -321,3 +322,30 @@ def test_compile_options_keep_the_models_own_layouts():
     compiled = torch.compile(fast.elbo, options=compile_options(fast))
     batch, noise = random_scene_batch(2, 1), torch.randn(2, 2, 2, 16, 16)
     assert_close_rms(compiled(*batch, sigma=0.7, noise=noise).loss, fast.elbo(*batch, sigma=0.7, noise=noise).loss, 1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_canvas_maps_match_the_convs_and_keep_the_layout(channels_last):
+    """conv1x1 and patch_transposed_conv (the canvas maps) equal F.conv2d and F.conv_transpose2d,
+    values and gradients; a channels-last state gets its gradient back channels-last."""
+    from gqn_fast.model import conv1x1, patch_transposed_conv
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    w1, b1 = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    wt, bt = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    cases = [
+        (lambda t: conv1x1(t, w1, b1), lambda t: F.conv2d(t, w1[:, :, None, None], b1)),
+        (lambda t: patch_transposed_conv(t, wt, bt), lambda t: F.conv_transpose2d(t, wt, bt, stride=4)),
+    ]
+    for ours, theirs in cases:
+        h_ours, h_ref = h.clone().requires_grad_(), h.contiguous().requires_grad_()
+        got, want = ours(h_ours), theirs(h_ref)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grad_out = torch.randn_like(want)
+        (grad,) = torch.autograd.grad(got, h_ours, grad_out)
+        (grad_ref,) = torch.autograd.grad(want, h_ref, grad_out)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+        if channels_last:
+            assert grad.is_contiguous(memory_format=torch.channels_last)
