@@ -88,11 +88,11 @@ def split_runs(weight: torch.Tensor, layout: dict[str, int], runs) -> tuple[torc
     return weight.split([sum(layout[name] for name in run) for run in runs], dim=1)
 
 
-def _standard_normal(like: torch.Tensor) -> torch.Tensor:
-    """Standard-normal draws of like's shape, dtype and device, contiguous (the reference's
-    layout and order): randn_like of a channel slice of a channels-last map fills that map's
-    layout, 8x slower on the CPU (126 against 15 us for [8, 3, 16, 16])."""
-    return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+def _standard_normal(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard-normal draws of like's shape and device (and dtype, unless given), contiguous
+    (the reference's layout and order): randn_like of a channel slice of a channels-last map
+    fills that map's layout, 8x slower on the CPU (126 against 15 us for [8, 3, 16, 16])."""
+    return torch.randn(like.shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def _sum_views(r_k: torch.Tensor, B: int, M: int) -> torch.Tensor:
@@ -403,7 +403,8 @@ class GQN(reference.GQN):
             mu_p, s_p = self._prior(step, h_g)
             h_e, c_e = self._inference_step(step, inference_weights[core], inference_const, h_g, canvas, h_e, c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
-            eps = _standard_normal(mu_q) if noise is None else noise[step]
+            # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
+            eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
             z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
             h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
