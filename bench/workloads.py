@@ -410,8 +410,19 @@ def unfused_cell(x, weight, constant, c):
     return kernels.lstm_gates(preact.to(c.dtype), c)
 
 
-def fused_cell(backward_convs):
-    return lambda x, weight, constant, c: kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs)
+def fused_cell(backward_convs, gates_in_one_dot=False):
+    """kernels.conv_lstm_cell with the given backward convs and forward GEMM shape
+    (kernels/conv_cell.py's GATES_IN_ONE_DOT, set for the call)."""
+    from gqn_fast.kernels import conv_cell
+
+    def cell(x, weight, constant, c):
+        default, conv_cell.GATES_IN_ONE_DOT = conv_cell.GATES_IN_ONE_DOT, gates_in_one_dot
+        try:
+            return kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs)
+        finally:
+            conv_cell.GATES_IN_ONE_DOT = default
+
+    return cell
 
 
 # (core, step-varying input channels) at the paper's sizes: the generator reads z and h_g,
@@ -432,6 +443,7 @@ def conv_cell_rows(device, dtypes, batches, smoke, repeats, peaks, log):
         ("cudnn+gate-kernel", unfused_cell),
         ("gqn_fast-fused-aten-bwd", fused_cell("aten")),
         ("gqn_fast-fused-triton-bwd", fused_cell("triton")),
+        ("gqn_fast-fused-one-dot-aten-bwd", fused_cell("aten", gates_in_one_dot=True)),
     ]
     rows = []
     for dtype, batch, (core, cin) in itertools.product(dtypes, batches, CELL_SHAPES.items()):

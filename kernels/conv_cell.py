@@ -60,6 +60,10 @@ from .utils import (
 )
 
 BACKWARD_CONVS = ("aten", "triton")
+# The forward kernel's GEMM as one product over all four gates (True) or one per gate (False,
+# measured on an H100: slower than cuDNN's conv plus the gate kernel in TF32). Read at each
+# call, for bench/run.py --only conv_cell to compare; the default stays until a GPU has.
+GATES_IN_ONE_DOT = False
 
 
 def _check_backward_convs(backward_convs: str) -> None:
@@ -95,21 +99,36 @@ def _conv_lstm_cell_forward_kernel(
     c_new_sb, c_new_sc, c_new_sy, c_new_sx,
     preact_sb, preact_sc, preact_sy, preact_sx,
     KSIZE_Y: tl.constexpr, KSIZE_X: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATES_IN_ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Grid (pixel tiles, hidden tiles): h and c' for BLOCK_M pixels x BLOCK_H hidden channels."""
+    """Grid (pixel tiles, hidden tiles): h and c' for BLOCK_M pixels x BLOCK_H hidden channels.
+
+    GATES_IN_ONE_DOT: one [BLOCK_M, 4 BLOCK_H] product per reduction step, its columns the four
+    gates of each hidden channel side by side (column 4 h + gate), split in the epilogue; else
+    four [BLOCK_M, BLOCK_H] products, one per gate. Hopper's wgmma runs N = 64 to 256 columns
+    at full rate, so four narrow products may leave the tensor cores idle: bench/run.py --only
+    conv_cell measures both (`GATES_IN_ONE_DOT` below picks).
+    """
     b, y, x, m_ok = _pixel_coordinates(tl.program_id(0), batch, height, width, BLOCK_M)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hh < hidden
-    # Weight rows of the four gates for these hidden channels (PyTorch's order i, f, g, o).
-    w_rows_i = hh.to(tl.int64)[None, :] * w_sn
-    w_rows_f = (hh + hidden).to(tl.int64)[None, :] * w_sn
-    w_rows_g = (hh + 2 * hidden).to(tl.int64)[None, :] * w_sn
-    w_rows_o = (hh + 3 * hidden).to(tl.int64)[None, :] * w_sn
-    acc_i = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    if GATES_IN_ONE_DOT:
+        column = tl.arange(0, 4 * BLOCK_H)
+        column_h = tl.program_id(1) * BLOCK_H + column // 4
+        # Weight rows of each column: gate (column % 4, PyTorch's order i, f, g, o), hidden channel.
+        w_rows = ((column % 4) * hidden + column_h).to(tl.int64)[None, :] * w_sn
+        column_ok = column_h < hidden
+        acc = tl.zeros((BLOCK_M, 4 * BLOCK_H), dtype=tl.float32)
+    else:
+        # Weight rows of the four gates for these hidden channels (PyTorch's order i, f, g, o).
+        w_rows_i = hh.to(tl.int64)[None, :] * w_sn
+        w_rows_f = (hh + hidden).to(tl.int64)[None, :] * w_sn
+        w_rows_g = (hh + 2 * hidden).to(tl.int64)[None, :] * w_sn
+        w_rows_o = (hh + 3 * hidden).to(tl.int64)[None, :] * w_sn
+        acc_i = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        acc_f = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     chunks = tl.cdiv(cin, BLOCK_K)
     # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
     for step in range(KSIZE_Y * KSIZE_X * ((cin + BLOCK_K - 1) // BLOCK_K)):  # constexpr bound: see _INTERPRETER_CONFIG
@@ -126,17 +145,30 @@ def _conv_lstm_cell_forward_kernel(
         k_ok = k < cin
         a = tl.load(x_ptr + x_pixels + k.to(tl.int64)[None, :] * x_sc, mask=inside[:, None] & k_ok[None, :], other=0.0)
         w_ptrs = w_ptr + w_tap + k.to(tl.int64)[:, None] * w_sc
-        w_mask = k_ok[:, None] & h_ok[None, :]
-        w_i = tl.load(w_ptrs + w_rows_i, mask=w_mask, other=0.0)
-        w_f = tl.load(w_ptrs + w_rows_f, mask=w_mask, other=0.0)
-        w_g = tl.load(w_ptrs + w_rows_g, mask=w_mask, other=0.0)
-        w_o = tl.load(w_ptrs + w_rows_o, mask=w_mask, other=0.0)
         if UPCAST:  # the interpreter multiplies bf16 tiles wrongly; their values are exact in fp32
-            a, w_i, w_f, w_g, w_o = a.to(tl.float32), w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
-        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
+            a = a.to(tl.float32)
+        if GATES_IN_ONE_DOT:
+            w = tl.load(w_ptrs + w_rows, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        else:
+            w_mask = k_ok[:, None] & h_ok[None, :]
+            w_i = tl.load(w_ptrs + w_rows_i, mask=w_mask, other=0.0)
+            w_f = tl.load(w_ptrs + w_rows_f, mask=w_mask, other=0.0)
+            w_g = tl.load(w_ptrs + w_rows_g, mask=w_mask, other=0.0)
+            w_o = tl.load(w_ptrs + w_rows_o, mask=w_mask, other=0.0)
+            if UPCAST:
+                w_i, w_f, w_g, w_o = w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
+            acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
+            acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
+            acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
+    if GATES_IN_ONE_DOT:
+        # Column 4 h + 2 p + q holds gate 2 p + q: split q (i and g, f and o), then p.
+        even, odd = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_H, 2, 2)))
+        acc_i, acc_g = tl.split(even)
+        acc_f, acc_o = tl.split(odd)
 
     # Epilogue: the gate math of gates.py on the accumulators, plus the constant share.
     mask = m_ok[:, None] & h_ok[None, :]
@@ -293,28 +325,30 @@ def autotune_budget() -> int | None:
     return int(value)
 
 
-def _autotuned(kernel, block_names, tiles, size_arg):
-    """kernel under triton.autotune: every tile with each (stages, warps), keyed on the shapes."""
+def _autotuned(kernel, block_names, tiles, key):
+    """kernel under triton.autotune: every tile with each (stages, warps), keyed on the shapes
+    (and any other argument that changes what is fastest) in `key`."""
     configs = [
         triton.Config(dict(zip(block_names, tile)), num_stages=stages, num_warps=warps)
         for stages, warps in ((3, 4), (4, 4), (3, 8))
         for tile in tiles
     ][: autotune_budget()]
-    return triton.autotune(configs=configs, key=["batch", "cin", "height", "width", size_arg])(kernel)
+    return triton.autotune(configs=configs, key=["batch", "cin", "height", "width", *key])(kernel)
 
 
 if HAS_TRITON:
     _conv_lstm_cell_forward_tuned = _autotuned(
         _conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"),
-        ((32, 32, 32), (64, 16, 32), (64, 32, 32), (64, 32, 64), (128, 32, 32), (128, 16, 64)), "hidden",
+        ((32, 32, 32), (64, 16, 32), (64, 32, 32), (64, 32, 64), (128, 32, 32), (128, 16, 64)),
+        ("hidden", "GATES_IN_ONE_DOT"),
     )  # fmt: skip
     _conv_input_grad_tuned = _autotuned(
         _conv_input_grad_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-        ((32, 64, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), "cout",
+        ((32, 64, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), ("cout",),
     )  # fmt: skip
     _conv_weight_grad_tuned = _autotuned(
         _conv_weight_grad_kernel, ("BLOCK_N", "BLOCK_C", "BLOCK_M"),
-        ((64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), "cout",
+        ((64, 64, 32), (64, 64, 64), (128, 64, 32), (64, 128, 32), (128, 128, 32)), ("cout",),
     )  # fmt: skip
 
 
@@ -398,7 +432,8 @@ def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool):
             *x.stride(), *weight.stride(), *constant.stride(), *c.stride(),
             *h.stride(), *c_new.stride(), *preact.stride(),
         )  # fmt: skip
-        constexprs = {**_kernel_sizes(weight), "SAVE_PREACT": save_preact, **_dot_settings()}
+        constexprs = {**_kernel_sizes(weight), "SAVE_PREACT": save_preact, "GATES_IN_ONE_DOT": GATES_IN_ONE_DOT,
+                      **_dot_settings()}  # fmt: skip
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
         with launch_device(x):
             if interpreter_enabled():

@@ -28,7 +28,8 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     assert {"lstm_gates", "posterior_sample_kl", "pixel_nll", "train_step", "generate",
             "representation", "render", "loader", "conv_lstm_cell_generator", "conv_lstm_cell_inference"} <= workloads
     cell_providers = {r["provider"] for r in rows if r["workload"] == "conv_lstm_cell_inference"}
-    assert {"eager", "cudnn+gate-kernel", "gqn_fast-fused-aten-bwd", "gqn_fast-fused-triton-bwd"} <= cell_providers
+    assert {"eager", "cudnn+gate-kernel", "gqn_fast-fused-aten-bwd", "gqn_fast-fused-triton-bwd",
+            "gqn_fast-fused-one-dot-aten-bwd"} <= cell_providers
     providers = {r["provider"] for r in rows if r["workload"] == "train_step"}
     assert {"reference-eager", "reference-compile", "gqn_fast-eager", "gqn_fast-compile"} <= providers
     for r in rows:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gqn_fast.kernels import conv_lstm_cell
+from gqn_fast.kernels import conv_cell, conv_lstm_cell
 from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms, rel_rms
 from test_kernels_dispatch import (
@@ -139,12 +139,15 @@ def test_conv_lstm_cell_matches_float64_oracle(
 
 @pytest.mark.parametrize("device,interpret,dtype,tf32", [p for p in PRECISIONS if p.id != "cpu-interpreter-fp16"])
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
-def test_conv_lstm_cell_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_convs, nan_poison, monkeypatch):
+@pytest.mark.parametrize("one_dot", [False, True], ids=["dot-per-gate", "one-dot"])
+def test_conv_lstm_cell_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_convs, one_dot, nan_poison, monkeypatch):
     """GQN's 5x5 kernel, with more pixels and channels than one tile holds: several pixel,
     hidden and reduction tiles, and masked remainders in each (on the GPU: a core's real
-    sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time)."""
+    sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time); the
+    forward's GEMM one product per gate or one for all four (conv_cell.GATES_IN_ONE_DOT)."""
     select_path(interpret)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    monkeypatch.setattr(conv_cell, "GATES_IN_ONE_DOT", one_dot)
     gen = torch.Generator().manual_seed(0)
     batch, cin, hidden, grid = (1, 37, 17, 12) if device == "cpu" else (8, 259, 128, 16)
     inputs = make_inputs(batch, cin, hidden, grid, grid, 5, dtype, device, gen)

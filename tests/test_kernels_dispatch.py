@@ -10,6 +10,7 @@ helpers below.
 
 import inspect
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,7 +285,10 @@ _KERNEL_VARIANTS = [
     (kernel, {**_CONV_GATES, **extra, **tile, "DOT_PRECISION": precision}, element)
     for element, precision in (("bf16", "ieee"), ("fp32", "tf32"))
     for kernel, extra, tile in (
-        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True}, {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
+        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": False},
+         {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
+        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": True},
+         {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
         (conv_cell._conv_input_grad_kernel, {}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
         (conv_cell._conv_weight_grad_kernel, {}, {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32}),
     )
@@ -324,6 +328,10 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, element):
     assert "st.global" in ptx
     if kernel.fn.__module__.endswith("conv_cell"):  # the GEMMs run on Hopper's tensor cores
         assert "wgmma" in ptx
+    if "GATES_IN_ONE_DOT" in constexprs:  # one product per gate, or one as wide as all four
+        widths = {int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}
+        expected = constexprs["BLOCK_H"] * (4 if constexprs["GATES_IN_ONE_DOT"] else 1)
+        assert widths == {expected}, f"wgmma widths {sorted(widths)}, expected {expected}"
 
 
 def test_every_kernel_is_in_the_compile_check():
@@ -361,7 +369,7 @@ def test_autotune_budget_bounds_the_configurations(monkeypatch):
     """GQN_FAST_AUTOTUNE_CONFIGS=N keeps the first N configurations: every tile, 3 stages, 4 warps."""
     pytest.importorskip("triton")
     tiles = ((32, 32, 32), (64, 16, 32), (64, 32, 64))
-    tune = lambda: conv_cell._autotuned(conv_cell._conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, "hidden")  # noqa: E731
+    tune = lambda: conv_cell._autotuned(conv_cell._conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, ("hidden", "GATES_IN_ONE_DOT"))  # noqa: E731
     monkeypatch.delenv("GQN_FAST_AUTOTUNE_CONFIGS", raising=False)
     assert len(tune().configs) == 3 * len(tiles)
     monkeypatch.setenv("GQN_FAST_AUTOTUNE_CONFIGS", "2")
