@@ -12,14 +12,14 @@ with weight P[h, o, i, j] = sum_c O[o, c] T[h, c, i, j].
 import torch
 
 
-def downsample_after_upsample(down_w, up_w, up_b):
+def downsample_after_upsample(down_w, up_w, up_b=None):
     """The 1x1 map of conv(k4 s4, down_w) . convT(k4 s4, up_w, up_b), without the down bias.
 
-    down_w [..., C', C, 4, 4], up_w [H, C, 4, 4], up_b [C] -> (weight [..., C', H], bias [..., C']).
-    Leading dimensions of down_w batch over several down-sampling convs at once.
+    down_w [..., C', C, 4, 4], up_w [H, C, 4, 4], up_b [C] -> (weight [..., C', H], bias [..., C'],
+    or None without up_b). Leading dimensions of down_w batch over several down-sampling convs.
     """
     weight = torch.einsum("...pcij,hcij->...ph", down_w, up_w)
-    bias = torch.einsum("...pcij,c->...p", down_w, up_b)
+    bias = None if up_b is None else torch.einsum("...pcij,c->...p", down_w, up_b)
     return weight, bias
 
 
@@ -31,12 +31,3 @@ def observation_after_upsample(obs_w, up_w, up_b):
     """
     obs = obs_w[:, :, 0, 0]
     return torch.einsum("oc,hcij->hoij", obs, up_w), obs @ up_b
-
-
-def downsample_after_upsample_pairs(down_w, up_w):
-    """Every pair's 1x1 map at once: down_w [Ld, C', C, 4, 4], up_w [Lu, H, C, 4, 4] -> [Ld*C', Lu*H].
-
-    Block (l, j) is M for down-sampling conv l after up-sampling convT j: one matrix product for
-    all pairs, whose backward is one product per operand (no per-pair weight-sized gradients).
-    """
-    return down_w.flatten(2).flatten(0, 1) @ up_w.flatten(2).flatten(0, 1).T

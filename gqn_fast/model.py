@@ -43,7 +43,6 @@ from gqn_fast.config import GRID_SIZE
 from gqn_fast.constant_conv import constant_conv
 from gqn_fast.folding import (
     downsample_after_upsample,
-    downsample_after_upsample_pairs,
     observation_after_upsample,
 )
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
@@ -173,9 +172,12 @@ class CanvasView:
 
     Step l's inference core reads D_l(u_{l-1}) with u_{l-1} = sum_{j<l} T_j(h_j), which is
     a_l + sum_{j<l} (M_lj h_j + m_lj) (gqn_fast.folding). With shared cores M and m are one
-    matrix and vector, so one running sum serves every step. With one core per step, all the
-    M_lj come from one matrix product per forward, and each new h_j is mapped at once to its
-    share of every later step's view. Before any drawing the view is the conv bias a_l.
+    matrix and vector, so one running sum serves every step. With one core per step, each new
+    h_j is mapped at once to its share of every later step's view, by the M_lj (l > j) made
+    then, one small product each: so their backward runs step by step, and no [L C', L H]
+    matrix of all pairs (half of it never read) has its gradient alive beside every weight
+    gradient at the end of the backward (the paper tower's training peak at B = 4 was there).
+    Before any drawing the view is the conv bias a_l.
     """
 
     def __init__(self, model: "GQN"):
@@ -187,18 +189,14 @@ class CanvasView:
             self.map = downsample_after_upsample(down[0].weight, up[0].weight, up[0].bias)
             self.views = [down[0].bias[None, :, None, None]]
             return
-        self.canvas = down[0].bias.shape[0]
+        self.down, self.up, self.canvas = down, up, down[0].bias.shape[0]
         self.views = [None]
         if len(down) == 1:
             return
-        hidden = up[0].weight.shape[0]
-        later_down = torch.stack([d.weight for d in down[1:]])  # rows: the views of steps 2..L
-        # Column block j holds T_j's share of every later view; its rows l <= j are never read.
-        self.columns = downsample_after_upsample_pairs(later_down, torch.stack([u.weight for u in up[:-1]])).split(hidden, dim=1)
-        # a_l + sum_{j<l} m_lj = a_l + (D_l summed over its taps) . (sum_{j<l} t_j)
+        # a_l + sum_{j<l} m_lj = a_l + (D_l summed over its taps) . (sum_{j<l} t_j), per view
         drawn_bias = torch.stack([u.bias for u in up[:-1]]).cumsum(0)
-        bias = torch.einsum("lpcij,lc->lp", later_down, drawn_bias)
-        self.views += [(b + d.bias)[None, :, None, None] for b, d in zip(bias, down[1:])]
+        self.views += [(torch.einsum("pcij,c->p", d.weight, b) + d.bias)[None, :, None, None]
+                       for d, b in zip(down[1:], drawn_bias)]  # fmt: skip
 
     def before(self, step: int) -> torch.Tensor:
         """The view of step `step` (0-based; not step 0, see `start`), broadcastable to [B, C, 16, 16]."""
@@ -210,13 +208,14 @@ class CanvasView:
             weight, bias = self.map
             self.views[0] = self.views[0] + conv1x1(h, weight, bias)
             return
-        later = len(self.views) - 1 - step
-        if later == 0:
+        later = range(step + 1, len(self.views))
+        if not later:
             return
-        weight = self.columns[step][-later * self.canvas :]
+        up_w = self.up[step].weight
+        weight = torch.cat([downsample_after_upsample(self.down[l].weight, up_w)[0] for l in later])
         shares = conv1x1(h, weight).split(self.canvas, dim=1)
-        for offset, share in enumerate(shares):
-            self.views[step + 1 + offset] = self.views[step + 1 + offset] + share
+        for l, share in zip(later, shares):
+            self.views[l] = self.views[l] + share
 
 
 class GQN(reference.GQN):
@@ -276,28 +275,28 @@ class GQN(reference.GQN):
             return tuple(piece.contiguous(memory_format=torch.channels_last) for piece in pieces)
         return pieces
 
-    def _inference_weights(self) -> list[CellWeights]:
-        """Each inference core's cell weight in pieces (INFERENCE_RUNS), split once per forward."""
-        weights = []
-        for core in self.inference_cores:
-            *constant, step = self._split(core, INFERENCE_RUNS)
-            weights.append(CellWeights(tuple(constant), step))
-        return weights
+    # A core's weight is split when its first step comes, not all at the start of the forward:
+    # autograd runs a split's backward (the pieces' gradients concatenated) in reverse order of
+    # creation, so splits made first would all run last, each beside every weight gradient
+    # (paper tower, B = 4: that made the training peak, 1 MiB above the reference's).
 
-    def _generator_weights(self) -> list[CellWeights]:
-        """Each generator core's cell weight in pieces, split once per forward."""
-        z_dim = self.config.z_dim
+    def _inference_weights(self, core: int) -> CellWeights:
+        """Inference core `core`'s cell weight in pieces (INFERENCE_RUNS), split once per forward."""
+        *constant, step = self._split(self.inference_cores[core], INFERENCE_RUNS)
+        return CellWeights(tuple(constant), step)
+
+    def _generator_weights(self, core: int) -> CellWeights:
+        """Generator core `core`'s cell weight in pieces, split once per forward."""
+        module = self.generator_cores[core]
         if self.config.share_cores:
-            (core,) = self.generator_cores
-            v, r, step = self._split(core, GENERATOR_RUNS)
+            v, r, step = self._split(module, GENERATOR_RUNS)
             # Step 1's h_g = 0: convolve z alone, with a view of the (z, h_g) piece.
-            return [CellWeights((v, r), step, first_step=step[:, :z_dim])]
-        v, r, z, _ = self._split(self.generator_cores[0], FIRST_GENERATOR_RUNS)
-        weights = [CellWeights((v, r), None, first_step=z)]
-        for core in self.generator_cores[1:]:
-            v, r, step = self._split(core, GENERATOR_RUNS)
-            weights.append(CellWeights((v, r), step))
-        return weights
+            return CellWeights((v, r), step, first_step=step[:, : self.config.z_dim])
+        if core == 0:  # with one core per step, the first only ever sees h_g = 0
+            v, r, z, _ = self._split(module, FIRST_GENERATOR_RUNS)
+            return CellWeights((v, r), None, first_step=z)
+        v, r, step = self._split(module, GENERATOR_RUNS)
+        return CellWeights((v, r), step)
 
     def _inference_constant(self, core, weights: CellWeights, scene: SceneInput, query_x):
         """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
@@ -388,26 +387,28 @@ class GQN(reference.GQN):
         c = self.config
         B = query_x.shape[0]
 
+        # The first cores' weights are split before the representation net runs, so that their
+        # split's backward comes after the net's and not beside its activations (see above).
+        inference_weights, generator_weights = self._inference_weights(0), self._generator_weights(0)
         scene = self._scene(context_x, context_v, query_v)
-        inference_weights, generator_weights = self._inference_weights(), self._generator_weights()
         canvas = CanvasView(self)
         h_g, c_g, h_e, c_e = (self._zeros(B, query_x) for _ in range(4))
         kls, states = [], []
         for step in range(c.L):
             core = self._core_index(step)
-            if step == 0 or not c.share_cores:  # each core's constant share, once
-                inference_const = self._inference_constant(
-                    self.inference_cores[core], inference_weights[core], scene, query_x
-                )
-                generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
+            if step == 0 or not c.share_cores:  # each core's weight pieces and constant share, once
+                if step > 0:
+                    inference_weights, generator_weights = self._inference_weights(core), self._generator_weights(core)
+                inference_const = self._inference_constant(self.inference_cores[core], inference_weights, scene, query_x)
+                generator_const = self._generator_constant(self.generator_cores[core], generator_weights, scene)
             mu_p, s_p = self._prior(step, h_g)
-            h_e, c_e = self._inference_step(step, inference_weights[core], inference_const, h_g, canvas, h_e, c_e)
+            h_e, c_e = self._inference_step(step, inference_weights, inference_const, h_g, canvas, h_e, c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
             eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
             z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
-            h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
+            h_g, c_g = self._generator_step(step, generator_weights, generator_const, z, h_g, c_g)
             states.append(h_g)
             if step < c.L - 1:
                 canvas.draw(step, h_g)
@@ -431,7 +432,6 @@ class GQN(reference.GQN):
         # reference's conv over all its inputs with the whole weight (paper tower, B = 4: peak
         # 39.1 MiB with pieces, below the reference's 35.7 without; bench/run.py).
         whole_cells = not c.share_cores and scene.r_map is not None and self._pytorch_cpu(query_v)
-        generator_weights = None if whole_cells else self._generator_weights()
         h_g, c_g = self._zeros(B, query_v), self._zeros(B, query_v)
         states = []
         for step in range(c.L):
@@ -443,8 +443,9 @@ class GQN(reference.GQN):
                 h_g, c_g = self._whole_cell(self.generator_cores[core], [tile(query_v, GRID_SIZE), scene.r_map, z, h_g], c_g)
             else:
                 if step == 0 or not c.share_cores:
-                    generator_const = self._generator_constant(self.generator_cores[core], generator_weights[core], scene)
-                h_g, c_g = self._generator_step(step, generator_weights[core], generator_const, z, h_g, c_g)
+                    generator_weights = self._generator_weights(core)
+                    generator_const = self._generator_constant(self.generator_cores[core], generator_weights, scene)
+                h_g, c_g = self._generator_step(step, generator_weights, generator_const, z, h_g, c_g)
             states.append(h_g)
         return torch.sigmoid(self._image_logits(states))
 
