@@ -276,9 +276,10 @@ class GQN(reference.GQN):
         return pieces
 
     # A core's weight is split when its first step comes, not all at the start of the forward:
-    # autograd runs a split's backward (the pieces' gradients concatenated) in reverse order of
-    # creation, so splits made first would all run last, each beside every weight gradient
-    # (paper tower, B = 4: that made the training peak, 1 MiB above the reference's).
+    # autograd runs a split's backward (the pieces' gradients concatenated, a transient second
+    # copy of the weight's gradient) in reverse order of creation, so splits made first would
+    # all run last, each beside every weight gradient and the representation net's activations.
+    # Paper tower, B = 4, one thread: the training peak went from 727 to 707 MiB (reference 726).
 
     def _inference_weights(self, core: int) -> CellWeights:
         """Inference core `core`'s cell weight in pieces (INFERENCE_RUNS), split once per forward."""
