@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gqn_fast.kernels import conv_cell, conv_lstm_cell
+from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms, rel_rms
 from test_kernels_dispatch import (
@@ -83,10 +84,7 @@ def unfused_cell_grad_errors(inputs, grads_out, grads_ref):
     autograd, cuDNN on a GPU) in the inputs' dtypes, against the float64 oracle's."""
     x, weight, constant, c = (t.detach().requires_grad_() for t in inputs)
     padding = (weight.shape[-2] // 2, weight.shape[-1] // 2)
-    preact = F.conv2d(x, weight, padding=padding).float() + constant
-    i, f, g, o = preact.chunk(4, dim=1)
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c_new)
+    h, c_new = lstm_gates_torch(F.conv2d(x, weight, padding=padding).float() + constant, c)
     grads = torch.autograd.grad((h, c_new), (x, weight), grads_out)
     return [rel_rms(grad, ref) for grad, ref in zip(grads, grads_ref)]
 
