@@ -55,6 +55,7 @@ COLUMNS = [
     ("p80_ms", "p80"), ("speedup", "speedup"), ("vs_unfused", "vs unfused"), ("TFLOPs", "TFLOP/s"), ("GBps", "GB/s"),
     ("share_of_copy_bw", "of copy BW"), ("share_of_matmul", "of matmul"), ("share_of_peak", "of peak"),
     ("images_per_s", "images/s"), ("batches_per_s", "batches/s"), ("peak_bytes", "peak MiB"), ("peak_vs_reference", "peak vs ref"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
+    ("ops_per_step", "ops/step"), ("views_per_step", "views/step"), ("autograd_nodes", "autograd nodes"),
     ("error", "error"),
 ]
 

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as the peak-memory child process
 
 from gqn_fast import GQN, GQNConfig
+from gqn_fast.inputs import values_trusted
 from gqn_fast.model import compile_options
 from gqn_fast import kernels
 from gqn_fast.kernels.gates import lstm_gates_torch
@@ -29,6 +30,7 @@ from gqn_fast.kernels.pixel_likelihood import pixel_nll_torch
 from gqn_fast.reference import GQN as ReferenceGQN
 from gqn_fast.reference import transform_viewpoint
 
+from op_count import count_training_step
 from measure import (
     interleaved_times,
     limit_malloc_caching,
@@ -107,7 +109,9 @@ def make_train_step(model, optimizer, batches, precision, device, compile_mode, 
     cycle = itertools.cycle(batches)
 
     def step(batch):
-        with autocast(device, precision):
+        # As `gqn-fast train` runs it: the batches are valid, and value checks would make the
+        # host wait for the GPU (gqn_fast.inputs.values_trusted).
+        with autocast(device, precision), values_trusted():
             loss = elbo(*batch, sigma=sigma).loss
         loss.backward()
         optimizer.step()
@@ -221,7 +225,7 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
     for preset, config, batch in cases:
         batches = scene_batches(batch, device)
         flops = {w: reference_flops(config, batch, device, w == "train_step") for w in ("train_step", "generate")}
-        peaks = {}
+        peaks, host_ops = {}, {}
         for precision, workload in itertools.product(precisions, WORKLOADS):
             models, fns, compile_s, errors = {}, {}, {}, {}
             for name, cls, mode, graph, attributes in model_providers(device, smoke, quick, only):
@@ -280,6 +284,17 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     peak_bytes=peak, saved_bytes=saved, compile_s=compile_s[name],
                     flops=flops[workload], TFLOPs=flops[workload] / timing.median_ms / 1e9,
                 )
+                if workload == "train_step" and mode is None and not graph:
+                    # What an eager step asks of the host (bench/op_count.py: counted on the meta
+                    # device for the GPU's branches, the fp32 graph).
+                    if name not in host_ops:
+                        model = cls(config)
+                        for attribute, value in attributes.items():
+                            setattr(model, attribute, value)
+                        host_ops[name] = count_training_step(model, batch)
+                    counts = host_ops[name]
+                    row.update(ops_per_step=counts["ops"] + counts["custom ops"], views_per_step=counts["views"],
+                               autograd_nodes=counts["autograd nodes"])
                 memory = "" if peak is None else f", peak {peak / 2**20:.0f} MiB"
                 log(f"  {workload} {preset} B={batch} {precision} {name}: {timing.median_ms:.1f} ms{memory}")
                 rows.append(row)

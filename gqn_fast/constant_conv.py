@@ -30,6 +30,32 @@ def inside_taps(n: int, k: int, dtype: torch.dtype, device: torch.device) -> tor
     return ((rows >= 0) & (rows < n)).to(dtype)
 
 
+def _placement(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """kron(R, R) transposed, [k*k, n*n]: 1 where tap t of output position p falls inside the grid."""
+    inside = inside_taps(n, k, dtype, device)
+    return (inside[:, None, :, None] * inside[None, :, None, :]).reshape(n * n, k * k).T.contiguous()
+
+
+# Placements already made, per (n, k, dtype, device). A constant, made once: making it costs ten
+# small ops, and the paper's unshared cores call constant_conv 25 times a forward. Made fresh
+# inside a torch.compile trace (the compiler folds the constant itself), and not kept when made
+# during a CUDA-graph capture (its memory would belong to the graph's pool).
+_PLACEMENTS: dict[tuple, torch.Tensor] = {}
+
+
+def placement(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _placement(n, k, dtype, device)
+    key = (n, k, dtype, device)
+    if key not in _PLACEMENTS and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _placement(n, k, dtype, device)
+    if key not in _PLACEMENTS:
+        # Never an inference tensor (made under torch.inference_mode): autograd could not save it later.
+        with torch.inference_mode(False), torch.no_grad():
+            _PLACEMENTS[key] = _placement(n, k, dtype, device)
+    return _PLACEMENTS[key]
+
+
 def constant_conv(v: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
     """conv2d(v tiled over an n x n grid, weight, padding=K // 2), exactly, without tiling it.
 
@@ -46,7 +72,5 @@ def constant_conv(v: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor
     # T per output channel: [B, C] @ [C, K*K]; bmm reads each channel's [C, K*K] block in place
     # (a single matmul would need a transposed copy of the weight).
     taps = torch.bmm(v.expand(out_channels, -1, -1), weight.flatten(2))  # [O, B, K*K]
-    inside = inside_taps(n, k, taps.dtype, taps.device)
-    placement = (inside[:, None, :, None] * inside[None, :, None, :]).reshape(n * n, k * k)  # kron(R, R)
-    out = taps.transpose(0, 1).reshape(-1, k * k) @ placement.T  # [B*O, n*n]
+    out = taps.transpose(0, 1).reshape(-1, k * k) @ placement(n, k, taps.dtype, taps.device)  # [B*O, n*n]
     return out.view(v.shape[0], out_channels, n, n)

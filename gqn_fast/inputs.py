@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from gqn_fast.config import IMAGE_SIZE, VIEWPOINT_DIM
@@ -29,11 +31,30 @@ def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
         )
 
 
+_values_trusted = False
+
+
+@contextlib.contextmanager
+def values_trusted():
+    """Inside this block the models skip the checks of their inputs' values (NaN and inf, images
+    outside [0, 1]); shapes, dtypes and devices are still checked. For loops whose data is valid
+    by construction, as gqn_fast.data's batches are (uint8 images scaled to [0, 1], cameras
+    checked finite when the dataset is opened): each value check reads a result back to the host,
+    which on a GPU waits for all the work queued before it, about 4 times a training step, so the
+    host could never run ahead of the GPU. `gqn-fast train` runs its steps inside it."""
+    global _values_trusted
+    previous, _values_trusted = _values_trusted, True
+    try:
+        yield
+    finally:
+        _values_trusted = previous
+
+
 def _check_values(name: str, t: torch.Tensor, unit_range: bool) -> None:
     # Value checks read the tensor back to the host; under torch.compile they would break the
     # graph and in CUDA-graph capture they are illegal, so they run in eager mode only (shapes
-    # are checked either way).
-    if torch.compiler.is_compiling():
+    # are checked either way), and not at all inside values_trusted().
+    if _values_trusted or torch.compiler.is_compiling() or t.is_meta:  # a meta tensor has shapes, not values
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return

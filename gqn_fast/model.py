@@ -8,11 +8,15 @@ speed comes from"), all exact in real arithmetic:
   reference/cores.py): a split's backward is one concatenation, where per-step slices would
   each zero-fill a weight-sized gradient. Nothing weight-sized is allocated per step.
 - The query image, viewpoint and r do not change across the L steps, so their share of a
-  core's 5x5 conv is computed once per core (once in all with shared cores). v_q is a vector
-  per scene, tiled, and so is r with the pool and pyramid nets: their share is exact in closed
-  form, with no convolution (gqn_fast.constant_conv); so is the first step's, where the states
-  are zero and the canvas view is its bias everywhere. The first generator step, whose h_g is
-  zero, convolves z alone.
+  core's 5x5 conv is computed once per core (once in all with shared cores). With the pool and
+  pyramid nets [v_q, r] is one vector per scene, tiled, and with the tower v_q is: their share
+  is exact in closed form, with no convolution (gqn_fast.constant_conv); so is the first
+  step's, where the states are zero and the canvas view is its bias everywhere. The first
+  generator step, whose h_g is zero, convolves z alone.
+- Few ops per step: an eager step's host time (dispatch, autograd nodes) is what a GPU waits on
+  at small sizes, so the algebra is written with matrix products over views, constants made
+  once (bench/op_count.py counts them; a test holds the fast step to fewer ops than the
+  reference's).
 - The representation nets read v the same way (gqn_fast.representation).
 - The 128x64x64 canvas never exists: the inference core's view of it, conv(k4 s4) of a sum of
   convT(k4 s4) outputs, is a running sum of 1x1 maps on the 16x16 grid, and the output image
@@ -66,25 +70,57 @@ CHANNELS_LAST_MAX_GATES = 256
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype F.conv2d would compute in here: autocast's, when it is on for the weight's device."""
     device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 # How each cell's weight is split, into runs of adjacent input groups (names from the layouts
-# in reference/cores.py): what is constant across steps (v_q apart from r: it is always a
-# tiled vector, so its share has a closed form), then what one conv per step reads.
-INFERENCE_RUNS = (("x_q",), ("v_q",), ("r",), ("h_g", "u", "h_e"))
-GENERATOR_RUNS = (("v_q",), ("r",), ("z", "h_g"))
-# With one core per step, the first generator core only ever sees h_g = 0.
-FIRST_GENERATOR_RUNS = (("v_q",), ("r",), ("z",), ("h_g",))
+# in reference/cores.py): what is constant across steps (the scene's v_q and r: scene_runs),
+# then what one conv per step reads.
+def scene_runs(representation: str) -> tuple[tuple[str, ...], ...]:
+    """v_q is a tiled vector, its share of a conv a closed form; so is r with the pool and pyramid
+    nets, and then the two are one run, one closed form (SceneInput)."""
+    return (("v_q",), ("r",)) if representation == "tower" else (("v_q", "r"),)
 
 
-def split_runs(weight: torch.Tensor, layout: dict[str, int], runs) -> tuple[torch.Tensor, ...]:
+def inference_runs(representation: str) -> tuple[tuple[str, ...], ...]:
+    return (("x_q",), *scene_runs(representation), ("h_g", "u", "h_e"))
+
+
+def generator_runs(representation: str, first: bool = False) -> tuple[tuple[str, ...], ...]:
+    """first: with one core per step, the first generator core only ever sees h_g = 0."""
+    return (*scene_runs(representation), *((("z",), ("h_g",)) if first else (("z", "h_g"),)))
+
+
+class _SplitContiguousGrad(torch.autograd.Function):
+    """weight.split(sizes, dim=1), whose backward concatenates the pieces' gradients straight
+    into a contiguous tensor. Autograd's split backward concatenates in the pieces' layout when
+    they agree, and with channels-last cores on the CPU oneDNN returns every piece's gradient
+    channels-last: the parameter's gradient would then be copied once more, whole, into the
+    parameter's layout. (Elsewhere the pieces' gradients are contiguous, and the built-in split,
+    without this Python in its backward, is the cheaper call.)"""
+
+    @staticmethod
+    def forward(ctx, weight, sizes):
+        ctx.shape, ctx.dtype, ctx.device = weight.shape, weight.dtype, weight.device
+        return weight.split(sizes, dim=1)
+
+    @staticmethod
+    def backward(ctx, *grads):  # an unused piece's gradient comes as zeros (materialized)
+        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)  # contiguous, as parameters are
+        return torch.cat(grads, dim=1, out=out), None
+
+
+def split_runs(weight: torch.Tensor, layout: dict[str, int], runs, contiguous_grad: bool = False) -> tuple[torch.Tensor, ...]:
     """The cell weight [4H, sum(layout), K, K] cut into one piece per run of input groups, by one
-    split (its backward is a single concatenation of the pieces' gradients)."""
+    split (its backward is a single concatenation of the pieces' gradients, written contiguous
+    when contiguous_grad: _SplitContiguousGrad)."""
     names = [name for run in runs for name in run]
     if names != list(layout):
         raise ValueError(f"runs: expected the groups {list(layout)} in order, got {names}")
-    return weight.split([sum(layout[name] for name in run) for run in runs], dim=1)
+    sizes = [sum(layout[name] for name in run) for run in runs]
+    return _SplitContiguousGrad.apply(weight, sizes) if contiguous_grad else weight.split(sizes, dim=1)
 
 
 def _standard_normal(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -114,7 +150,7 @@ def _sum_views(r_k: torch.Tensor, B: int, M: int) -> torch.Tensor:
 def conv1x1(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(h, weight[:, :, None, None], bias) for weight [C_out, C_in]."""
     if not h.is_contiguous(memory_format=torch.channels_last):
-        return F.conv2d(h, weight[:, :, None, None], bias)
+        return F.conv2d(h, weight.view(*weight.shape, 1, 1), bias)
     return F.linear(h.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
 
@@ -127,33 +163,39 @@ def patch_transposed_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     B, C, Y, X = h.shape
     patches = h.permute(0, 2, 3, 1).reshape(B * Y * X, C) @ weight.reshape(C, -1)
     image = patches.view(B, Y, X, -1, k, k).permute(0, 3, 1, 4, 2, 5).reshape(B, -1, k * Y, k * X)
-    return image + bias[None, :, None, None]
+    return image + bias.view(1, -1, 1, 1)
 
 
 class SceneInput:
-    """What every core reads unchanged at every step: v_q and r.
+    """What every core reads unchanged at every step: v_q and r, in the runs of scene_runs.
 
-    v_q is one vector per scene, tiled; so is r with the pool and pyramid nets (1x1), and their
-    share of a conv is computed in closed form (gqn_fast.constant_conv). The tower's 16x16 r is a
-    map, read by every core's conv (and saved once for their backward).
+    v_q is one vector per scene, tiled. With the pool and pyramid nets so is r (1x1): [v_q, r] is
+    then one vector, and its share of a conv one closed form (gqn_fast.constant_conv), one run of
+    the weight. The tower's r is a 16x16 map, read by every core's conv (saved once for their
+    backward), and v_q's share its own closed form. (Tiling v_q beside the tower's r instead, as
+    the reference does, saves the closed form's few small ops per core but costs that conv 7 more
+    input channels: 1.6% of the small preset's CPU step, 2 convs of 71 instead of 64 channels.)
     """
 
     def __init__(self, query_v: torch.Tensor, r: torch.Tensor):
-        self.query_v = query_v
-        self.r_vector = r.flatten(1) if r.shape[-1] == 1 else None
-        self.r_map = r if self.r_vector is None else None
+        if r.shape[-1] == 1:
+            self.vector, self.r_map = torch.cat([query_v, r.flatten(1)], dim=1), None
+        else:
+            self.vector, self.r_map = query_v, r
 
-    def share(self, v_weight: torch.Tensor, r_weight: torch.Tensor) -> torch.Tensor:
-        """conv2d(cat[v_q tiled, r tiled or not], cat[v_weight, r_weight], padding=2): [B, 4H, 16, 16]."""
-        # In place: sums into fresh outputs whose ops' backward does not read them.
-        share = constant_conv(self.query_v, v_weight, GRID_SIZE)
-        if self.r_vector is not None:
-            return share.add_(constant_conv(self.r_vector, r_weight, GRID_SIZE))
-        return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(share)
+    def share(self, *weights: torch.Tensor) -> torch.Tensor:
+        """conv2d(cat[v_q tiled, r tiled or not], cat[weights], padding=2): [B, 4H, 16, 16], from
+        the weight's pieces over the scene's runs."""
+        if self.r_map is None:
+            (weight,) = weights
+            return constant_conv(self.vector, weight, GRID_SIZE)
+        v_weight, r_weight = weights
+        # In place: sums into a fresh output whose op's backward does not read it.
+        return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(constant_conv(self.vector, v_weight, GRID_SIZE))
 
 
 class CellWeights(NamedTuple):
-    """A core's cell weight, split once per forward (INFERENCE_RUNS, GENERATOR_RUNS).
+    """A core's cell weight, split once per forward (inference_runs, generator_runs).
 
     constant: the pieces over the inputs that do not change across steps, in layout order.
     step: the piece over the inputs one conv per step reads.
@@ -177,7 +219,9 @@ class CanvasView:
     then, one small product each: so their backward runs step by step, and no [L C', L H]
     matrix of all pairs (half of it never read) has its gradient alive beside every weight
     gradient at the end of the backward (the paper tower's training peak at B = 4 was there).
-    Before any drawing the view is the conv bias a_l.
+    The shares of the steps still to come are one tensor, the next step's first: each step adds
+    its own shares to it in one op and the next step splits its view off (per view, 66 adds a
+    forward at the paper's L = 12 where this takes 11). Before any drawing the view is a_l.
     """
 
     def __init__(self, model: "GQN"):
@@ -187,35 +231,37 @@ class CanvasView:
         self.start = down[0].bias  # step 1's view, the same at every position of every scene
         if self.shared:
             self.map = downsample_after_upsample(down[0].weight, up[0].weight, up[0].bias)
-            self.views = [down[0].bias[None, :, None, None]]
+            self.view = down[0].bias.view(1, -1, 1, 1)
             return
-        self.down, self.up, self.canvas = down, up, down[0].bias.shape[0]
-        self.views = [None]
-        if len(down) == 1:
-            return
+        self.canvas = down[0].bias.shape[0]
+        # M_lj = D_l . T_j (folding.downsample_after_upsample) from views of the weights made
+        # once per forward: [C', C 16] rows for every D_l, [C 16, H] columns for every T_j.
+        self.down_rows = [d.weight.flatten(1) for d in down]
+        self.up_columns = [u.weight.flatten(1).t() for u in up]
         # a_l + sum_{j<l} m_lj = a_l + (D_l summed over its taps) . (sum_{j<l} t_j), per view
-        drawn_bias = torch.stack([u.bias for u in up[:-1]]).cumsum(0)
-        self.views += [(torch.einsum("pcij,c->p", d.weight, b) + d.bias)[None, :, None, None]
-                       for d, b in zip(down[1:], drawn_bias)]  # fmt: skip
+        drawn_bias = torch.stack([u.bias for u in up[:-1]]).cumsum(0) if len(up) > 1 else []
+        self.biases = [None] + [(d.weight.sum(dim=(2, 3)) @ b + d.bias).view(1, -1, 1, 1) for d, b in zip(down[1:], drawn_bias)]
+        self.pending = None  # [B, C' x steps to come, 16, 16]: their shares of the states drawn so far
 
-    def before(self, step: int) -> torch.Tensor:
-        """The view of step `step` (0-based; not step 0, see `start`), broadcastable to [B, C, 16, 16]."""
-        return self.views[0 if self.shared else step]
+    def take(self, step: int) -> torch.Tensor:
+        """The view of step `step` (0-based; not step 0, see `start`), broadcastable to [B, C, 16, 16];
+        with one core per step, read once (it is split off the shares still pending)."""
+        if self.shared:
+            return self.view
+        view, self.pending = self.pending.split([self.canvas, self.pending.shape[1] - self.canvas], dim=1)
+        return view + self.biases[step]
 
     def draw(self, step: int, h: torch.Tensor) -> None:
         """Account for step `step`'s generator state h in the views of all later steps."""
         if self.shared:
             weight, bias = self.map
-            self.views[0] = self.views[0] + conv1x1(h, weight, bias)
+            self.view = self.view + conv1x1(h, weight, bias)
             return
-        later = range(step + 1, len(self.views))
-        if not later:
+        if step + 1 == len(self.down_rows):
             return
-        up_w = self.up[step].weight
-        weight = torch.cat([downsample_after_upsample(self.down[l].weight, up_w)[0] for l in later])
-        shares = conv1x1(h, weight).split(self.canvas, dim=1)
-        for l, share in zip(later, shares):
-            self.views[l] = self.views[l] + share
+        weight = torch.cat([rows @ self.up_columns[step] for rows in self.down_rows[step + 1 :]])
+        shares = conv1x1(h, weight)
+        self.pending = shares if self.pending is None else self.pending + shares
 
 
 class GQN(reference.GQN):
@@ -267,8 +313,10 @@ class GQN(reference.GQN):
         return 0 if self.config.share_cores else step
 
     def _split(self, core, runs) -> tuple[torch.Tensor, ...]:
-        pieces = split_runs(core.cell.conv.weight, core.layout, runs)
-        if self.config.share_cores and self._cores_channels_last(pieces[0]):
+        weight = core.cell.conv.weight
+        channels_last = self._cores_channels_last(weight)
+        pieces = split_runs(weight, core.layout, runs, contiguous_grad=channels_last)
+        if self.config.share_cores and channels_last:
             # A shared core's pieces are read L times: one channels-last copy per forward saves
             # oneDNN a reorder per call. (In NCHW oneDNN reorders to its blocked layout anyway,
             # and a piece read once gains nothing from a copy, which would also stay alive.)
@@ -282,32 +330,34 @@ class GQN(reference.GQN):
     # Paper tower, B = 4, one thread: the training peak went from 727 to 707 MiB (reference 726).
 
     def _inference_weights(self, core: int) -> CellWeights:
-        """Inference core `core`'s cell weight in pieces (INFERENCE_RUNS), split once per forward."""
-        *constant, step = self._split(self.inference_cores[core], INFERENCE_RUNS)
+        """Inference core `core`'s cell weight in pieces (inference_runs), split once per forward."""
+        *constant, step = self._split(self.inference_cores[core], inference_runs(self.config.representation))
         return CellWeights(tuple(constant), step)
 
     def _generator_weights(self, core: int) -> CellWeights:
         """Generator core `core`'s cell weight in pieces, split once per forward."""
-        module = self.generator_cores[core]
+        module, representation = self.generator_cores[core], self.config.representation
         if self.config.share_cores:
-            v, r, step = self._split(module, GENERATOR_RUNS)
+            *scene, step = self._split(module, generator_runs(representation))
             # Step 1's h_g = 0: convolve z alone, with a view of the (z, h_g) piece.
-            return CellWeights((v, r), step, first_step=step[:, : self.config.z_dim])
+            return CellWeights(tuple(scene), step, first_step=step[:, : self.config.z_dim])
         if core == 0:  # with one core per step, the first only ever sees h_g = 0
-            v, r, z, _ = self._split(module, FIRST_GENERATOR_RUNS)
-            return CellWeights((v, r), None, first_step=z)
-        v, r, step = self._split(module, GENERATOR_RUNS)
-        return CellWeights((v, r), step)
+            *scene, z, _ = self._split(module, generator_runs(representation, first=True))
+            return CellWeights(tuple(scene), None, first_step=z)
+        *scene, step = self._split(module, generator_runs(representation))
+        return CellWeights(tuple(scene), step)
 
     def _inference_constant(self, core, weights: CellWeights, scene: SceneInput, query_x):
         """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
-        x_weight, v_weight, r_weight = weights.constant
+        x_weight, *scene_weights = weights.constant
         x_down = core.downsample_x(self._core_layout(query_x))
-        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2).add_(scene.share(v_weight, r_weight))
+        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2).add_(scene.share(*scene_weights))
 
     def _generator_constant(self, core, weights: CellWeights, scene: SceneInput):
         """The share of v_q, r and the bias in a generator core's preactivations."""
-        return scene.share(*weights.constant).add_(core.cell.conv.bias[:, None, None])
+        # Not in place: the closed form's output is a view, and autograd would record an
+        # in-place add to a view as a copy of its whole base (CopySlices).
+        return scene.share(*weights.constant) + core.cell.conv.bias.view(-1, 1, 1)
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
@@ -331,7 +381,7 @@ class GQN(reference.GQN):
 
     def _prior(self, step, h_g):
         if step == 0:
-            bias = self.prior.bias[None, :, None, None].expand(h_g.shape[0], -1, *h_g.shape[2:])
+            bias = self.prior.bias.view(1, -1, 1, 1).expand(h_g.shape[0], -1, *h_g.shape[2:])
             return bias.chunk(2, dim=1)
         return self.prior(h_g).chunk(2, dim=1)
 
@@ -342,7 +392,7 @@ class GQN(reference.GQN):
             zeros = canvas.start.new_zeros(self.config.hidden)
             start = torch.cat([zeros, canvas.start, zeros])[None]
             return self._gates(constant + constant_conv(start, weight, GRID_SIZE), c_e)
-        return self._cell(torch.cat([h_g, canvas.before(step), h_e], dim=1), weight, constant, c_e)
+        return self._cell(torch.cat([h_g, canvas.take(step), h_e], dim=1), weight, constant, c_e)
 
     def _generator_step(self, step, weights: CellWeights, constant, z, h_g, c_g):
         if step == 0:  # h_g = 0 is not convolved

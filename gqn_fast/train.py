@@ -29,6 +29,7 @@ from gqn_fast.checkpoint import (
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.errors import UsageError
 from gqn_fast.images import save_grid
+from gqn_fast.inputs import values_trusted
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 
 
@@ -311,7 +312,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
                 sigma = pixel_sigma(step, args.sigma_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step)
-                with autocast:
+                with autocast, values_trusted():  # the loader's batches are valid by construction
                     result = elbo(context_x, context_v, query_x, query_v, sigma=sigma)
                 optimizer.zero_grad(set_to_none=True)
                 result.loss.backward()

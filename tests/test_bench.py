@@ -37,6 +37,10 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
         assert r["device"] == env["device"]
     steps = [r for r in rows if r["workload"] == "train_step"]
     assert all(r["speedup"] > 0 and r["flops"] > 0 and r["saved_bytes"] > 0 for r in steps)
+    # What each eager step dispatches (bench/op_count.py), beside its time.
+    eager_steps = [r for r in steps if r["provider"].endswith("-eager")]
+    assert eager_steps and all(r["ops_per_step"] > 0 and r["autograd_nodes"] > 0 for r in eager_steps)
+    assert "autograd nodes" in (out / "results.md").read_text()
     # Eager providers' peak memory, measured in a fresh process on the CPU (at these tiny sizes
     # every block may come from malloc's already resident heap: 0 bytes of growth is possible).
     eager = [r for r in rows if r["workload"] in ("train_step", "generate") and r["provider"].endswith("-eager")]

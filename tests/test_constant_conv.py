@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gqn_fast.constant_conv import constant_conv, inside_taps
+from gqn_fast import constant_conv as constant_conv_module
+from gqn_fast.constant_conv import constant_conv, inside_taps, placement
 from helpers import RMS_LIMITS, assert_close_rms
 
 
@@ -76,3 +77,25 @@ def test_gradcheck():
 def test_bad_shapes_are_named(v_shape, w_shape):
     with pytest.raises(ValueError, match="v, weight|weight"):
         constant_conv(torch.zeros(v_shape), torch.zeros(w_shape), 16)
+
+
+def test_placement_is_made_once_and_serves_autograd_after_inference_mode():
+    """The 0/1 placement matrix is a constant kept per (n, k, dtype, device): made once, the
+    same tensor after, equal to kron(R, R) transposed. Made first under torch.inference_mode it
+    is still a normal tensor, so a later training step can save it for its backward."""
+    n, k = 7, 3  # sizes no other test uses: the first call below makes the placement
+    key = (n, k, torch.float64, torch.device("cpu"))
+    constant_conv_module._PLACEMENTS.pop(key, None)
+    v = torch.randn(2, 3, dtype=torch.float64)
+    weight = torch.randn(4, 3, k, k, dtype=torch.float64)
+    with torch.inference_mode():
+        constant_conv(v, weight, n)
+    made = constant_conv_module._PLACEMENTS[key]
+    assert not made.is_inference()
+    inside = inside_taps(n, k, torch.float64, torch.device("cpu"))
+    assert torch.equal(made, torch.kron(inside, inside).T)
+    assert placement(n, k, torch.float64, torch.device("cpu")) is made
+    v.requires_grad_()
+    (grad,) = torch.autograd.grad(constant_conv(v, weight, n).sum(), v)
+    (expected,) = torch.autograd.grad(tiled_conv(v, weight, n).sum(), v)
+    assert_close_rms(grad, expected, RMS_LIMITS[torch.float64], "grad v")

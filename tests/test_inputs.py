@@ -1,10 +1,14 @@
 """The model API's input checks (gqn_fast.inputs) in both models: a float dtype other than the
 model's, and an empty batch, get errors naming the argument instead of PyTorch's or a NaN."""
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gqn_fast import GQN
+from gqn_fast.inputs import values_trusted
 from gqn_fast.reference import GQN as ReferenceGQN
 from helpers import random_scene_batch, tiny_config
 
@@ -56,3 +60,32 @@ def test_autocast_still_takes_inputs_in_the_model_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.elbo(cx, cv, qx, qv, sigma=0.7).loss
     assert torch.isfinite(loss)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (on a GPU: a wait for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model_class", MODELS)
+def test_trusted_values_are_not_read_back_and_shapes_still_checked(model_class):
+    """Inside values_trusted() the ELBO reads nothing back to the host; outside it, its value
+    checks do (and catch a NaN); shapes are checked in both."""
+    model = model_class(tiny_config())
+    cx, cv, qx, qv = random_scene_batch(2, 2)
+    for trusted, expected in ((False, lambda n: n > 0), (True, lambda n: n == 0)):
+        with HostReads() as counter, (values_trusted() if trusted else contextlib.nullcontext()):
+            model.elbo(cx, cv, qx, qv, sigma=0.7)
+        assert expected(counter.reads), (trusted, counter.reads)
+    with pytest.raises(ValueError, match="query_x: contains NaN"):
+        model.elbo(cx, cv, torch.full_like(qx, float("nan")), qv, sigma=0.7)
+    with values_trusted(), pytest.raises(ValueError, match=r"query_x: expected shape \[B, 3, 64, 64\]"):
+        model.elbo(cx, cv, qx[:, :, :32], qv, sigma=0.7)
