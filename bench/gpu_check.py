@@ -12,6 +12,8 @@ taken from one overall budget (default 9 minutes, inside a 10-minute command lim
                (pytest-xdist, where installed: Triton's compiles are CPU-bound), each failure
                printed the moment it happens             cuda_tests.log, cuda_tests.xml
   bench        bench/run.py --quick, one process per group         bench/<group>/ + bench_<group>.log
+               and, after train_step, where its step's time goes (bench/profile_step.py:
+               host against device time, top kernels)  bench/profile/<preset>/ + bench_profile_<preset>.log
 
 and a short summary (tests passed / failed, the headline speedups) printed last and written
 to summary.txt. The budgets are printed: GQN_FAST_AUTOTUNE_CONFIGS bounds the implicit-GEMM
@@ -40,8 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # and data and ran out of budget before train_step: the whole model comes first now, at B = 36
 # with the small preset (launch-bound) and the paper's tower (compute-bound), each case's
 # results written as soon as it is measured.
-GROUPS = ["train_step", "kernels", "conv_cell", "representation", "data"]
+GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "data"]
 GROUP_ARGS = {"train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]}
+# "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
+PROFILE_PRESETS = ["small", "paper-tower"]
 # Seconds each part may take at most (the overall budget may cut them shorter).
 CAPS = {"install": 120, "environment": 30, "cuda_tests": 300, "bench": 300}
 # Per CUDA test: a hypothesis test runs 15 examples, and each new channel count or image size
@@ -193,11 +197,18 @@ def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
 def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, bool, list[dict]]:
     env = {"GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["bench"], "PYTHONUNBUFFERED": "1"}
     script = str(ROOT / "bench" / "run.py")
+    profiler = str(ROOT / "bench" / "profile_step.py")
     if not gpu:
-        only = [arg for group in groups for arg in ("--only", group)]
+        only = [arg for group in groups if group != "profile" for arg in ("--only", group)]
         command = [sys.executable, script, "--smoke", *only, "--out", str(out / "bench" / "smoke")]
         code, took = run_logged(command, out / "bench_smoke.log", clock.limit(CAPS["bench"]), env)
-        return f"--smoke (no GPU): exit {code} in {took:.0f} s", code == 0, _rows(out / "bench" / "smoke")
+        ok = code == 0
+        state = f"--smoke (no GPU): exit {code} in {took:.0f} s"
+        if "profile" in groups:
+            command = [sys.executable, profiler, "--smoke", "--out", str(out / "bench" / "profile" / "smoke")]
+            profile_code, _ = run_logged(command, out / "bench_profile.log", clock.limit(CAPS["bench"]), env)
+            ok, state = ok and profile_code == 0, state + f"; profile --smoke exit {profile_code}"
+        return state, ok, _rows(out / "bench" / "smoke")
     lines, rows, ok = [], [], True
     for group in groups:
         limit = clock.limit(CAPS["bench"])
@@ -206,6 +217,14 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
             ok = False
             continue
         folder = out / "bench" / group
+        if group == "profile":  # each preset in its own process and log
+            for preset in PROFILE_PRESETS:
+                command = [sys.executable, profiler, "--preset", preset, "--batch", "36", "--out", str(folder / preset)]
+                code, took = run_logged(command, out / f"bench_profile_{preset}.log", clock.limit(CAPS["bench"]), env)
+                state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"
+                lines.append(f"profile {preset}: {state}")
+                ok = ok and code == 0
+            continue
         command = [sys.executable, script, "--quick", "--only", group, *GROUP_ARGS.get(group, []), "--out", str(folder)]
         code, took = run_logged(command, out / f"bench_{group}.log", limit, env)
         state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"

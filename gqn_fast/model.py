@@ -70,7 +70,8 @@ CHANNELS_LAST_MAX_GATES = 256
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype F.conv2d would compute in here: autocast's, when it is on for the weight's device."""
     device = weight.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # Meta tensors (shape-only runs: bench/op_count.py) have no autocast to ask.
+    if not weight.is_meta and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight.dtype
 

@@ -98,3 +98,16 @@ def test_smoke_never_writes_among_the_committed_results(tmp_path):
     )
     assert run.returncode == 2 and "among the committed results" in run.stderr
     assert (committed / "results.json").read_bytes() == before
+
+
+def test_profile_step_smoke_writes_the_split_of_the_step(tmp_path):
+    """bench/profile_step.py: where a step's time goes, with what op_count counts beside it."""
+    out = tmp_path / "profile"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--smoke", "--repeats", "2",
+                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_ms"] > 0 and 0 < summary["issue_ms"] <= summary["wall_ms"]
+    assert summary["op_count"]["ops"] > 0 and summary["op_count"]["autograd nodes"] > 0
+    table = (out / "profile.txt").read_text()
+    assert "top ops by host time" in table and "aten::convolution" in table

@@ -16,7 +16,7 @@ def test_dry_run_without_a_gpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a dry run even where a GPU exists
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), "--tar", str(archive),
-         "--bench-only", "kernels"],
+         "--bench-only", "kernels", "--bench-only", "profile"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -33,6 +33,8 @@ def test_dry_run_without_a_gpu(tmp_path):
     rows = json.loads((out / "bench" / "smoke" / "results.json").read_text())["rows"]
     assert rows and not [r for r in rows if "error" in r]
     assert "gqn_fast" in summary.split("headline ratios:")[1]
+    assert "profile --smoke exit 0" in summary
+    assert json.loads((out / "bench" / "profile" / "smoke" / "summary.json").read_text())["wall_ms"] > 0
     with tarfile.open(archive) as tar:
         assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/results.json" in tar.getnames()
 
