@@ -73,10 +73,10 @@ def model_providers(device: torch.device, smoke: bool, quick: bool, only=None):
         ("reference-compile", ReferenceGQN, "default", False, {}),
         ("reference-compile-max-autotune", ReferenceGQN, "max-autotune", False, {}),
         ("gqn_fast-eager", GQN, None, False, {}),
-        # The fused cells' contribution to the whole step: the same model with cuDNN convs
-        # followed by the gate kernel, and with the fused cells' Triton backward convs.
-        ("gqn_fast-unfused-cells-eager", GQN, None, False, {"fused_cells": False}),
-        ("gqn_fast-triton-bwd-eager", GQN, None, False, {"backward_convs": "triton"}),
+        # The fused conv + gates cells in the whole step (the default is cuDNN's conv, then the
+        # gate kernel), with cuDNN's or the fused cells' Triton backward convs.
+        ("gqn_fast-fused-cells-eager", GQN, None, False, {"fused_cells": True}),
+        ("gqn_fast-fused-cells-triton-bwd-eager", GQN, None, False, {"fused_cells": True, "backward_convs": "triton"}),
         ("gqn_fast-compile", GQN, "default", False, {}),
         ("gqn_fast-cudagraph", GQN, None, True, {}),
     ]

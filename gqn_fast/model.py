@@ -21,13 +21,13 @@ speed comes from"), all exact in real arithmetic:
 - The 128x64x64 canvas never exists: the inference core's view of it, conv(k4 s4) of a sum of
   convT(k4 s4) outputs, is a running sum of 1x1 maps on the 16x16 grid, and the output image
   is one transposed conv of the generator states straight to 3 channels (gqn_fast.folding).
-- Where the Triton kernels run, each ConvLSTM cell's 5x5 conv over its step-varying inputs
-  carries the gate math in its epilogue (kernels.conv_lstm_cell), so the [B, 4H, 16, 16]
-  preactivations never make a round trip through memory; the posterior sample with its KL and
-  the pixel NLL are fused kernels too, and recompute their activations in backward instead of
-  storing them. On the CPU's PyTorch path the cells are a conv, then the gate math through
-  autograd; the representation nets read channels-last images, and the cores run channels-last
-  where oneDNN is faster on it (CHANNELS_LAST_MAX_GATES).
+- Where the Triton kernels run, each ConvLSTM cell's gate math is one kernel after cuDNN's conv
+  (or, with fused_cells, in the epilogue of the conv itself: kernels.conv_lstm_cell); the
+  posterior sample with its KL and the pixel NLL are fused kernels too, and recompute their
+  activations in backward instead of storing them. On the CPU's PyTorch path the cells are a
+  conv, then the gate math through autograd; the representation nets read channels-last
+  images, and the cores run channels-last where oneDNN is faster on it
+  (CHANNELS_LAST_MAX_GATES).
 
 Precision: under bf16 autocast the convs run in bf16, while the ConvLSTM cell states, the
 latent sample and its KL, and the image likelihood stay in the model's dtype (fp32): the cell
@@ -269,13 +269,16 @@ class GQN(reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
     Two switches, plain attributes (not in the state_dict), for benchmarks and comparisons:
-    fused_cells: None (default) fuses each cell's 5x5 conv with its gates (kernels.conv_lstm_cell)
-        wherever the Triton kernels run (CUDA, or the CPU interpreter), and keeps the unfused
-        conv + gate kernel elsewhere; True or False forces one or the other.
+    fused_cells: False (default): each cell's 5x5 conv by cuDNN (oneDNN on the CPU), then the
+        gate kernel. True: the conv with the gates in its epilogue (kernels.conv_lstm_cell; its
+        PyTorch path where Triton does not run). On an H100 at B = 36 (bench/results/
+        nvidia-h100-80gb-hbm3, conv_cell rows, forward and backward) the fused cell took 1.3 to
+        1.5 times as long as cuDNN plus the gate kernel, both cells, TF32 and bf16; it becomes
+        the default if a GPU measures it faster (GATES_IN_ONE_DOT is the candidate).
     backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
     """
 
-    fused_cells: bool | None = None
+    fused_cells: bool = False
     backward_convs: str = "aten"
 
     @staticmethod
@@ -403,11 +406,10 @@ class GQN(reference.GQN):
     def _cell(self, x, weight, constant, c):
         """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
 
-        Fused (the 5x5 conv with the gates in its epilogue) where the kernels run; unfused
-        (cuDNN or the CPU's conv, then the gate kernel) elsewhere or when asked.
+        Unfused (cuDNN or the CPU's conv, then the gate kernel), or fused (the 5x5 conv with the
+        gates in its epilogue) with fused_cells.
         """
-        fused = use_triton(c) if self.fused_cells is None else self.fused_cells
-        if fused:
+        if self.fused_cells:
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
         return self._gates(F.conv2d(self._core_layout(x), weight, padding=2).add_(constant), c)

@@ -51,7 +51,7 @@ def outputs_and_gradients(model, inputs, noise, sigma):
 
 
 def compare(
-    config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=None, backward_convs="aten", device="cpu"
+    config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=False, backward_convs="aten", device="cpu"
 ):
     """Every output and every gradient of fast (in dtype, on device) against the float64
     reference (on the CPU); the plain reference runs beside fast, in the same dtype and place."""
@@ -80,7 +80,7 @@ def compare(
     batch=st.integers(1, 3),
     views=st.integers(1, 3),
     seed=st.integers(0, 2**16),
-    fused_cells=st.sampled_from([None, True]),
+    fused_cells=st.sampled_from([False, True]),
 )
 def test_cpu_path_matches_reference(config, batch, views, seed, fused_cells):
     """CPU: the unfused cells (the default there), and the fused op's PyTorch path."""
@@ -235,49 +235,52 @@ def count_fused_cells(monkeypatch):
     return calls
 
 
-# Every cell with a step-varying input is fused: two per step in elbo, one in generate; the
-# first inference cell reads only constants (closed form) and runs the gate kernel alone.
+# With fused_cells, every cell with a step-varying input is fused: two per step in elbo, one in
+# generate; the first inference cell reads only constants (closed form) and runs the gate kernel alone.
 def fused_cells_per_run(config):
     return 3 * config.L - 1
 
 
 @pytest.mark.interpreter
-@given(config=configs(max_L=2), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+@given(config=configs(max_L=2), batch=st.integers(1, 2), seed=st.integers(0, 2**16), fused_cells=st.booleans())
 @settings(max_examples=4)
-def test_triton_path_matches_reference_under_interpreter(config, batch, seed):
-    """The same comparison with the fused kernels, the conv + gates cells included, running in
-    Triton's CPU interpreter."""
+def test_triton_path_matches_reference_under_interpreter(config, batch, seed, fused_cells):
+    """The same comparison with the Triton kernels running in Triton's CPU interpreter: the gate
+    kernel after each cell's conv (the default), or the fused conv + gates cells."""
     assert kernels.use_triton(torch.zeros(1)), "the kernels did not take the Triton path"
     with pytest.MonkeyPatch.context() as patch:
         calls = count_fused_cells(patch)
-        compare(config, batch, views=1, seed=seed)
-        assert len(calls) == fused_cells_per_run(config)
+        compare(config, batch, views=1, seed=seed, fused_cells=fused_cells)
+        assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backward_convs", ["aten", "triton"])
+@pytest.mark.parametrize(
+    "fused_cells,backward_convs", [(False, "aten"), (True, "aten"), (True, "triton")],
+    ids=["unfused", "fused-aten-bwd", "fused-triton-bwd"],
+)
 @pytest.mark.parametrize("share_cores", [False, True])
-def test_cuda_fused_cells_match_reference(share_cores, backward_convs, monkeypatch):
+def test_cuda_cells_match_reference(share_cores, fused_cells, backward_convs, monkeypatch):
     """On a GPU, in strict fp32 (TF32 off for cuDNN and matmuls alike)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     calls = count_fused_cells(monkeypatch)
     config = GQNConfig.preset("small", share_cores=share_cores, L=3)
-    compare(config, batch=4, views=2, seed=0, backward_convs=backward_convs, device="cuda")
-    assert len(calls) == fused_cells_per_run(config)
+    compare(config, batch=4, views=2, seed=0, fused_cells=fused_cells, backward_convs=backward_convs, device="cuda")
+    assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 @pytest.mark.interpreter
 def test_triton_backward_convs_match_reference_under_interpreter():
     config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=5, canvas=3, r_dim=8, share_cores=False)
-    compare(config, batch=1, views=1, seed=0, backward_convs="triton")
+    compare(config, batch=1, views=1, seed=0, fused_cells=True, backward_convs="triton")
 
 
 @pytest.mark.interpreter
-def test_unfused_cells_can_be_forced_under_interpreter(monkeypatch):
+def test_cells_are_unfused_by_default_under_interpreter(monkeypatch):
     calls = count_fused_cells(monkeypatch)
     config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=4, canvas=3, r_dim=8)
-    compare(config, batch=1, views=1, seed=0, fused_cells=False)
+    compare(config, batch=1, views=1, seed=0)
     assert calls == []
 
 
@@ -295,6 +298,7 @@ def test_bf16_autocast_matches_reference(share_cores, interpret, monkeypatch):
     torch.manual_seed(0)
     oracle, fast = ReferenceGQN(config).double(), GQN(config)
     fast.load_state_dict(oracle.state_dict())
+    fast.fused_cells = interpret
     data = random_scene_batch(2, 2, dtype=torch.float64)
     noise = torch.randn(2, 2, 2, 16, 16, dtype=torch.float64)
     expected = oracle.elbo(*data, sigma=0.7, noise=noise)
