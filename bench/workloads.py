@@ -420,9 +420,10 @@ def eager_cell(x, weight, constant, c):
 
 
 def unfused_cell(x, weight, constant, c):
-    """gqn_fast's unfused path: cuDNN's conv, then the fused gate kernel."""
-    preact = F.conv2d(x, weight, padding=2) + constant
-    return kernels.lstm_gates(preact.to(c.dtype), c)
+    """gqn_fast's default cell: cuDNN's conv, then the gate kernel, which adds the constant in its
+    own pass (as gqn_fast.GQN._gates)."""
+    preact = F.conv2d(x, weight, padding=2)
+    return kernels.lstm_gates(preact.to(c.dtype), c, constant.to(c.dtype))
 
 
 def fused_cell(backward_convs, gates_in_one_dot=False):

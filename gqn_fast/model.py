@@ -412,16 +412,19 @@ class GQN(reference.GQN):
         if self.fused_cells:
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
-        return self._gates(F.conv2d(self._core_layout(x), weight, padding=2).add_(constant), c)
+        return self._gates(F.conv2d(self._core_layout(x), weight, padding=2), c, constant)
 
     @staticmethod
-    def _gates(preact, c):
-        """The gate math: the gate kernel where Triton runs. On the CPU's PyTorch path, the
-        kernel's own PyTorch form differentiated by autograd, which keeps the activations where
-        the op's backward recomputes them: a third of the elementwise passes, on a CPU where
-        they are slow and memory is plentiful."""
+    def _gates(preact, c, constant=None):
+        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
+        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
+        differentiated by autograd, which keeps the activations where the op's backward
+        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
+        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
         if use_triton(c):
-            return lstm_gates(preact.to(c.dtype), c)
+            return lstm_gates(preact.to(c.dtype), c, None if constant is None else constant.to(c.dtype))
+        if constant is not None:
+            preact = preact.add_(constant)
         return lstm_gates_torch(preact.to(c.dtype), c)
 
     @staticmethod

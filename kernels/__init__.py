@@ -1,7 +1,7 @@
 """Fused Triton kernels for GQN, each a torch.library custom op (installed as gqn_fast.kernels).
 
-- lstm_gates(preact, c) -> (h, c_new)                          kernels/gates.py
-  (the ConvLSTM gate math on preactivations a convolution made)
+- lstm_gates(preact, c, constant=None) -> (h, c_new)           kernels/gates.py
+  (the ConvLSTM gate math on preactivations a convolution made, plus a constant if given)
 - conv_lstm_cell(x, weight, constant, c) -> (h, c_new)         kernels/conv_cell.py
   (a ConvLSTM cell: the Ky x Kx conv with the gates in its epilogue; any odd sizes)
 - posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps) -> (z, kl)    kernels/gaussian.py

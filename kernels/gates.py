@@ -1,9 +1,13 @@
 """The ConvLSTM cell's gate math, fused: one read of the preactivations and the cell state,
 one write of h and c' (and the same for the backward).
 
-    i, f, g, o = preact.chunk(4, dim=1)          # PyTorch's gate order
+    i, f, g, o = (preact + constant).chunk(4, dim=1)   # PyTorch's gate order; constant optional
     c' = sigmoid(f) c + sigmoid(i) tanh(g)
     h  = sigmoid(o) tanh(c')
+
+The optional constant is read in the same pass: a conv's output plus what does not change
+between steps (gqn_fast.GQN hoists it) costs no separate add, which would read both and write
+their sum once more.
 
 Layout: kernels, host launch functions, then the torch.library op with its autograd.
 """
@@ -43,21 +47,43 @@ from .utils import (
 
 
 @triton.jit
-def _lstm_gates_forward_kernel(
-    preact_ptr, c_ptr, h_ptr, c_new_ptr,
-    hidden, space,
-    preact_stride_b, preact_stride_c, preact_stride_s,
-    c_stride_b, c_stride_c, c_stride_s,
-    h_stride_b, h_stride_c, h_stride_s,
-    c_new_stride_b, c_new_stride_c, c_new_stride_s,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def _preactivations(
+    preact_ptr, const_ptr, b, ch, sp, hidden, mask,
+    preact_stride_b, preact_stride_c, preact_stride_s, const_stride_b, const_stride_c, const_stride_s,
+    HAS_CONSTANT: tl.constexpr,
 ):  # fmt: skip
-    b, ch, sp, mask = tile_indices(hidden, space, BLOCK_C, BLOCK_S)
+    """The four gates' [BLOCK_C, BLOCK_S] tiles of preact (+ constant), in the compute dtype."""
     preact_strides = (preact_stride_b, preact_stride_c, preact_stride_s)
     a_i = load_tile(preact_ptr, b, ch, sp, *preact_strides, mask)
     a_f = load_tile(preact_ptr, b, ch + hidden, sp, *preact_strides, mask)
     a_g = load_tile(preact_ptr, b, ch + 2 * hidden, sp, *preact_strides, mask)
     a_o = load_tile(preact_ptr, b, ch + 3 * hidden, sp, *preact_strides, mask)
+    if HAS_CONSTANT:
+        const_strides = (const_stride_b, const_stride_c, const_stride_s)
+        a_i += load_tile(const_ptr, b, ch, sp, *const_strides, mask)
+        a_f += load_tile(const_ptr, b, ch + hidden, sp, *const_strides, mask)
+        a_g += load_tile(const_ptr, b, ch + 2 * hidden, sp, *const_strides, mask)
+        a_o += load_tile(const_ptr, b, ch + 3 * hidden, sp, *const_strides, mask)
+    return a_i, a_f, a_g, a_o
+
+
+@triton.jit
+def _lstm_gates_forward_kernel(
+    preact_ptr, const_ptr, c_ptr, h_ptr, c_new_ptr,
+    hidden, space,
+    preact_stride_b, preact_stride_c, preact_stride_s,
+    const_stride_b, const_stride_c, const_stride_s,
+    c_stride_b, c_stride_c, c_stride_s,
+    h_stride_b, h_stride_c, h_stride_s,
+    c_new_stride_b, c_new_stride_c, c_new_stride_s,
+    HAS_CONSTANT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    b, ch, sp, mask = tile_indices(hidden, space, BLOCK_C, BLOCK_S)
+    a_i, a_f, a_g, a_o = _preactivations(
+        preact_ptr, const_ptr, b, ch, sp, hidden, mask,
+        preact_stride_b, preact_stride_c, preact_stride_s, const_stride_b, const_stride_c, const_stride_s,
+        HAS_CONSTANT,
+    )  # fmt: skip
     c = load_tile(c_ptr, b, ch, sp, c_stride_b, c_stride_c, c_stride_s, mask)
 
     c_new = tl.sigmoid(a_f) * c + tl.sigmoid(a_i) * accurate_tanh(a_g)
@@ -69,23 +95,24 @@ def _lstm_gates_forward_kernel(
 
 @triton.jit
 def _lstm_gates_backward_kernel(
-    preact_ptr, c_ptr, grad_h_ptr, grad_c_new_ptr, grad_preact_ptr, grad_c_ptr,
+    preact_ptr, const_ptr, c_ptr, grad_h_ptr, grad_c_new_ptr, grad_preact_ptr, grad_c_ptr,
     hidden, space,
     preact_stride_b, preact_stride_c, preact_stride_s,
+    const_stride_b, const_stride_c, const_stride_s,
     c_stride_b, c_stride_c, c_stride_s,
     grad_h_stride_b, grad_h_stride_c, grad_h_stride_s,
     grad_c_new_stride_b, grad_c_new_stride_c, grad_c_new_stride_s,
     grad_preact_stride_b, grad_preact_stride_c, grad_preact_stride_s,
     grad_c_stride_b, grad_c_stride_c, grad_c_stride_s,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_CONSTANT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b, ch, sp, mask = tile_indices(hidden, space, BLOCK_C, BLOCK_S)
-    # Recompute the forward from preact and c: cheaper than saving 4 activations and c'.
-    preact_strides = (preact_stride_b, preact_stride_c, preact_stride_s)
-    a_i = load_tile(preact_ptr, b, ch, sp, *preact_strides, mask)
-    a_f = load_tile(preact_ptr, b, ch + hidden, sp, *preact_strides, mask)
-    a_g = load_tile(preact_ptr, b, ch + 2 * hidden, sp, *preact_strides, mask)
-    a_o = load_tile(preact_ptr, b, ch + 3 * hidden, sp, *preact_strides, mask)
+    # Recompute the forward from preact (+ constant) and c: cheaper than saving 4 activations and c'.
+    a_i, a_f, a_g, a_o = _preactivations(
+        preact_ptr, const_ptr, b, ch, sp, hidden, mask,
+        preact_stride_b, preact_stride_c, preact_stride_s, const_stride_b, const_stride_c, const_stride_s,
+        HAS_CONSTANT,
+    )  # fmt: skip
     c = load_tile(c_ptr, b, ch, sp, c_stride_b, c_stride_c, c_stride_s, mask)
     i = tl.sigmoid(a_i)
     f = tl.sigmoid(a_f)
@@ -115,7 +142,7 @@ def _lstm_gates_backward_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _check_gates_inputs(preact, c) -> None:
+def _check_gates_inputs(preact, c, constant=None) -> None:
     check_floating("preact", preact)
     check_min_dim("preact", preact, 2, "[B, 4H, *spatial]")
     if preact.shape[1] % 4 != 0:
@@ -125,6 +152,8 @@ def _check_gates_inputs(preact, c) -> None:
         )
     c_shape = (preact.shape[0], preact.shape[1] // 4, *preact.shape[2:])
     check_like("c", c, "preact", preact, shape=c_shape)
+    if constant is not None:
+        check_like("constant", constant, "preact", preact)
 
 
 def _gates_launch_shape(c3: torch.Tensor):
@@ -134,11 +163,14 @@ def _gates_launch_shape(c3: torch.Tensor):
     return grid, block_c, block_s
 
 
-def lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_gates_inputs(preact, c)
+def lstm_gates_forward(
+    preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_gates_inputs(preact, c, constant)
     if not use_triton(preact):
-        return lstm_gates_torch(preact, c)
+        return lstm_gates_torch(preact, c, constant)
     preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
+    const3 = preact3 if constant is None else as_batch_channel_space(constant)  # unread without one
     h3, h = empty_output_like(c3, c.shape)
     c_new3, c_new = empty_output_like(c3, c.shape)
     grid, block_c, block_s = _gates_launch_shape(c3)
@@ -146,22 +178,25 @@ def lstm_gates_forward(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Ten
     if c.numel() > 0:
         with launch_device(c):
             wrap_triton(_lstm_gates_forward_kernel)[grid](
-                preact3, c3, h3, c_new3, hidden, space,
-                *preact3.stride(), *c3.stride(), *h3.stride(), *c_new3.stride(),
-                BLOCK_C=block_c, BLOCK_S=block_s,
+                preact3, const3, c3, h3, c_new3, hidden, space,
+                *preact3.stride(), *const3.stride(), *c3.stride(), *h3.stride(), *c_new3.stride(),
+                HAS_CONSTANT=constant is not None, BLOCK_C=block_c, BLOCK_S=block_s,
             )  # fmt: skip
     return h, c_new
 
 
 def lstm_gates_backward(
-    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
+    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor,
+    constant: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_gates_inputs(preact, c)
+    """(grad_preact, grad_c); grad_preact is also the constant's gradient."""
+    _check_gates_inputs(preact, c, constant)
     check_like("grad_h", grad_h, "c", c)
     check_like("grad_c_new", grad_c_new, "c", c)
     if not use_triton(preact):
-        return lstm_gates_backward_torch(preact, c, grad_h, grad_c_new)
+        return lstm_gates_backward_torch(preact, c, grad_h, grad_c_new, constant)
     preact3, c3 = as_batch_channel_space(preact), as_batch_channel_space(c)
+    const3 = preact3 if constant is None else as_batch_channel_space(constant)
     grad_h3, grad_c_new3 = as_batch_channel_space(grad_h), as_batch_channel_space(grad_c_new)
     grad_preact3, grad_preact = empty_output_like(preact3, preact.shape)
     grad_c3, grad_c = empty_output_like(c3, c.shape)
@@ -170,26 +205,31 @@ def lstm_gates_backward(
     if c.numel() > 0:
         with launch_device(c):
             wrap_triton(_lstm_gates_backward_kernel)[grid](
-                preact3, c3, grad_h3, grad_c_new3, grad_preact3, grad_c3, hidden, space,
-                *preact3.stride(), *c3.stride(), *grad_h3.stride(), *grad_c_new3.stride(),
+                preact3, const3, c3, grad_h3, grad_c_new3, grad_preact3, grad_c3, hidden, space,
+                *preact3.stride(), *const3.stride(), *c3.stride(), *grad_h3.stride(), *grad_c_new3.stride(),
                 *grad_preact3.stride(), *grad_c3.stride(),
-                BLOCK_C=block_c, BLOCK_S=block_s,
+                HAS_CONSTANT=constant is not None, BLOCK_C=block_c, BLOCK_S=block_s,
             )  # fmt: skip
     return grad_preact, grad_c
 
 
-def lstm_gates_torch(preact, c):
+def _preact_torch(preact, constant, dtype):
+    preact = preact.to(dtype)
+    return preact if constant is None else preact + constant.to(dtype)
+
+
+def lstm_gates_torch(preact, c, constant=None):
     """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
     dtype = compute_dtype(preact.dtype)
-    a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
+    a_i, a_f, a_g, a_o = _preact_torch(preact, constant, dtype).chunk(4, dim=1)
     c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
     h = torch.sigmoid(a_o) * torch.tanh(c_new)
     return h.to(preact.dtype), c_new.to(preact.dtype)
 
 
-def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
+def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new, constant=None):
     dtype = compute_dtype(preact.dtype)
-    a_i, a_f, a_g, a_o = preact.to(dtype).chunk(4, dim=1)
+    a_i, a_f, a_g, a_o = _preact_torch(preact, constant, dtype).chunk(4, dim=1)
     c, grad_h, grad_c_new = c.to(dtype), grad_h.to(dtype), grad_c_new.to(dtype)
     i, f, g = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g)
     c_new = f * c + i * g
@@ -215,29 +255,34 @@ def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new):
 
 
 @torch.library.triton_op("gqn_fast::lstm_gates", mutates_args=())
-def _lstm_gates_op(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return lstm_gates_forward(preact, c)
+def _lstm_gates_op(
+    preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return lstm_gates_forward(preact, c, constant)
 
 
 @torch.library.triton_op("gqn_fast::lstm_gates_backward", mutates_args=())
 def _lstm_gates_backward_op(
-    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor
+    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor,
+    constant: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return lstm_gates_backward(preact, c, grad_h, grad_c_new)
+    return lstm_gates_backward(preact, c, grad_h, grad_c_new, constant)
 
 
 def _lstm_gates_setup_context(ctx, inputs, output):
-    # Saves the two inputs, the least that determines the backward: the kernel recomputes
-    # the four gate activations and c' from them rather than storing them (5 more tensors).
-    preact, c = inputs
-    ctx.save_for_backward(preact, c)
+    # Saves the inputs, the least that determines the backward: the kernel recomputes the
+    # four gate activations and c' from them rather than storing them (5 more tensors).
+    preact, c, constant = inputs
+    ctx.save_for_backward(preact, c, constant)
 
 
 def _lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
-    preact, c = ctx.saved_tensors
+    preact, c, constant = ctx.saved_tensors
     grad_h = torch.zeros_like(c) if grad_h is None else grad_h
     grad_c_new = torch.zeros_like(c) if grad_c_new is None else grad_c_new
-    return _lstm_gates_backward_op(preact, c, grad_h, grad_c_new)
+    grad_preact, grad_c = _lstm_gates_backward_op(preact, c, grad_h, grad_c_new, constant)
+    # d(preact + constant)/d constant = 1: the constant's gradient is preact's.
+    return grad_preact, grad_c, None if constant is None else grad_preact
 
 
 _lstm_gates_op.register_autograd(
@@ -245,12 +290,15 @@ _lstm_gates_op.register_autograd(
 )
 
 
-def lstm_gates(preact: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lstm_gates(
+    preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ConvLSTM gate math: (h, c') from preact [B, 4H, *spatial] (gates i, f, g, o on dim 1)
-    and the cell state c [B, H, *spatial].
+    and the cell state c [B, H, *spatial]; with a constant (preact's shape, dtype and device),
+    from preact + constant, read in the same pass.
 
     c' = sigmoid(f) c + sigmoid(i) tanh(g), h = sigmoid(o) tanh(c'). Computes in fp32 (fp64
-    for fp64 inputs); h and c' have the inputs' dtype and c's memory format. Differentiable
-    once in preact and c (the backward is not itself differentiable).
+    for fp64 inputs); h and c' have the inputs' dtype and c's memory format. Any strides.
+    Differentiable once in preact, c and constant (the backward is not itself differentiable).
     """
-    return _lstm_gates_op(preact, c)
+    return _lstm_gates_op(preact, c, constant)

@@ -22,8 +22,8 @@ def test_fast_step_dispatches_fewer_ops_than_the_reference(preset):
     """Fewer computing ops (each a kernel launch on a GPU; a custom op counts as one) than the
     reference, and at most 20% more autograd nodes: the closed-form convs of the tiled vectors
     (v_q, and r with pool and pyramid) are a few views and small products per core, where the
-    reference convolves the tiled inputs, and each cell adds the hoisted constant to its conv
-    (paper tower 928 against 777; 882 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
+    reference convolves the tiled inputs, and each default cell is a conv and then the gate
+    kernel (paper tower 905 against 777; 882 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
     reference's nodes (einsum's views in the canvas folding) and 208 ops rebuilding a constant."""
     config = MODEL_PRESETS[preset]
     fast = count_training_step(GQN(config), batch=4)

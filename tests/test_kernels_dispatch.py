@@ -271,8 +271,10 @@ _CONV_GATES = {"KSIZE_Y": 5, "KSIZE_X": 3, "UPCAST": False}
 # (kernel, constexprs, element type of the input pointers): the low-precision input path
 # (bf16: load, upcast, round), and for the conv kernels also fp32 operands on TF32 tensor cores.
 _KERNEL_VARIANTS = [
-    (gates._lstm_gates_forward_kernel, _GATES_TILE, "bf16"),
-    (gates._lstm_gates_backward_kernel, _GATES_TILE, "bf16"),
+    (gates._lstm_gates_forward_kernel, {**_GATES_TILE, "HAS_CONSTANT": False}, "bf16"),
+    (gates._lstm_gates_forward_kernel, {**_GATES_TILE, "HAS_CONSTANT": True}, "bf16"),
+    (gates._lstm_gates_backward_kernel, {**_GATES_TILE, "HAS_CONSTANT": False}, "bf16"),
+    (gates._lstm_gates_backward_kernel, {**_GATES_TILE, "HAS_CONSTANT": True}, "bf16"),
     (gaussian._posterior_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
     (gaussian._posterior_kl_forward_kernel, {**_GATES_TILE, "HAS_SAMPLE": False}, "bf16"),
     (gaussian._posterior_kl_backward_kernel, {**_GATES_TILE, "HAS_SAMPLE": True}, "bf16"),
@@ -407,19 +409,29 @@ def _op_cases(device):
     sigma = torch.tensor(0.7, dtype=torch.float64, device=device)
     grad = lambda *args: tuple(t.detach().requires_grad_() for t in args)  # noqa: E731
     return [
-        (ops.lstm_gates.default, grad(preact, c)),
+        (ops.lstm_gates.default, grad(preact, c) + (None,)),
+        (ops.lstm_gates.default, grad(preact, c, make(2, 8, 3, 3))),
         (ops.posterior_sample_kl.default, grad(*params)),
         (ops.posterior_kl.default, grad(*params[:4])),
         (ops.pixel_nll.default, grad(x, logits) + (sigma,)),
-        (ops.lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3))),
+        (ops.lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3), None)),
+        (ops.lstm_gates_backward.default, (preact, c, make(2, 2, 3, 3), make(2, 2, 3, 3), make(2, 8, 3, 3))),
         (ops.posterior_sample_kl_backward.default, (*params, make(2, 3, 2, 2), make(2))),
         (ops.posterior_kl_backward.default, (*params[:4], make(2))),
         (ops.pixel_nll_backward.default, (x, logits, sigma, make(2))),
     ]
 
 
+def _op_case_ids():
+    ids = []
+    for op, args in _op_cases("cpu"):
+        name = str(op).split(".")[1]
+        ids.append(name + ("-constant" if name.startswith("lstm_gates") and args[-1] is not None else ""))
+    return ids
+
+
 @pytest.mark.parametrize("device,interpret", OP_PATHS)
-@pytest.mark.parametrize("index", range(8), ids=lambda i: str(_op_cases("cpu")[i][0]).split(".")[1])
+@pytest.mark.parametrize("index", range(len(_op_case_ids())), ids=_op_case_ids())
 def test_opcheck(device, interpret, index):
     select_path(interpret)
     op, args = _op_cases(device)[index]

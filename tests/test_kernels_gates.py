@@ -35,18 +35,20 @@ def gates_oracle(preact, c):
     return h, c_new
 
 
-def check_against_oracle(preact, c, grad_h, grad_c_new):
-    h, c_new = lstm_gates(preact, c)
+def check_against_oracle(preact, c, grad_h, grad_c_new, constant=None):
+    """lstm_gates(preact, c[, constant]) and its gradients against the oracle of preact + constant."""
+    h, c_new = lstm_gates(preact, c, constant)
     assert h.dtype == c_new.dtype == preact.dtype and h.shape == c_new.shape == c.shape
-    grads = torch.autograd.grad((h, c_new), (preact, c), (grad_h, grad_c_new))
-    preact64 = preact.detach().double().requires_grad_()
-    c64 = c.detach().double().requires_grad_()
-    h_ref, c_new_ref = gates_oracle(preact64, c64)
-    grads_ref = torch.autograd.grad((h_ref, c_new_ref), (preact64, c64), (grad_h.double(), grad_c_new.double()))
+    inputs = (preact, c) if constant is None else (preact, c, constant)
+    grads = torch.autograd.grad((h, c_new), inputs, (grad_h, grad_c_new))
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    preact64 = inputs64[0] if constant is None else inputs64[0] + inputs64[2]
+    h_ref, c_new_ref = gates_oracle(preact64, inputs64[1])
+    grads_ref = torch.autograd.grad((h_ref, c_new_ref), inputs64, (grad_h.double(), grad_c_new.double()))
     assert_matches_oracle(h, h_ref, "h")
     assert_matches_oracle(c_new, c_new_ref, "c_new")
-    assert_matches_oracle(grads[0], grads_ref[0], "grad preact")
-    assert_matches_oracle(grads[1], grads_ref[1], "grad c")
+    for name, grad, grad_ref in zip(["grad preact", "grad c", "grad constant"], grads, grads_ref):
+        assert_matches_oracle(grad, grad_ref, name)
     return h, c_new
 
 
@@ -65,11 +67,13 @@ def check_against_oracle(preact, c, grad_h, grad_c_new):
     scale=st.sampled_from([1e-3, 1.0, 5.0]),
     extreme_fraction=st.sampled_from([0.0, 0.3, 1.0]),
     layout=st.sampled_from(LAYOUTS),
+    with_constant=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_lstm_gates_matches_float64_oracle(
-    device, interpret, dtype, nan_poison, batch, hidden, height, width, scale, extreme_fraction, layout, seed
-):
+    device, interpret, dtype, nan_poison, batch, hidden, height, width, scale, extreme_fraction, layout,
+    with_constant, seed,
+):  # fmt: skip
     select_path(interpret)
     gen = torch.Generator().manual_seed(seed)
     draw = lambda channels, extreme: random_values(  # noqa: E731
@@ -78,7 +82,10 @@ def test_lstm_gates_matches_float64_oracle(
     preact = with_layout(draw(4 * hidden, 30.0), layout).requires_grad_()
     c = with_layout(draw(hidden, 30.0), layout).requires_grad_()
     grad_h, grad_c_new = draw(hidden, 1.0), draw(hidden, 1.0)
-    h, _ = check_against_oracle(preact, c, grad_h, grad_c_new)
+    # A constant added to preact in the kernel's pass (in NCHW whatever preact's layout: the
+    # two are read with their own strides); its extremes meet preact's in the sum.
+    constant = draw(4 * hidden, 30.0).requires_grad_() if with_constant else None
+    h, _ = check_against_oracle(preact, c, grad_h, grad_c_new, constant)
     if layout == "channels_last" and c.is_contiguous(memory_format=torch.channels_last):
         assert h.is_contiguous(memory_format=torch.channels_last)
 
@@ -107,6 +114,9 @@ def test_lstm_gates_odd_strides(device, interpret, dtype, nan_poison):
     grad_h = torch.randn(1, 3, 4, 1, device=device).expand(2, 3, 4, 6)
     grad_c_new = torch.randn(2, 3, 4, 12, device=device)[..., ::2]
     check_against_oracle(preact, c, grad_h, grad_c_new)
+    # A constant shared by the batch (stride 0), as a bias or a step's hoisted input can be.
+    constant = torch.randn(1, 4 * 3, 4, 6, device=device).expand(2, -1, -1, -1).detach().requires_grad_()
+    check_against_oracle(preact, c, grad_h, grad_c_new, constant)
 
 
 @on_interpreter
@@ -129,7 +139,9 @@ def test_lstm_gates_gradcheck_float64(interpret):
     select_path(interpret)
     preact = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
+    constant = torch.randn(2, 4 * 2, 2, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lstm_gates, (preact, c))
+    assert torch.autograd.gradcheck(lstm_gates, (preact, c, constant))
 
 
 def test_lstm_gates_empty_batch():
@@ -183,6 +195,8 @@ def _bad_gates_inputs():
         ((p.half(), c), TypeError, r"c: expected dtype torch.float16"),
         ((p.long(), c), TypeError, r"preact: expected a floating-point tensor.*torch.int64"),
         ((p, c.int()), TypeError, r"c: expected a floating-point tensor.*torch.int32"),
+        ((p, c, torch.randn(2, 8, 3)), ValueError, r"constant: expected shape \[2, 8, 3, 3\] \(from preact\), got \[2, 8, 3\]"),
+        ((p, c, p.double()), TypeError, r"constant: expected dtype torch.float32 \(as preact\), got torch.float64"),
     ]
     if torch.cuda.is_available():
         cases.append(((p, c.cuda()), ValueError, r"c: expected device cpu.*got cuda"))
@@ -208,7 +222,8 @@ def test_lstm_gates_compiles_without_graph_break(backend):
     select_path(False)  # eager and compiled: the CPU's PyTorch path
     def step(preact, c):
         h, c_new = lstm_gates(preact * 2.0, c)
-        return (h * c_new).sum() + h.square().sum()
+        h2, _ = lstm_gates(preact, c_new, preact.detach() * 0.5)  # with a constant, twice the graph
+        return (h * c_new).sum() + h.square().sum() + h2.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=backend)
