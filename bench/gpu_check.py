@@ -43,7 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # with the small preset (launch-bound) and the paper's tower (compute-bound), each case's
 # results written as soon as it is measured.
 GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "data"]
-GROUP_ARGS = {"train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]}
+# Eager and CUDA-graph providers only: torch.compile's providers take minutes to compile the
+# paper model, and get their own call (bench/run.py --only train_step, all providers).
+GROUP_ARGS = {
+    "train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]
+    + [arg for provider in ("reference-eager", "gqn_fast-eager", "gqn_fast-fused-cells-eager", "gqn_fast-cudagraph")
+       for arg in ("--provider", provider)],
+}
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
 PROFILE_PRESETS = ["small", "paper-tower"]
 # Seconds each part may take at most (the overall budget may cut them shorter).

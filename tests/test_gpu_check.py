@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,19 @@ def test_failures_printed_as_they_happen_are_read_back(tmp_path):
     assert gpu_check.failures_reported(log) == ["tests/test_a.py::test_b[cuda-fp32]", "tests/test_c.py::test_d"]
     workers = gpu_check.test_workers()
     assert 0 <= workers <= 8
+
+
+def test_group_arguments_name_what_exists():
+    """The train_step group's presets and providers are ones bench/run.py knows on a GPU: a typo
+    would only show on a GPU machine, after minutes of its time."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    import run
+    import workloads
+
+    args = gpu_check.GROUP_ARGS["train_step"]
+    named = lambda flag: [args[i + 1] for i, arg in enumerate(args) if arg == flag]  # noqa: E731
+    cuda_providers = {p[0] for p in workloads.model_providers(torch.device("cuda"), smoke=False, quick=True)}
+    assert named("--provider") and set(named("--provider")) <= cuda_providers
+    assert named("--preset") and set(named("--preset")) <= set(run.MODEL_PRESETS)
+    assert set(gpu_check.PROFILE_PRESETS) <= set(run.MODEL_PRESETS)
