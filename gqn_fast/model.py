@@ -412,7 +412,14 @@ class GQN(reference.GQN):
         if self.fused_cells:
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
-        return self._gates(F.conv2d(self._core_layout(x), weight, padding=2), c, constant)
+        preact = F.conv2d(self._core_layout(x), weight, padding=2)
+        if self.config.share_cores:
+            # The constant lives through all L steps anyway: the gate kernel reads it in its own
+            # pass (no add writing the preactivations once more).
+            return self._gates(preact, c, constant)
+        # Read by this step alone: added in place, so that backward keeps no copy of it (the
+        # gate kernel would save it: 415 MiB more at the paper tower, B = 36).
+        return self._gates(preact.add_(constant), c)
 
     @staticmethod
     def _gates(preact, c, constant=None):

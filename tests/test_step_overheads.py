@@ -1,7 +1,7 @@
-"""What one eager training step asks of the host (bench/op_count.py): where the GPU's work per
-step is small (the small preset, shared cores, bf16), each dispatched op and each autograd node
-costs host time that no kernel can win back. Counted on the meta device for the model's GPU
-branches, so these hold on any machine."""
+"""What one eager training step costs beyond its arithmetic, on the model's GPU branches,
+measured on the meta device so that these hold on any machine: the host's work (bench/op_count.py:
+where the GPU's work per step is small, each dispatched op and autograd node costs host time no
+kernel can win back) and the memory kept for backward."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from op_count import count_training_step  # noqa: E402
+from measure import saved_for_backward_bytes  # noqa: E402
+from op_count import _Counter, count_training_step, gpu_branches, meta_batch  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
 
 from gqn_fast import GQN  # noqa: E402
@@ -40,3 +41,19 @@ def test_counts_follow_the_gpu_branches():
     # Per step: an inference and a generator cell (fused conv + gates) and a posterior sample.
     assert counts["custom ops"] >= 3 * config.L, counts
     assert counts["autograd nodes"] > 0 and counts["views"] > 0, counts
+
+
+@pytest.mark.parametrize("preset", ["paper-tower", "paper-pool"])
+def test_default_cells_keep_no_more_for_backward_than_fused_ones(preset):
+    """With one core per step, the default cell (cuDNN's conv, then the gate kernel) keeps what
+    the fused cell keeps for backward: its hoisted constant is added to the conv's output in
+    place, not handed to the gate kernel, which would save it (415 MiB at the paper tower, B = 36)."""
+
+    def saved(fused_cells):
+        model = GQN(MODEL_PRESETS[preset]).to("meta")
+        model.fused_cells = fused_cells
+        inputs = meta_batch(36)
+        with gpu_branches(_Counter()):
+            return saved_for_backward_bytes(lambda: model.elbo(*inputs, sigma=0.7))
+
+    assert saved(fused_cells=False) <= saved(fused_cells=True)
