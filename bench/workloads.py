@@ -422,8 +422,7 @@ def eager_cell(x, weight, constant, c):
 def unfused_cell(x, weight, constant, c):
     """gqn_fast's default cell: cuDNN's conv, then the gate kernel, which adds the constant in its
     own pass (as gqn_fast.GQN._gates)."""
-    preact = F.conv2d(x, weight, padding=2)
-    return kernels.lstm_gates(preact.to(c.dtype), c, constant.to(c.dtype))
+    return kernels.lstm_gates(F.conv2d(x, weight, padding=2), c, constant)
 
 
 def fused_cell(backward_convs, gates_in_one_dot=False):

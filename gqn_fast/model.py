@@ -428,8 +428,8 @@ class GQN(reference.GQN):
         differentiated by autograd, which keeps the activations where the op's backward
         recomputes them: a third of the elementwise passes, on a CPU where they are slow and
         memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if use_triton(c):
-            return lstm_gates(preact.to(c.dtype), c, None if constant is None else constant.to(c.dtype))
+        if use_triton(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
+            return lstm_gates(preact, c, constant)
         if constant is not None:
             preact = preact.add_(constant)
         return lstm_gates_torch(preact.to(c.dtype), c)

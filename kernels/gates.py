@@ -151,9 +151,11 @@ def _check_gates_inputs(preact, c, constant=None) -> None:
             "not divisible by 4"
         )
     c_shape = (preact.shape[0], preact.shape[1] // 4, *preact.shape[2:])
-    check_like("c", c, "preact", preact, shape=c_shape)
+    # preact and the constant may be narrower than the cell state (a bf16 conv's output beside
+    # an fp32 c under autocast): read as they are, computed in fp32.
+    check_like("c", c, "preact", preact, shape=c_shape, same_dtype=False)
     if constant is not None:
-        check_like("constant", constant, "preact", preact)
+        check_like("constant", constant, "preact", preact, same_dtype=False)
 
 
 def _gates_launch_shape(c3: torch.Tensor):
@@ -219,16 +221,16 @@ def _preact_torch(preact, constant, dtype):
 
 
 def lstm_gates_torch(preact, c, constant=None):
-    """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
-    dtype = compute_dtype(preact.dtype)
+    """The kernel's math in PyTorch (CPU path): same fp32 compute; h and c' in c's dtype."""
+    dtype = compute_dtype(c.dtype)
     a_i, a_f, a_g, a_o = _preact_torch(preact, constant, dtype).chunk(4, dim=1)
     c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
     h = torch.sigmoid(a_o) * torch.tanh(c_new)
-    return h.to(preact.dtype), c_new.to(preact.dtype)
+    return h.to(c.dtype), c_new.to(c.dtype)
 
 
 def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new, constant=None):
-    dtype = compute_dtype(preact.dtype)
+    dtype = compute_dtype(c.dtype)
     a_i, a_f, a_g, a_o = _preact_torch(preact, constant, dtype).chunk(4, dim=1)
     c, grad_h, grad_c_new = c.to(dtype), grad_h.to(dtype), grad_c_new.to(dtype)
     i, f, g = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g)
@@ -243,7 +245,7 @@ def lstm_gates_backward_torch(preact, c, grad_h, grad_c_new, constant=None):
         ],
         dim=1,
     )
-    return grad_preact.to(preact.dtype), (grad_c_total * f).to(preact.dtype)
+    return grad_preact.to(preact.dtype), (grad_c_total * f).to(c.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def _lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
     grad_c_new = torch.zeros_like(c) if grad_c_new is None else grad_c_new
     grad_preact, grad_c = _lstm_gates_backward_op(preact, c, grad_h, grad_c_new, constant)
     # d(preact + constant)/d constant = 1: the constant's gradient is preact's.
-    return grad_preact, grad_c, None if constant is None else grad_preact
+    return grad_preact, grad_c, None if constant is None else grad_preact.to(constant.dtype)
 
 
 _lstm_gates_op.register_autograd(
@@ -294,11 +296,14 @@ def lstm_gates(
     preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ConvLSTM gate math: (h, c') from preact [B, 4H, *spatial] (gates i, f, g, o on dim 1)
-    and the cell state c [B, H, *spatial]; with a constant (preact's shape, dtype and device),
-    from preact + constant, read in the same pass.
+    and the cell state c [B, H, *spatial]; with a constant (preact's shape and device), from
+    preact + constant, read in the same pass.
 
     c' = sigmoid(f) c + sigmoid(i) tanh(g), h = sigmoid(o) tanh(c'). Computes in fp32 (fp64
-    for fp64 inputs); h and c' have the inputs' dtype and c's memory format. Any strides.
-    Differentiable once in preact, c and constant (the backward is not itself differentiable).
+    for fp64 inputs); h and c' have c's dtype and memory format. preact and the constant may be
+    of a narrower float dtype than c (a bf16 conv's output beside an fp32 cell state: no cast
+    first); float64 goes only with float64. Any strides. Differentiable once in preact, c and
+    constant, each gradient in its input's dtype (the constant's is preact's, so of preact's
+    precision); the backward is not itself differentiable.
     """
     return _lstm_gates_op(preact, c, constant)

@@ -127,13 +127,21 @@ def check_floating(name: str, tensor) -> None:
         )
 
 
-def check_like(name: str, tensor, ref_name: str, ref: torch.Tensor, shape=None) -> None:
-    """`tensor` is a float tensor on ref's device, with ref's dtype and the given (or ref's) shape."""
+def check_like(name: str, tensor, ref_name: str, ref: torch.Tensor, shape=None, same_dtype: bool = True) -> None:
+    """`tensor` is a float tensor on ref's device, with ref's dtype (or, without same_dtype, one
+    computed in the same precision: float64 with float64, else any of float32, float16 and
+    bfloat16) and the given (or ref's) shape."""
     check_floating(name, tensor)
     if tensor.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {tensor.device}")
-    if tensor.dtype != ref.dtype:
+    if same_dtype and tensor.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {tensor.dtype}")
+    if (tensor.dtype == torch.float64) != (ref.dtype == torch.float64):
+        expected = "torch.float64" if ref.dtype == torch.float64 else "float32, float16 or bfloat16"
+        raise TypeError(
+            f"{name}: expected dtype {expected} (as {ref_name} is {ref.dtype}: float64 computes in "
+            f"float64, the others in float32), got {tensor.dtype}"
+        )
     shape = tuple(ref.shape) if shape is None else tuple(shape)
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{name}: expected shape {list(shape)} (from {ref_name}), got {list(tensor.shape)}")

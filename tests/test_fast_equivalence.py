@@ -285,32 +285,43 @@ def test_cells_are_unfused_by_default_under_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "share_cores,interpret",
-    [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.interpreter)],
-    ids=["unshared", "shared", "interpreter"],
-)
-def test_bf16_autocast_matches_reference(share_cores, interpret, monkeypatch):
-    """Under bf16 autocast (CPU here, the GPU in bench) the fast model stays within bf16's limit;
-    under the interpreter its fused cells take bf16 operands (upcast there for the products)."""
-    assert kernels.use_triton(torch.zeros(1)) == interpret
+    "share_cores,path,fused_cells",
+    [
+        (False, "cpu", False), (True, "cpu", False),
+        pytest.param(False, "interpreter", True, marks=pytest.mark.interpreter),
+        pytest.param(True, "interpreter", False, marks=pytest.mark.interpreter),
+        pytest.param(False, "cuda", False, marks=pytest.mark.cuda),
+        pytest.param(True, "cuda", False, marks=pytest.mark.cuda),
+        pytest.param(False, "cuda", True, marks=pytest.mark.cuda),
+    ],
+    ids=["unshared", "shared", "interpreter-fused", "interpreter-shared", "cuda-unshared", "cuda-shared", "cuda-fused"],
+)  # fmt: skip
+def test_bf16_autocast_matches_reference(share_cores, path, fused_cells, monkeypatch):
+    """Under bf16 autocast the fast model stays within bf16's limit: on the CPU's PyTorch path;
+    under the interpreter and on a GPU with the fused cells (bf16 operands, upcast by the
+    interpreter for the products) or the default cells (a bf16 conv output read as it is by the
+    gate kernel, beside the fp32 cell state, with shared cores the constant too)."""
+    device = "cuda" if path == "cuda" else "cpu"
+    assert kernels.use_triton(torch.zeros(1, device=device)) == (path != "cpu")
     calls = count_fused_cells(monkeypatch)
     config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores)
     torch.manual_seed(0)
-    oracle, fast = ReferenceGQN(config).double(), GQN(config)
+    oracle, fast = ReferenceGQN(config).double(), GQN(config).to(device)
     fast.load_state_dict(oracle.state_dict())
-    fast.fused_cells = interpret
+    fast.fused_cells = fused_cells
     data = random_scene_batch(2, 2, dtype=torch.float64)
     noise = torch.randn(2, 2, 2, 16, 16, dtype=torch.float64)
     expected = oracle.elbo(*data, sigma=0.7, noise=noise)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fast.elbo(*(t.float() for t in data), sigma=0.7, noise=noise.float())
-        image = fast.generate(data[0].float(), data[1].float(), data[3].float(), noise=noise.float())
+    inputs = [t.to(device, torch.float32) for t in data]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = fast.elbo(*inputs, sigma=0.7, noise=noise.to(device, torch.float32))
+        image = fast.generate(inputs[0], inputs[1], inputs[3], noise=noise.to(device, torch.float32))
     assert got.loss.dtype == torch.float32
     for name in ["loss", "nll", "kl", "mean"]:
-        assert_close_rms(getattr(got, name), getattr(expected, name), RMS_LIMITS[torch.bfloat16], name)
+        assert_close_rms(getattr(got, name).cpu(), getattr(expected, name), RMS_LIMITS[torch.bfloat16], name)
     expected_image = oracle.generate(data[0], data[1], data[3], noise=noise)
-    assert_close_rms(image, expected_image, RMS_LIMITS[torch.bfloat16], "generate")
-    assert len(calls) == (fused_cells_per_run(config) if interpret else 0)
+    assert_close_rms(image.cpu(), expected_image, RMS_LIMITS[torch.bfloat16], "generate")
+    assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 def test_compile_options_keep_the_models_own_layouts():

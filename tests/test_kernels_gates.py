@@ -38,7 +38,7 @@ def gates_oracle(preact, c):
 def check_against_oracle(preact, c, grad_h, grad_c_new, constant=None):
     """lstm_gates(preact, c[, constant]) and its gradients against the oracle of preact + constant."""
     h, c_new = lstm_gates(preact, c, constant)
-    assert h.dtype == c_new.dtype == preact.dtype and h.shape == c_new.shape == c.shape
+    assert h.dtype == c_new.dtype == c.dtype and h.shape == c_new.shape == c.shape
     inputs = (preact, c) if constant is None else (preact, c, constant)
     grads = torch.autograd.grad((h, c_new), inputs, (grad_h, grad_c_new))
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -47,7 +47,10 @@ def check_against_oracle(preact, c, grad_h, grad_c_new, constant=None):
     grads_ref = torch.autograd.grad((h_ref, c_new_ref), inputs64, (grad_h.double(), grad_c_new.double()))
     assert_matches_oracle(h, h_ref, "h")
     assert_matches_oracle(c_new, c_new_ref, "c_new")
-    for name, grad, grad_ref in zip(["grad preact", "grad c", "grad constant"], grads, grads_ref):
+    for name, grad, grad_ref, given in zip(["grad preact", "grad c", "grad constant"], grads, grads_ref, inputs):
+        assert grad.dtype == given.dtype, f"{name}: {grad.dtype}, its input's {given.dtype}"
+        if name == "grad constant":  # it is preact's gradient: held to preact's precision
+            grad = grad.to(preact.dtype)
         assert_matches_oracle(grad, grad_ref, name)
     return h, c_new
 
@@ -101,6 +104,22 @@ def test_lstm_gates_any_rank(device, interpret, dtype, nan_poison, shape):
     c = torch.randn(shape, device=device, requires_grad=True)
     preact = torch.randn((shape[0], 4 * shape[1], *shape[2:]), device=device, requires_grad=True)
     check_against_oracle(preact, c, torch.randn_like(c), torch.randn_like(c))
+
+
+@path_cases(dtypes=[torch.float16, torch.bfloat16])
+def test_lstm_gates_narrow_preact_beside_fp32_state(device, interpret, dtype, nan_poison):
+    """Under autocast a cell's conv gives bf16 preactivations beside an fp32 cell state: the op
+    reads them as they are (no fp32 copy first) and matches the oracle of their values; h and c'
+    are fp32 (c's dtype), each gradient in its own input's dtype, the constant's in either."""
+    select_path(interpret)
+    preact = (torch.randn(2, 4 * 3, 4, 5, device=device) * 3).to(dtype).requires_grad_()
+    c = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    grad_h, grad_c_new = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device)
+    for constant_dtype in (None, dtype, torch.float32):
+        constant = None if constant_dtype is None else torch.randn(2, 4 * 3, 4, 5, device=device).to(constant_dtype)
+        constant = None if constant is None else constant.requires_grad_()
+        h, c_new = check_against_oracle(preact, c, grad_h, grad_c_new, constant)
+        assert h.dtype == c_new.dtype == torch.float32
 
 
 @path_cases(dtypes=[torch.float32])
@@ -191,12 +210,12 @@ def _bad_gates_inputs():
         ((p, torch.randn(3, 2, 3, 3)), ValueError, r"c: expected shape"),
         ((p, torch.randn(2, 2, 3, 4)), ValueError, r"c: expected shape"),
         ((torch.randn(8), c), ValueError, r"preact: expected at least 2 dims"),
-        ((p, c.double()), TypeError, r"c: expected dtype torch.float32.*got torch.float64"),
-        ((p.half(), c), TypeError, r"c: expected dtype torch.float16"),
+        ((p, c.double()), TypeError, r"c: expected dtype float32, float16 or bfloat16 \(as preact is torch.float32.*got torch.float64"),
+        ((p.double(), c), TypeError, r"c: expected dtype torch.float64 \(as preact is torch.float64.*got torch.float32"),
         ((p.long(), c), TypeError, r"preact: expected a floating-point tensor.*torch.int64"),
         ((p, c.int()), TypeError, r"c: expected a floating-point tensor.*torch.int32"),
         ((p, c, torch.randn(2, 8, 3)), ValueError, r"constant: expected shape \[2, 8, 3, 3\] \(from preact\), got \[2, 8, 3\]"),
-        ((p, c, p.double()), TypeError, r"constant: expected dtype torch.float32 \(as preact\), got torch.float64"),
+        ((p, c, p.double()), TypeError, r"constant: expected dtype float32, float16 or bfloat16 .*got torch.float64"),
     ]
     if torch.cuda.is_available():
         cases.append(((p, c.cuda()), ValueError, r"c: expected device cpu.*got cuda"))
