@@ -47,13 +47,14 @@ def placement(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch
     if torch.compiler.is_compiling():
         return _placement(n, k, dtype, device)
     key = (n, k, dtype, device)
-    if key not in _PLACEMENTS and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _placement(n, k, dtype, device)
-    if key not in _PLACEMENTS:
-        # Never an inference tensor (made under torch.inference_mode): autograd could not save it later.
-        with torch.inference_mode(False), torch.no_grad():
-            _PLACEMENTS[key] = _placement(n, k, dtype, device)
-    return _PLACEMENTS[key]
+    if key in _PLACEMENTS:
+        return _PLACEMENTS[key]
+    # Never an inference tensor (made under torch.inference_mode): autograd could not save it later.
+    with torch.inference_mode(False), torch.no_grad():
+        made = _placement(n, k, dtype, device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _PLACEMENTS[key] = made
+    return made
 
 
 def constant_conv(v: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:

@@ -40,8 +40,8 @@ def values_trusted():
     outside [0, 1]); shapes, dtypes and devices are still checked. For loops whose data is valid
     by construction, as gqn_fast.data's batches are (uint8 images scaled to [0, 1], cameras
     checked finite when the dataset is opened): each value check reads a result back to the host,
-    which on a GPU waits for all the work queued before it, about 4 times a training step, so the
-    host could never run ahead of the GPU. `gqn-fast train` runs its steps inside it."""
+    which on a GPU waits for all the work queued before it, 6 reads a training step, so the host
+    could never run ahead of the GPU. `gqn-fast train` runs its steps inside it."""
     global _values_trusted
     previous, _values_trusted = _values_trusted, True
     try:

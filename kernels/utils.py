@@ -134,9 +134,10 @@ def check_like(name: str, tensor, ref_name: str, ref: torch.Tensor, shape=None, 
     check_floating(name, tensor)
     if tensor.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {tensor.device}")
-    if same_dtype and tensor.dtype != ref.dtype:
-        raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {tensor.dtype}")
-    if (tensor.dtype == torch.float64) != (ref.dtype == torch.float64):
+    if same_dtype:
+        if tensor.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {tensor.dtype}")
+    elif (tensor.dtype == torch.float64) != (ref.dtype == torch.float64):
         expected = "torch.float64" if ref.dtype == torch.float64 else "float32, float16 or bfloat16"
         raise TypeError(
             f"{name}: expected dtype {expected} (as {ref_name} is {ref.dtype}: float64 computes in "

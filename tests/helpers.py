@@ -1,6 +1,7 @@
 """Comparisons shared by the tests: a scale-free error with per-dtype limits."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Relative RMS error limits, rms(ref - out) / rms(ref), per compute dtype.
 RMS_LIMITS = {
@@ -50,3 +51,16 @@ def random_scene_batch(batch, views, dtype=torch.float32, generator=None):
     query_x = torch.rand(batch, 3, 64, 64, generator=g, dtype=dtype)
     query_v = transform_viewpoint(torch.randn(batch, 5, generator=g, dtype=dtype))
     return context_x, context_v, query_x, query_v
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (on a GPU: a wait for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))

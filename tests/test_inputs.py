@@ -5,12 +5,11 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gqn_fast import GQN
 from gqn_fast.inputs import values_trusted
 from gqn_fast.reference import GQN as ReferenceGQN
-from helpers import random_scene_batch, tiny_config
+from helpers import HostReads, random_scene_batch, tiny_config
 
 MODELS = [ReferenceGQN, GQN]
 
@@ -60,19 +59,6 @@ def test_autocast_still_takes_inputs_in_the_model_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.elbo(cx, cv, qx, qv, sigma=0.7).loss
     assert torch.isfinite(loss)
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that read a tensor's value back to the host (on a GPU: a wait for it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("model_class", MODELS)

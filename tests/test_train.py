@@ -14,6 +14,7 @@ from gqn_fast import cli
 from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
 from gqn_fast.errors import UsageError
 from gqn_fast.train import TrainArgs, TrainingDiverged, train
+from helpers import HostReads
 
 
 @pytest.fixture(scope="module")
@@ -268,17 +269,6 @@ def test_training_steps_read_nothing_back_between_logs(dataset, tmp_path):
     construction (gqn_fast.inputs.values_trusted), and the metrics stay on the device. Two runs
     that differ only in their number of steps read back as often (their last step logs,
     checks the weights and draws a picture)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.reads = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.reads += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     reads = {}
     for steps in (2, 5):
         with HostReads() as counter:
