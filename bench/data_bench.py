@@ -6,9 +6,11 @@
   images/s. The issue's bar: 500 images/s on 2 cores (20,000 scenes in under 7 minutes).
 - loader: make_loader batches/s for the paper's batch (B = 36, M up to K = 9) with 0, 1 and 2
   worker threads, and with to_model_inputs on the device. The bar: 200 batches/s on 2 cores.
-- convert: `gqn-fast data convert-deepmind` on synthetic TFRecords in DeepMind's layout (rendered
-  rooms, JPEG quality 95): records/s of decode_scene alone in one process, and of the whole
-  conversion against the number of worker processes, for a 64 px, a 128 px and the 84 px set.
+- convert: `gqn-fast data convert-deepmind` on synthetic TFRecords in DeepMind's layout and names
+  (rendered rooms, JPEG quality 95; tests/deepmind_files.py writes them): records/s of
+  decode_scene alone in one process, and of the whole conversion against the number of worker
+  processes, for a 64 px, a 128 px and the 84 px set; with `--tensorflow PYTHON`, beside
+  TensorFlow's tf.data reading and decoding the same files on as many cores (bench/tf_reader.py).
 
 `data_rows(smoke, log)` returns one dict per measurement, for bench/run.py's results.json.
 """
@@ -16,9 +18,12 @@
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import multiprocessing
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
 from gqn_fast.data.loader import make_loader, to_model_inputs
 from gqn_fast.data.render import render
 from gqn_fast.data.scenes import get_family, sample_scenes
-from gqn_fast.data.tfrecord import masked_crc32c
+
+# The TFRecord writer the converter's tests use (tests/deepmind_files.py), DeepMind's file names included.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from deepmind_files import file_name, jpeg, scene_record  # noqa: E402
 
 GROUPS = ("render", "make", "loader", "convert")
 
@@ -120,48 +127,18 @@ def bench_loader(root, workers: int, batch_size: int = 36, max_context: int = 9,
                 batch=batch_size, max_context=max_context, measured_batches=batches)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def deepmind_record(jpegs: list[bytes], cameras: np.ndarray) -> bytes:
-    """One framed TFRecord of a tf.train.Example {frames: bytes_list, cameras: float_list}."""
-    frames = _field(1, b"".join(_field(1, j) for j in jpegs))
-    floats = _field(2, _field(1, np.asarray(cameras, "<f4").tobytes()))
-    entries = _field(1, _field(1, b"frames") + _field(2, frames)) + _field(1, _field(1, b"cameras") + _field(2, floats))
-    data = _field(1, entries)
-    length = len(data).to_bytes(8, "little")
-    return (length + masked_crc32c(length).to_bytes(4, "little") + data
-            + masked_crc32c(data).to_bytes(4, "little"))
-
-
 def write_deepmind_files(src: Path, name: str, files: int, records_per_file: int, distinct: int = 4) -> None:
-    """SRC/<name>/train/000k-of-000n.tfrecord: `distinct` rendered rooms scenes at the set's frame
-    size, cycled (a scene's T views repeat the rendered ones when T is larger)."""
+    """SRC/<name>/train/<DeepMind's names of files 1..files>: `distinct` rendered rooms scenes at
+    the set's frame size, cycled (a scene's T views repeat the rendered ones when T is larger)."""
     info = DEEPMIND_DATASETS[name]
     scenes, cameras = sample_scenes("rooms", 0, "train", 0, distinct)
     images = render(scenes, torch.from_numpy(cameras), image_size=info.image_size).numpy()
-    records = []
-    for i in range(distinct):
-        jpegs = []
-        for t in range(info.num_views):
-            buffer = io.BytesIO()
-            Image.fromarray(images[i, t % images.shape[1]]).save(buffer, format="JPEG", quality=95)
-            jpegs.append(buffer.getvalue())
-        records.append(deepmind_record(jpegs, np.resize(cameras[i], (info.num_views, 5))))
+    records = [scene_record([jpeg(images[i, t % images.shape[1]]) for t in range(info.num_views)],
+                            np.resize(cameras[i], (info.num_views, 5))) for i in range(distinct)]
     folder = src / name / "train"
     folder.mkdir(parents=True, exist_ok=True)
     for f in range(files):
-        with open(folder / f"{f + 1:04d}-of-{files:04d}.tfrecord", "wb") as out:
+        with open(folder / file_name(name, "train", f + 1), "wb") as out:
             out.write(b"".join(records[(f + k) % distinct] for k in range(records_per_file)))
 
 
@@ -172,26 +149,47 @@ def bench_decode(src: Path, name: str, repeats: int) -> dict:
     info = DEEPMIND_DATASETS[name]
     records = [r for path in sorted((src / name / "train").iterdir()) for r in read_records(path)]
     seconds = _timed(lambda: [decode_scene(r, info) for r in records], repeats)
-    return _row("decode", name, seconds, len(records), "records", frame_size=info.image_size)
+    return _row("decode", name, seconds, len(records), "records", frame_size=info.image_size, workers=1)
 
 
-def bench_convert(src: Path, name: str, worker_counts, repeats: int) -> list[dict]:
-    """convert_deepmind end to end (read, decode, write parts, assemble) per number of worker
-    processes, interleaved: records/s."""
-    times = {w: [] for w in worker_counts}
-    scenes = 0
+def _tensorflow_seconds(python: str, src: Path, name: str, workers: int) -> tuple[int, float]:
+    """(records, seconds) of one pass of bench/tf_reader.py under `python`, on `workers` cores."""
+    command = [python, str(Path(__file__).with_name("tf_reader.py")), str(src), name, str(workers), "1"]
+    if hasattr(os, "sched_getaffinity") and shutil.which("taskset"):
+        cores = sorted(os.sched_getaffinity(0))[:workers]  # TensorFlow's threads held to the workers' cores
+        command = ["taskset", "-c", ",".join(map(str, cores))] + command
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["records"], result["seconds"][0]
+
+
+def bench_convert(src: Path, name: str, worker_counts, repeats: int, tensorflow: str | None = None) -> list[dict]:
+    """convert_deepmind end to end (read, decode, write parts, assemble, fsync) per number of worker
+    processes, and with `tensorflow` (an interpreter with TensorFlow) tf.data reading and decoding
+    the same files on as many cores, all interleaved: records/s."""
+    times = {(p, w): [] for w in worker_counts for p in ("gqn_fast", "tensorflow") if p == "gqn_fast" or tensorflow}
+    records = 0
     for _ in range(repeats):
-        for workers in worker_counts:
-            with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
-                report = convert_deepmind(src, out, name, splits=("train",), workers=workers, progress=False)
-                times[workers].append(time.perf_counter() - start)
-                scenes = report["train"]["scenes"]
-    return [_row("convert", f"{name}-{w}proc", times[w], scenes, "records", workers=w,
-                 frame_size=DEEPMIND_DATASETS[name].image_size) for w in worker_counts]
+        for provider, workers in times:
+            if provider == "tensorflow":
+                records, seconds = _tensorflow_seconds(tensorflow, src, name, workers)
+            else:
+                with tempfile.TemporaryDirectory() as out:
+                    start = time.perf_counter()
+                    report = convert_deepmind(src, out, name, splits=("train",), workers=workers, progress=False)
+                    seconds = time.perf_counter() - start
+                    records = report["train"]["scenes"]
+            times[provider, workers].append(seconds)
+    return [_row("convert", f"{name}-{provider}-{w}proc", t, records, "records", workers=w,
+                 frame_size=DEEPMIND_DATASETS[name].image_size, reader=provider)
+            for (provider, w), t in times.items()]
 
 
-def convert_rows(smoke: bool = False, log=print) -> list[dict]:
+# Files and records per file of the convert group's synthetic sets: about a second of work each.
+CONVERT_SIZES = {"rooms_ring_camera": (8, 250), "rooms_free_camera_with_object_rotations": (8, 60), "mazes": (4, 4)}
+
+
+def convert_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> list[dict]:
     try:
         import google_crc32c  # noqa: F401  (the TFRecord reader's checksums)
     except ImportError:
@@ -200,23 +198,25 @@ def convert_rows(smoke: bool = False, log=print) -> list[dict]:
     rows = []
     cores = default_workers()
     worker_counts = sorted({1, 2, cores}) if not smoke else [1, 2]
-    sizes = {"rooms_ring_camera": (4, 100), "rooms_free_camera_with_object_rotations": (4, 50), "mazes": (2, 3)}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp)
-        for name, (files, per_file) in sizes.items():
+        for name, (files, per_file) in CONVERT_SIZES.items():
             if smoke:
                 files, per_file = 2, 2
             write_deepmind_files(src, name, files, per_file, distinct=1 if smoke else 4)
             rows.append(bench_decode(src, name, repeats=2 if smoke else 5))
             log(f"  decode_scene {name} ({DEEPMIND_DATASETS[name].image_size} px), 1 process:"
                 f" {rows[-1]['records_per_s']:.1f} records/s")
-            rows += bench_convert(src, name, worker_counts, repeats=1 if smoke else 3)
-            for r in rows[-len(worker_counts):]:
-                log(f"  convert-deepmind {name}, {r['workers']} worker processes: {r['records_per_s']:.1f} records/s")
+            measured = bench_convert(src, name, worker_counts, repeats=1 if smoke else 5, tensorflow=tensorflow)
+            rows += measured
+            for r in measured:
+                what = "convert-deepmind" if r["reader"] == "gqn_fast" else "TensorFlow tf.data"
+                log(f"  {what} {name}, {r['workers']} workers: {r['records_per_s']:.1f} records/s")
     return rows
 
 
-def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=GROUPS) -> list[dict]:
+def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=GROUPS,
+              tensorflow: str | None = None) -> list[dict]:
     rows = []
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     if "render" in groups:
@@ -243,7 +243,7 @@ def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=
                     rows.append(bench_loader(root, 2, batches=50 if smoke else 300, device=gpu))
                     log(f"  loader B=36 K=9 + to_model_inputs on the GPU: {rows[-1]['batches_per_s']:.0f} batches/s")
     if "convert" in groups:
-        rows += convert_rows(smoke, log)
+        rows += convert_rows(smoke, log, tensorflow)
     return rows
 
 
@@ -252,9 +252,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--scenes", type=int, help="scenes for the `make` measurement (default 2000)")
     parser.add_argument("--only", choices=GROUPS, action="append", help="run only this group (repeatable)")
+    parser.add_argument("--tensorflow", metavar="PYTHON",
+                        help="an interpreter with TensorFlow: the convert group times tf.data on the same files")
     args = parser.parse_args(argv)
     print(f"data bench: {default_workers()} cores, torch {torch.__version__}")
-    data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS)
+    data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS, tensorflow=args.tensorflow)
     return 0
 
 

@@ -1,8 +1,7 @@
 """Reading DeepMind's gqn-datasets without TensorFlow: TFRecord framing, tf.train.Example, the converter.
 
-The TFRecord files are written here, independently of gqn_fast's reader: a bit-by-bit
-CRC32C, the masked-CRC framing and a hand-written protobuf encoder, in DeepMind's layout
-(`frames`: T JPEG strings, `cameras`: T * 5 floats; files <dataset>/<split>/0001-of-0002.tfrecord).
+The TFRecord files are written by tests/deepmind_files.py, independently of gqn_fast's reader,
+under the names DeepMind's own reader opens (`001-of-900.tfrecord`, `0001-of-2160.tfrecord`).
 """
 
 import io
@@ -10,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import time
@@ -21,6 +19,10 @@ import pytest
 from PIL import Image
 
 import gqn_fast.data.deepmind as deepmind
+from deepmind_files import (
+    RELEASE_FILES, RELEASE_FRAMES, crc32c_bitwise, crc32c_table, example, file_name, frame_record, jpeg, masked,
+    smooth_images, write_dataset,
+)
 from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, SceneDataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
@@ -29,98 +31,6 @@ from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_re
 
 # The reader checks every record's CRC32C with google-crc32c (a dependency; --no-deps installs lack it).
 pytest.importorskip("google_crc32c")
-
-# ---------------------------------------------------------------------------------------
-# An independent TFRecord writer
-
-
-def crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-_crc_cache = {}
-
-
-def masked(data: bytes) -> int:
-    if data not in _crc_cache:  # identical records are common in these tests; the bitwise CRC is slow
-        crc = crc32c_bitwise(data)
-        _crc_cache[data] = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-    return _crc_cache[data]
-
-
-def frame_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked(length)) + data + struct.pack("<I", masked(data))
-
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def example(features: dict) -> bytes:
-    """tf.train.Example from {name: list of bytes | float32 array (packed) | ("unpacked", floats) | ("int64", ints)}."""
-    entries = b""
-    for name, value in features.items():
-        if isinstance(value, list):
-            feature = field(1, b"".join(field(1, v) for v in value))
-        elif isinstance(value, tuple) and value[0] == "unpacked":
-            feature = field(2, b"".join(varint(1 << 3 | 5) + struct.pack("<f", v) for v in value[1]))
-        elif isinstance(value, tuple) and value[0] == "int64":
-            feature = field(3, field(1, b"".join(varint(v) for v in value[1])))
-        else:
-            feature = field(2, field(1, np.asarray(value, "<f4").tobytes()))
-        entries += field(1, field(1, name.encode()) + field(2, feature))
-    return field(1, entries)
-
-
-def jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def smooth_images(rng, count, size):
-    """Smooth colour fields: JPEG keeps them to within a few levels."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(count):
-        a = rng.uniform(0, 1, (3, 3))
-        image = a[:, 0, None, None] * 0.5 + a[:, 1, None, None] * 0.3 * xx + a[:, 2, None, None] * 0.2 * yy
-        out.append((np.moveaxis(image, 0, -1) * 255).round().astype(np.uint8))
-    return np.stack(out)
-
-
-def write_dataset(src, name, split, scenes_per_file, seed=0):
-    """Write <src>/<name>/<split>/NNNN-of-NNNN.tfrecord; returns the scenes [(images, cameras)] in order."""
-    info = DEEPMIND_DATASETS[name]
-    folder = src / name / split
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    scenes, n = [], len(scenes_per_file)
-    for i, count in enumerate(scenes_per_file):
-        with open(folder / f"{i + 1:04d}-of-{n:04d}.tfrecord", "wb") as f:
-            for _ in range(count):
-                images = smooth_images(rng, info.num_views, info.image_size)
-                cameras = rng.uniform(-3, 3, (info.num_views, 5)).astype(np.float32)
-                f.write(frame_record(example({"frames": [jpeg(x) for x in images], "cameras": cameras.ravel()})))
-                scenes.append((images, cameras))
-    return scenes
 
 
 def downsample(images, size=64):
@@ -167,7 +77,7 @@ def test_crc32c_and_its_mask():
     assert crc32c_bitwise(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert crc32c(b"123456789") == 0xE3069283
     for data in (b"", b"a", bytes(range(256)) * 3):
-        assert crc32c(data) == crc32c_bitwise(data)
+        assert crc32c(data) == crc32c_bitwise(data) == crc32c_table(data)
         assert masked_crc32c(data) == masked(data)
 
 
@@ -295,7 +205,7 @@ def test_files_of_20_and_of_2000_scenes(tmp_path):
     for split, counts in (("train", [2000, 20]), ("test", [20])):
         (src / split).mkdir(parents=True)
         for i, count in enumerate(counts):
-            with open(src / split / f"{i + 1:04d}-of-{len(counts):04d}.tfrecord", "wb") as f:
+            with open(src / split / file_name("rooms_ring_camera", split, i + 1), "wb") as f:
                 f.write(b"".join(variants[k % 3][0] for k in range(count)))
     report = convert_deepmind(tmp_path / "src", tmp_path / "out", "rooms_ring_camera", workers=2, progress=False)
     assert report["train"]["scenes"] == 2020 and report["test"]["scenes"] == 20
@@ -313,7 +223,7 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
     src, out = tmp_path / "src", tmp_path / "out"
     scenes = write_dataset(src, "shepard_metzler_5_parts", "train", [2, 3, 2], seed=7)
     write_dataset(src, "shepard_metzler_5_parts", "test", [1], seed=8)
-    bad = src / "shepard_metzler_5_parts" / "train" / "0002-of-0003.tfrecord"
+    bad = src / "shepard_metzler_5_parts" / "train" / "002-of-900.tfrecord"
     _truncate_last_record(bad)
 
     converted = []
@@ -324,7 +234,7 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
     with pytest.raises(CorruptRecordError) as caught:
         convert_deepmind(src, out, "shepard_metzler_5_parts", workers=1, progress=False)
     assert caught.value.path == str(bad) and caught.value.index == 2 and "truncated" in str(caught.value)
-    assert (out / "train" / ".parts" / "0001-of-0003.tfrecord.done.json").is_file()
+    assert (out / "train" / ".parts" / "001-of-900.tfrecord.done.json").is_file()
     assert not (out / "train" / "manifest.json").exists()
 
     # Run again, skipping: only the unfinished files are converted.
@@ -332,15 +242,15 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
     code = main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
                  "--skip-corrupt", "--quiet", "--workers", "1"])
     assert code == 0
-    assert "0001-of-0003.tfrecord" not in converted and "0002-of-0003.tfrecord" in converted
-    assert "skipped 0002-of-0003.tfrecord record 2: truncated" in capsys.readouterr().out
+    assert "001-of-900.tfrecord" not in converted and "002-of-900.tfrecord" in converted
+    assert "skipped 002-of-900.tfrecord record 2: truncated" in capsys.readouterr().out
     ds = SceneDataset(out, "train")
     assert len(ds) == 6  # 2 + 2 readable of 3 + 2
     kept = scenes[:2] + scenes[2:4] + scenes[5:]
     for i, (_, cameras) in enumerate(kept):
         np.testing.assert_array_equal(ds[i][1].numpy(), cameras)
     skipped = ds.manifest["deepmind"]["skipped_records"]
-    assert [s[:2] for s in skipped] == [["0002-of-0003.tfrecord", 2]]
+    assert [s[:2] for s in skipped] == [["002-of-900.tfrecord", 2]]
 
     # A finished conversion is not redone, nor overwritten by another dataset.
     converted.clear()
@@ -358,12 +268,12 @@ def test_a_record_that_is_no_scene_is_reported(tmp_path, capsys):
                     "cameras": np.zeros(55, np.float32)})
     few_frames = example({"frames": [jpeg(np.zeros((64, 64, 3), np.uint8))] * 3, "cameras": np.zeros(55, np.float32)})
     not_jpeg = example({"frames": [b"not a jpeg"] * 11, "cameras": np.zeros(55, np.float32)})
-    (src / "0001-of-0001.tfrecord").write_bytes(b"".join(frame_record(r) for r in (good, few_frames, not_jpeg)))
+    (src / "0001-of-3600.tfrecord").write_bytes(b"".join(frame_record(r) for r in (good, few_frames, not_jpeg)))
     with pytest.raises(CorruptRecordError, match=r"record 1: 'frames': expected 11 JPEG strings, got 3"):
         convert_deepmind(tmp_path / "src", tmp_path / "out", "jaco", splits=("train",), progress=False)
     assert main(["data", "convert-deepmind", str(tmp_path / "src"), str(tmp_path / "out"), "--dataset", "jaco",
                  "--splits", "train", "--quiet"]) == 1
-    assert "0001-of-0001.tfrecord: record 1" in capsys.readouterr().err
+    assert "0001-of-3600.tfrecord: record 1" in capsys.readouterr().err
     report = convert_deepmind(tmp_path / "src", tmp_path / "out", "jaco", splits=("train",), skip_corrupt=True,
                               progress=False)
     assert report["train"]["scenes"] == 1
@@ -373,17 +283,61 @@ def test_a_record_that_is_no_scene_is_reported(tmp_path, capsys):
         convert_deepmind(tmp_path / "src", tmp_path / "out2", "jaco", progress=False)
 
 
+def _jpeg_variants():
+    """Frames as encoders make them: chroma 4:2:0, 4:2:2 and 4:4:4, progressive, restart markers,
+    grey, low quality, at every frame size DeepMind ships."""
+    rng = np.random.default_rng(30)
+    for size in (64, 84, 128):
+        noisy = np.clip(smooth_images(rng, 1, size)[0] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        for options in ({}, {"subsampling": 1}, {"subsampling": 0}, {"progressive": True}, {"quality": 30},
+                        {"restart_marker_blocks": 2}, {"optimize": True}):
+            yield size, jpeg(noisy, **options)
+        yield size, jpeg(noisy[..., 0])  # a grey JPEG
+
+
+def test_the_fast_jpeg_decode_gives_pil_bytes():
+    """simplejpeg (libjpeg-turbo) where installed, PIL otherwise: the same pixels, byte for byte."""
+    pytest.importorskip("simplejpeg")
+    for size, data in _jpeg_variants():
+        fast, slow = np.empty((size, size, 3), np.uint8), np.empty((size, size, 3), np.uint8)
+        assert deepmind._decode_fast(data, fast)
+        deepmind._decode_pil(data, slow, 0)
+        np.testing.assert_array_equal(fast, slow)
+        np.testing.assert_array_equal(fast, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (10, 200, 30, 5)).save(cmyk, format="JPEG")
+    out = np.empty((64, 64, 3), np.uint8)
+    assert not deepmind._decode_fast(cmyk.getvalue(), out)  # another colour space: PIL decodes it
+    assert not deepmind._decode_fast(jpeg(np.zeros((32, 32, 3), np.uint8)), out)  # another size: PIL names it
+    assert not deepmind._decode_fast(b"not a jpeg", out)
+
+
+def test_decode_scene_is_the_same_with_and_without_simplejpeg(monkeypatch):
+    info = DEEPMIND_DATASETS["rooms_free_camera_with_object_rotations"]
+    frames = [data for size, data in _jpeg_variants() if size == 128] * 2
+    frames = frames[: info.num_views]
+    record = example({"frames": frames, "cameras": np.arange(50, dtype=np.float32)})
+    images, cameras = deepmind.decode_scene(record, info)
+    monkeypatch.setattr(deepmind, "simplejpeg", None)
+    pil_images, pil_cameras = deepmind.decode_scene(record, info)
+    np.testing.assert_array_equal(images, pil_images)
+    np.testing.assert_array_equal(cameras, pil_cameras)
+    # Bad frames are named the same way on both paths.
+    bad = example({"frames": frames[:9] + [b"not a jpeg"], "cameras": np.arange(50, dtype=np.float32)})
+    with pytest.raises(ValueError, match="frame 9: not a decodable image"):
+        deepmind.decode_scene(bad, info)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="frame 9: not a decodable image"):
+        deepmind.decode_scene(bad, info)
+    small = example({"frames": [jpeg(np.zeros((64, 64, 3), np.uint8))] * 10, "cameras": np.zeros(50, np.float32)})
+    with pytest.raises(ValueError, match="frame 0: expected 128x128, got 64x64"):
+        deepmind.decode_scene(small, info)
+
+
 def test_every_deepmind_dataset_is_known():
-    sizes = {name: (d.num_views, d.image_size) for name, d in DEEPMIND_DATASETS.items()}
-    assert sizes == {
-        "rooms_ring_camera": (10, 64),
-        "rooms_free_camera_no_object_rotations": (10, 64),
-        "rooms_free_camera_with_object_rotations": (10, 128),
-        "jaco": (11, 64),
-        "shepard_metzler_5_parts": (15, 64),
-        "shepard_metzler_7_parts": (15, 64),
-        "mazes": (300, 84),
-    }
+    """Views, frame size and file counts of each set as DeepMind's data_reader.py lists them."""
+    assert {name: (d.num_views, d.image_size) for name, d in DEEPMIND_DATASETS.items()} == RELEASE_FRAMES
+    assert {name: (d.train_files, d.test_files) for name, d in DEEPMIND_DATASETS.items()} == RELEASE_FILES
     with pytest.raises(ValueError, match="dataset"):
         convert_deepmind(".", ".", "rooms")
 
@@ -408,7 +362,7 @@ def test_corrupt_record_errors_travel_back_from_worker_processes(tmp_path, capsy
     assert (copy.path, copy.index, copy.problem, str(copy)) == (error.path, 4, error.problem, str(error))
     src = tmp_path / "src"
     write_dataset(src, "rooms_ring_camera", "train", [1, 2, 1], seed=10)
-    bad = src / "rooms_ring_camera" / "train" / "0002-of-0003.tfrecord"
+    bad = src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord"
     _corrupt_payload(bad, 1, bad.stat().st_size // 2)
     with pytest.raises(CorruptRecordError, match="record 1: data checksum mismatch") as caught:
         convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=2, progress=False)
@@ -423,7 +377,7 @@ def test_corrupt_record_errors_travel_back_from_worker_processes(tmp_path, capsy
 def test_a_bad_data_checksum_skips_that_record_only(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     scenes = write_dataset(src, "rooms_ring_camera", "train", [4], seed=11)
-    path = src / "rooms_ring_camera" / "train" / "0001-of-0001.tfrecord"
+    path = src / "rooms_ring_camera" / "train" / "0001-of-2160.tfrecord"
     size = path.stat().st_size // 4
     _corrupt_payload(path, 1, size)
     items = list(scan_records(path))
@@ -433,35 +387,118 @@ def test_a_bad_data_checksum_skips_that_record_only(tmp_path, capsys):
         convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
     assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
                  "--splits", "train", "--skip-corrupt", "--quiet"]) == 0
-    assert "skipped 0001-of-0001.tfrecord record 1: data checksum mismatch" in capsys.readouterr().out
+    assert "skipped 0001-of-2160.tfrecord record 1: data checksum mismatch" in capsys.readouterr().out
     ds = SceneDataset(out, "train")
     assert len(ds) == 3  # records 0, 2 and 3: reading went on after the bad one
     for i, (_, cameras) in enumerate([scenes[0], scenes[2], scenes[3]]):
         np.testing.assert_array_equal(ds[i][1].numpy(), cameras)
-    assert ds.manifest["deepmind"]["skipped_records"] == [["0001-of-0001.tfrecord", 1, "data checksum mismatch"]]
+    assert ds.manifest["deepmind"]["skipped_records"] == [["0001-of-2160.tfrecord", 1, "data checksum mismatch"]]
 
 
 def test_only_deepmind_file_names_are_read(tmp_path):
     src = tmp_path / "src"
     scenes = write_dataset(src, "rooms_ring_camera", "train", [1, 2], seed=12)
     folder = src / "rooms_ring_camera" / "train"
-    first = (folder / "0001-of-0002.tfrecord").read_bytes()
-    (folder / "._0001-of-0002.tfrecord").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
-    (folder / "0002-of-0002.tfrecord_.gstmp").write_bytes(first)  # gsutil's half-downloaded copy
+    first = (folder / "0001-of-2160.tfrecord").read_bytes()
+    (folder / "._0001-of-2160.tfrecord").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (folder / "0002-of-2160.tfrecord_.gstmp").write_bytes(first)  # gsutil's half-downloaded copy
     (folder / "notes.tfrecord.txt").write_text("not a record file")
-    (folder / "0003-of-0002.tfrecord.bak").write_bytes(first)
+    (folder / "0003-of-2160.tfrecord.bak").write_bytes(first)
+    # Names DeepMind never uses for this split: another count, other padding, a number past the count.
+    for stray in ("0001-of-0002.tfrecord", "001-of-240.tfrecord", "1-of-2160.tfrecord", "00001-of-02160.tfrecord",
+                  "0000-of-2160.tfrecord", "2161-of-2160.tfrecord"):
+        (folder / stray).write_bytes(first)
     assert [p.name for p in deepmind.source_files(src, "rooms_ring_camera", "train")] == [
-        "0001-of-0002.tfrecord", "0002-of-0002.tfrecord"]
+        "0001-of-2160.tfrecord", "0002-of-2160.tfrecord"]
     report = convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), skip_corrupt=True,
                               progress=False)
     assert report["train"]["scenes"] == 3 and report["train"]["skipped"] == []
     cameras = np.load(tmp_path / "out" / "train" / "cameras.npy")
     np.testing.assert_array_equal(cameras, np.stack([c for _, c in scenes]))
-    (tmp_path / "empty" / "rooms_ring_camera" / "train").mkdir(parents=True)
-    (tmp_path / "empty" / "rooms_ring_camera" / "train" / "._0001-of-0001.tfrecord").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="no TFRecord files named like 0001-of-2160.tfrecord"):
-        convert_deepmind(tmp_path / "empty", tmp_path / "out2", "rooms_ring_camera", splits=("train",),
-                         progress=False)
+    # A folder with none of the split's names: the error says which names that split has.
+    for split, expected in (("train", "0001-of-2160.tfrecord .. 2160-of-2160.tfrecord"),
+                            ("test", "001-of-240.tfrecord .. 240-of-240.tfrecord")):
+        empty = tmp_path / "empty" / "rooms_ring_camera" / split
+        empty.mkdir(parents=True)
+        (empty / "._0001-of-0001.tfrecord").write_bytes(b"x")
+        (empty / "0001-of-0240.tfrecord").write_bytes(first)  # the four-digit name the old converter wanted
+        with pytest.raises(FileNotFoundError, match=f"{empty}: no TFRecord files named like {expected} for the "
+                                                    f"{split} split of rooms_ring_camera"):
+            convert_deepmind(tmp_path / "empty", tmp_path / "out2", "rooms_ring_camera", splits=(split,),
+                             progress=False)
+
+
+def test_file_names_follow_deepmind_reader_for_every_dataset_and_split():
+    """The converter opens exactly the names data_reader.py's template makes, per dataset and split."""
+    for name, (train, test) in RELEASE_FILES.items():
+        for split, count in (("train", train), ("test", test)):
+            for index in (1, 2, 9, 10, 99, 100, count - 1, count):
+                if 1 <= index <= count:
+                    assert deepmind.source_name(index, count) == file_name(name, split, index)
+    assert file_name("shepard_metzler_7_parts", "train", 1) == "001-of-900.tfrecord"
+    assert file_name("rooms_ring_camera", "test", 7) == "007-of-240.tfrecord"
+    assert file_name("jaco", "train", 3600) == "3600-of-3600.tfrecord"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("name", sorted(RELEASE_FILES))
+def test_every_dataset_converts_under_deepmind_file_names(tmp_path, name, workers):
+    """Both splits of each dataset, named as DeepMind's bucket names them, a partial download with
+    gaps in the numbering; through the CLI, which reports the files against the full release."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    train_count, test_count = RELEASE_FILES[name]
+    views = RELEASE_FRAMES[name][0]
+    per_file = 1 if views > 20 else 2  # mazes: 300 views a scene
+    train = write_dataset(src, name, "train", [per_file, 1, per_file], seed=20, numbers=[1, 10, train_count])
+    test = write_dataset(src, name, "test", [1, 1], seed=21, numbers=[2, 100])
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", name, "--quiet",
+                 "--workers", str(workers)]) == 0
+    for split, scenes in (("train", train), ("test", test)):
+        ds = SceneDataset(out, split)
+        assert len(ds) == len(scenes) and ds.num_views == views
+        np.testing.assert_array_equal(np.load(out / split / "cameras.npy"), np.stack([c for _, c in scenes]))
+        expected = np.stack([area_resize(decode_jpegs(images), 64) for images, _ in scenes])
+        np.testing.assert_array_equal(np.load(out / split / "images.npy"), expected)  # PIL's decode, resized
+    listed = [f for f, _, _ in SceneDataset(out, "train").manifest["deepmind"]["files"]]
+    assert listed == [file_name(name, "train", i) for i in (1, 10, train_count)]
+
+
+def test_a_partial_download_converts_and_a_later_larger_one_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_dataset(src, "shepard_metzler_7_parts", "train", [2, 1, 2], seed=22, numbers=[1, 2, 5])
+    write_dataset(src, "shepard_metzler_7_parts", "test", [1], seed=23)
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts",
+                 "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "train: 5 scenes from 3 files (the full release has 900)" in report
+    assert "test: 1 scenes from 1 files (the full release has 100)" in report
+    write_dataset(src / "more", "shepard_metzler_7_parts", "train", [1], seed=24, numbers=[3])
+    (src / "more" / "shepard_metzler_7_parts" / "train" / "003-of-900.tfrecord").rename(
+        src / "shepard_metzler_7_parts" / "train" / "003-of-900.tfrecord")
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "converted from 3 files" in err and "now has 4 (1 new, 0 gone, 0 changed in size: 003-of-900.tfrecord)" in err
+
+
+def test_an_empty_file_is_named_and_skipped_only_when_asked(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    scenes = write_dataset(src, "shepard_metzler_5_parts", "train", [1, 2], seed=25, numbers=[1, 3])
+    write_dataset(src, "shepard_metzler_5_parts", "test", [1], seed=26)
+    empty = src / "shepard_metzler_5_parts" / "train" / "002-of-900.tfrecord"
+    empty.write_bytes(b"")  # a download that failed
+    with pytest.raises(CorruptRecordError, match="002-of-900.tfrecord: record 0: the file is empty"):
+        convert_deepmind(src, out, "shepard_metzler_5_parts", progress=False)
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{empty}: record 0: the file is empty (0 bytes)" in err
+    assert not (out / "train" / "manifest.json").exists()
+    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
+                 "--quiet", "--skip-corrupt"]) == 0
+    assert "skipped 002-of-900.tfrecord record 0: the file is empty (0 bytes)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(out / "train" / "cameras.npy"), np.stack([c for _, c in scenes]))
 
 
 def test_a_finished_split_refuses_a_changed_source(tmp_path, capsys):
@@ -470,17 +507,17 @@ def test_a_finished_split_refuses_a_changed_source(tmp_path, capsys):
     convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
     before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
     folder = src / "rooms_ring_camera" / "train"
-    (folder / "0003-of-0003.tfrecord").write_bytes((folder / "0001-of-0002.tfrecord").read_bytes())
+    (folder / "0003-of-2160.tfrecord").write_bytes((folder / "0001-of-2160.tfrecord").read_bytes())
     with pytest.raises(FileExistsError, match=r"converted from 2 files .* now has 3 \(1 new, 0 gone, 0 changed in "
-                                              r"size: 0003-of-0003.tfrecord\)"):
+                                              r"size: 0003-of-2160.tfrecord\)"):
         convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
     assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
                  "--splits", "train", "--quiet"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
-    (folder / "0003-of-0003.tfrecord").unlink()
-    with open(folder / "0002-of-0002.tfrecord", "ab") as f:
+    (folder / "0003-of-2160.tfrecord").unlink()
+    with open(folder / "0002-of-2160.tfrecord", "ab") as f:
         f.write(b"more")
-    with pytest.raises(FileExistsError, match="1 changed in size: 0002-of-0002.tfrecord"):
+    with pytest.raises(FileExistsError, match="1 changed in size: 0002-of-2160.tfrecord"):
         convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before  # untouched
 
@@ -527,7 +564,7 @@ def test_an_interrupt_at_any_step_resumes_to_the_same_bytes(tmp_path, monkeypatc
     src = tmp_path / "src"
     write_dataset(src, "rooms_ring_camera", "train", [1, 2], seed=14)
     write_dataset(src, "rooms_ring_camera", "test", [1], seed=15)
-    bad = src / "rooms_ring_camera" / "train" / "0002-of-0002.tfrecord"
+    bad = src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord"
     _corrupt_payload(bad, 0, bad.stat().st_size // 2)  # a skipped record is part of what must come out the same
     convert = lambda out: convert_deepmind(src, out, "rooms_ring_camera", workers=1, skip_corrupt=True,
                                            progress=False)

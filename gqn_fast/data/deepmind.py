@@ -2,9 +2,15 @@
 
 Each record is one scene: `frames`, T JPEG-encoded RGB images of the dataset's size, and
 `cameras`, T * 5 floats (x, y, z, yaw, pitch). Frames of 128 px and 84 px sets are shrunk to
-64 px by an exact area resize (resize.py). Source files are those named as DeepMind names
-them, `0001-of-2160.tfrecord`; anything else in the folder (macOS `._*` files, gsutil's
-half-downloaded `*.tfrecord_.gstmp`) is ignored.
+64 px by an exact area resize (resize.py), and decoded by libjpeg-turbo's accurate DCT with
+fancy upsampling, as TensorFlow decodes them (through simplejpeg where it is installed, else
+PIL: the same bytes, simplejpeg at about twice the speed). Source files are those named as
+DeepMind's reader (data_reader.py in deepmind/gqn-datasets) names them: file i of a split of n
+files is `'{:0%d}-of-{:0%d}.tfrecord' % (d, d)` with d the digits of n, from 1, so
+`001-of-900.tfrecord` for Shepard-Metzler's train split and `0001-of-2160.tfrecord` for
+rooms_ring_camera's; anything else in the folder (macOS `._*` files, gsutil's half-downloaded
+`*.tfrecord_.gstmp`, names of another split's count) is ignored. A partial download (any subset
+of a split's files, gaps included) converts; an empty file is a failed download and is named.
 
 Commit protocol of a split OUT/<split>/; a kill at any moment leaves either the complete,
 right data or a state the next run finishes:
@@ -26,7 +32,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
@@ -36,6 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+try:
+    import simplejpeg  # libjpeg-turbo without PIL's per-image object overhead
+except ImportError:  # pragma: no cover - a dependency; --no-deps installs decode with PIL
+    simplejpeg = None
 
 from gqn_fast.data.format import (
     IMAGE_SIZE, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest, write_json_atomic,
@@ -52,6 +62,12 @@ class DeepMindDataset:
     train_files: int  # record files in the original release
     test_files: int
 
+    def file_count(self, split: str) -> int:
+        """Record files of `split` in the original release."""
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+        return self.train_files if split == "train" else self.test_files
+
 
 DEEPMIND_DATASETS = {
     d.name: d
@@ -67,8 +83,13 @@ DEEPMIND_DATASETS = {
 }
 
 PARTS = ".parts"
-# DeepMind's file names: <index>-of-<count>.tfrecord, four digits each.
-SOURCE_NAME = re.compile(r"\d{4}-of-\d{4}\.tfrecord")
+
+
+def source_name(index: int, count: int) -> str:
+    """DeepMind's name of file `index` (from 1) of a split of `count` files: both numbers
+    zero-padded to the digits of `count`, as data_reader.py's template makes them."""
+    digits = len(str(count))
+    return f"{index:0{digits}d}-of-{count:0{digits}d}.tfrecord"
 
 
 def get_dataset(name: str) -> DeepMindDataset:
@@ -87,9 +108,17 @@ def source_folder(src, name: str, split: str) -> Path:
 
 
 def source_files(src, name: str, split: str) -> list[Path]:
-    """The TFRecord files of a split, those named like 0001-of-2160.tfrecord, in name order."""
+    """The TFRecord files of a split that DeepMind's reader would open (see `source_name`), in order."""
+    count = get_dataset(name).file_count(split)
+    names = {source_name(i, count) for i in range(1, count + 1)}
     folder = source_folder(src, name, split)
-    return sorted(p for p in folder.iterdir() if SOURCE_NAME.fullmatch(p.name) and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.name in names and p.is_file())
+
+
+def expected_names(name: str, split: str) -> str:
+    """The names a split's files have, for messages: `001-of-900.tfrecord .. 900-of-900.tfrecord`."""
+    count = get_dataset(name).file_count(split)
+    return f"{source_name(1, count)} .. {source_name(count, count)}"
 
 
 def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -105,21 +134,44 @@ def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.nda
     size = info.image_size
     images = np.empty((info.num_views, size, size, 3), np.uint8)
     for t, jpeg in enumerate(frames):
-        try:
-            image = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
-            image.load()
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-        except UnidentifiedImageError:
-            raise ValueError(f"frame {t}: not a decodable image: no JPEG data") from None
-        except Exception as error:  # PIL raises many types for bad data
-            raise ValueError(f"frame {t}: not a decodable image: {error}") from None
-        if image.size != (size, size):
-            raise ValueError(f"frame {t}: expected {size}x{size}, got {image.size[0]}x{image.size[1]}")
-        images[t] = np.frombuffer(image.tobytes(), np.uint8).reshape(size, size, 3)
+        if not _decode_fast(jpeg, images[t]):
+            _decode_pil(jpeg, images[t], t)
     if size != IMAGE_SIZE:
         images = area_resize(images, IMAGE_SIZE)
     return images, cameras.reshape(info.num_views, 5)
+
+
+def _decode_fast(jpeg: bytes, out: np.ndarray) -> bool:
+    """Decode an RGB or grey JPEG of out's size into `out` with simplejpeg; False where it cannot
+    (not installed, another size or colour space, damaged data): PIL then decides."""
+    if simplejpeg is None:
+        return False
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
+        if (height, width) != out.shape[:2] or colorspace not in ("YCbCr", "RGB", "Gray"):
+            return False
+        # The accurate integer DCT and fancy upsampling: PIL's and TensorFlow's defaults.
+        simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=False, fastupsample=False, buffer=out)
+    except ValueError:
+        return False
+    return True
+
+
+def _decode_pil(jpeg: bytes, out: np.ndarray, t: int) -> None:
+    """Decode frame `t` into `out` with PIL; ValueError naming the frame if it is no image of out's size."""
+    try:
+        image = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
+        image.load()
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"frame {t}: not a decodable image: no JPEG data") from None
+    except Exception as error:  # PIL raises many types for bad data
+        raise ValueError(f"frame {t}: not a decodable image: {error}") from None
+    height, width = out.shape[:2]
+    if image.size != (width, height):
+        raise ValueError(f"frame {t}: expected {width}x{height}, got {image.size[0]}x{image.size[1]}")
+    out[...] = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, 3)
 
 
 def _part_paths(part_dir: Path, source: Path) -> tuple[Path, Path, Path]:
@@ -148,6 +200,11 @@ def convert_file(source, part_dir, name: str, skip_corrupt: bool = False) -> dic
     cameras = NpyAppender(cameras_path, np.float32, (T, 5))
     skipped = []
     try:
+        if size == 0:  # a valid TFRecord file of no records, but every file DeepMind released holds scenes
+            empty = CorruptRecordError(source, 0, "the file is empty (0 bytes): a download that failed?")
+            if not skip_corrupt:
+                raise empty
+            skipped.append([0, empty.problem])
         for index, data in scan_records(source):
             if isinstance(data, CorruptRecordError):  # a bad checksum or a broken frame
                 if not skip_corrupt:
@@ -292,8 +349,7 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
     files = {split: source_files(src, name, split) for split in splits}
     for split, found in files.items():
         if not found:
-            count = info.train_files if split == "train" else info.test_files
-            raise FileNotFoundError(f"{folders[split]}: no TFRecord files named like 0001-of-{count:04d}.tfrecord "
+            raise FileNotFoundError(f"{folders[split]}: no TFRecord files named like {expected_names(name, split)} "
                                     f"for the {split} split of {name}")
     todo, finished = [], set()
     for split, found in files.items():
@@ -317,7 +373,7 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
         report[split] = {
             "scenes": manifest["num_scenes"],
             "files": len(found),
-            "expected_files": info.train_files if split == "train" else info.test_files,
+            "expected_files": info.file_count(split),
             "skipped": manifest.get("deepmind", {}).get("skipped_records", []),
         }
     return report
