@@ -4,8 +4,10 @@
   GPU when there is one.
 - make: `gqn-fast data make rooms` end to end (render in one process per core, write to disk),
   images/s. The issue's bar: 500 images/s on 2 cores (20,000 scenes in under 7 minutes).
-- loader: make_loader batches/s for the paper's batch (B = 36, M up to K = 9) with 0, 1 and 2
-  worker threads, and with to_model_inputs on the device. The bar: 200 batches/s on 2 cores.
+- loader: make_loader batches/s and scenes/s for the paper's batch (B = 36, M up to K = 9) with
+  0, 1 and 2 worker threads, and with to_model_inputs on the device. The bar: 200 batches/s on
+  2 cores, and on a GPU more than the graphed training step takes (a converted DeepMind split
+  has the same format, so the same rate once its pages are in memory).
 - convert: `gqn-fast data convert-deepmind` on synthetic TFRecords in DeepMind's layout and names
   (rendered rooms, JPEG quality 95; tests/deepmind_files.py writes them): records/s of
   decode_scene alone in one process, and of the whole conversion against the number of worker
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
@@ -124,7 +127,8 @@ def bench_loader(root, workers: int, batch_size: int = 36, max_context: int = 9,
     seconds = time.perf_counter() - start
     where = "host" if device is None else torch.device(device).type
     return _row("loader", f"{workers}workers-{where}", [seconds / batches], 1, "batches",
-                batch=batch_size, max_context=max_context, measured_batches=batches)
+                batch=batch_size, max_context=max_context, measured_batches=batches,
+                scenes_per_s=batches * batch_size / seconds)
 
 
 def write_deepmind_files(src: Path, name: str, files: int, records_per_file: int, distinct: int = 4) -> None:
@@ -148,7 +152,8 @@ def bench_decode(src: Path, name: str, repeats: int) -> dict:
 
     info = DEEPMIND_DATASETS[name]
     records = [r for path in sorted((src / name / "train").iterdir()) for r in read_records(path)]
-    seconds = _timed(lambda: [decode_scene(r, info) for r in records], repeats)
+    with threadpool_limits(limits=1, user_api="blas"):  # one core, as in a conversion worker
+        seconds = _timed(lambda: [decode_scene(r, info) for r in records], repeats)
     return _row("decode", name, seconds, len(records), "records", frame_size=info.image_size, workers=1)
 
 
@@ -186,7 +191,7 @@ def bench_convert(src: Path, name: str, worker_counts, repeats: int, tensorflow:
 
 
 # Files and records per file of the convert group's synthetic sets: about a second of work each.
-CONVERT_SIZES = {"rooms_ring_camera": (8, 250), "rooms_free_camera_with_object_rotations": (8, 60), "mazes": (4, 4)}
+CONVERT_SIZES = {"rooms_ring_camera": (8, 250), "rooms_free_camera_with_object_rotations": (8, 80), "mazes": (8, 4)}
 
 
 def convert_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> list[dict]:
@@ -238,10 +243,12 @@ def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=
             if "loader" in groups:
                 for workers in (0, 1, 2):
                     rows.append(bench_loader(root, workers, batches=50 if smoke else 300))
-                    log(f"  loader B=36 K=9, {workers} worker threads: {rows[-1]['batches_per_s']:.0f} batches/s")
+                    log(f"  loader B=36 K=9, {workers} worker threads: {rows[-1]['batches_per_s']:.0f} batches/s"
+                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)")
                 if gpu is not None:
                     rows.append(bench_loader(root, 2, batches=50 if smoke else 300, device=gpu))
-                    log(f"  loader B=36 K=9 + to_model_inputs on the GPU: {rows[-1]['batches_per_s']:.0f} batches/s")
+                    log(f"  loader B=36 K=9 + to_model_inputs on the GPU: {rows[-1]['batches_per_s']:.0f} batches/s"
+                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)")
     if "convert" in groups:
         rows += convert_rows(smoke, log, tensorflow)
     return rows

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 import gqn_fast.data.deepmind as deepmind
@@ -123,6 +125,51 @@ def test_read_records_verifies_framing_and_checksums(tmp_path):
         assert f"{path}: record {index}" in str(caught.value)
 
 
+def test_count_records_reads_the_framing_as_scan_records_does(tmp_path):
+    payloads = [b"first", b"second record", b"third"]
+    path = _records_file(tmp_path, payloads)
+    raw = path.read_bytes()
+    second = 12 + 5 + 4
+    cases = {"whole": raw, "truncated": raw[: len(raw) - 3], "a bad payload": raw[: second + 12] + b"S" + raw[second + 13 :],
+             "a bad length": raw[:second] + b"\x0e" + raw[second + 1 :], "empty": b"", "a short header": raw[:7]}
+    expected = {"whole": 3, "truncated": 2, "a bad payload": 3, "a bad length": 1, "empty": 0, "a short header": 0}
+    for case, data in cases.items():
+        path.write_bytes(data)
+        items = list(scan_records(path))
+        # scan_records ends with the broken frame, if any; a bad payload is a record in its frame.
+        broken = bool(items) and isinstance(items[-1][1], CorruptRecordError) and items[-1][1].problem != "data checksum mismatch"
+        assert deepmind.count_records(path) == expected[case] == len(items) - broken, case
+
+
+class Stop(BaseException):
+    """Stands for a kill in the middle of a conversion."""
+
+
+def test_a_stopped_conversion_whose_source_grew_starts_the_split_over(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [2, 1], seed=31)
+    real, calls = deepmind.convert_file, []
+
+    def stop_after_one(task, *args):
+        if calls:
+            raise Stop
+        calls.append(task.source.name)
+        return real(task, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(deepmind, "convert_file", stop_after_one)
+        with pytest.raises(Stop):
+            convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=1, progress=False)
+    assert calls == ["0001-of-2160.tfrecord"] and (tmp_path / "out" / "train" / ".parts" / "plan.json").is_file()
+    write_dataset(src / "more", "rooms_ring_camera", "train", [3], seed=32, numbers=[2])
+    (src / "more" / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord").replace(
+        src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord")  # another second file, of 3 scenes
+    convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=1, progress=False)
+    convert_deepmind(src, tmp_path / "clean", "rooms_ring_camera", splits=("train",), workers=1, progress=False)
+    assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "clean")
+    assert SceneDataset(tmp_path / "out", "train").manifest["num_scenes"] == 5
+
+
 def test_convert_round_trip_64px_through_the_cli(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     train = write_dataset(src, "rooms_ring_camera", "train", [3, 2], seed=1)
@@ -191,6 +238,22 @@ def test_area_resize_against_a_float64_reference():
         area_resize(stripes.astype(np.float32), 64)
 
 
+@given(a=st.integers(2, 130), data=st.data())
+def test_area_resize_is_the_rounded_float64_area_mean_at_any_size(a, data):
+    """Integer factors and fractional ones, with random, constant and extreme pixels."""
+    b = data.draw(st.integers(1, a), label="b")
+    kind = data.draw(st.sampled_from(["random", "zeros", "full", "checker"]), label="kind")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    images = {"random": rng.integers(0, 256, (3, a, a, 3)), "zeros": np.zeros((3, a, a, 3)),
+              "full": np.full((3, a, a, 3), 255), "checker": (np.indices((3, a, a, 3)).sum(0) % 2) * 255}[kind]
+    images = images.astype(np.uint8)
+    got = area_resize(images, b)
+    assert got.shape == (3, b, b, 3) and got.dtype == np.uint8
+    assert_area_resized(got, images)
+    if kind in ("zeros", "full"):
+        np.testing.assert_array_equal(got, images[:, :b, :b])
+
+
 def test_files_of_20_and_of_2000_scenes(tmp_path):
     """Record files of both sizes DeepMind ships, converted in parallel; identical records reuse
     their JPEGs so the test stays fast."""
@@ -228,7 +291,7 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
 
     converted = []
     real = deepmind.convert_file
-    monkeypatch.setattr(deepmind, "convert_file", lambda source, *a: converted.append(source.name) or real(source, *a))
+    monkeypatch.setattr(deepmind, "convert_file", lambda task, *a: converted.append(task.source.name) or real(task, *a))
 
     # Without --skip-corrupt: an error naming the file and the record; the good files are kept.
     with pytest.raises(CorruptRecordError) as caught:
@@ -529,7 +592,7 @@ class Killed(BaseException):
 # Every step of a conversion that writes or removes something.
 STEPS = [(deepmind.NpyAppender, "append"), (deepmind.NpyAppender, "close"), (deepmind.SplitWriter, "__init__"),
          (deepmind.SplitWriter, "write"), (deepmind.SplitWriter, "flush"), (deepmind.SplitWriter, "finish"),
-         (deepmind, "write_json_atomic"), (deepmind, "_remove")]
+         (deepmind, "write_json_atomic"), (deepmind, "_remove"), (deepmind, "_replace")]
 
 
 def _kill_at(monkeypatch, point):

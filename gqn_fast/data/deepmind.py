@@ -12,16 +12,22 @@ rooms_ring_camera's; anything else in the folder (macOS `._*` files, gsutil's ha
 `*.tfrecord_.gstmp`, names of another split's count) is ignored. A partial download (any subset
 of a split's files, gaps included) converts; an empty file is a failed download and is named.
 
-Commit protocol of a split OUT/<split>/; a kill at any moment leaves either the complete,
-right data or a state the next run finishes:
-1. One task per source file, in a pool of processes, streams its scenes into a part under
-   .parts/ and then writes the part's mark, <file>.done.json (scenes, skipped records, the
-   source's size). A part without its mark, or whose source changed size, is redone.
-2. When every file is done, the parts are copied in file order into images.npy / cameras.npy;
-   .parts/assembled.json lists the files copied so far, so a stopped copy resumes.
-3. The arrays are flushed, then manifest.json is written: the one commit point. It lists the
+Commit protocol of a split OUT/<split>/; every scene is written once, into its final place, and
+a kill at any moment leaves either the complete, right data or a state the next run finishes:
+1. The plan: each source file's records are counted from the TFRecord framing alone (lengths
+   and their checksums, the payloads skipped), so each file's scenes have their rows in the
+   split's arrays before any is decoded. images.npy / cameras.npy are made at the planned size
+   (sparse), then .parts/plan.json (files, sizes, records) is written. A later run whose source
+   listing differs from the plan starts the split over.
+2. One task per source file, in a pool of processes, decodes its scenes straight into its rows
+   of the arrays, flushes them and then writes its mark, .parts/<file>.done.json (scenes,
+   skipped records, the source's size). A file without its mark is redone.
+3. Where records were skipped (--skip-corrupt), each array is compacted: its rows copied,
+   without the gaps, into .parts/compact/ and moved over the original, one array at a time
+   (an array's row count says whether it is compacted yet).
+4. The arrays are flushed, then manifest.json is written: the one commit point. It lists the
    source files (name, size, scenes) it covers.
-4. .parts is removed. A later run that finds the manifest never writes the arrays again: it
+5. .parts is removed. A later run that finds the manifest never writes the arrays again: it
    removes what is left of .parts, checks the arrays against the manifest and refuses
    (FileExistsError) if the source files differ from those the manifest lists.
 """
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 try:
@@ -48,10 +55,11 @@ except ImportError:  # pragma: no cover - a dependency; --no-deps installs decod
     simplejpeg = None
 
 from gqn_fast.data.format import (
-    IMAGE_SIZE, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest, write_json_atomic,
+    CAMERAS, IMAGE_SIZE, IMAGES, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest,
+    write_json_atomic,
 )
 from gqn_fast.data.resize import area_resize
-from gqn_fast.data.tfrecord import CorruptRecordError, parse_example, scan_records
+from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
 
 
 @dataclass(frozen=True)
@@ -174,62 +182,90 @@ def _decode_pil(jpeg: bytes, out: np.ndarray, t: int) -> None:
     out[...] = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, 3)
 
 
-def _part_paths(part_dir: Path, source: Path) -> tuple[Path, Path, Path]:
-    stem = source.name
-    return part_dir / f"{stem}.images.npy", part_dir / f"{stem}.cameras.npy", part_dir / f"{stem}.done.json"
+@dataclass(frozen=True)
+class FileTask:
+    """One source file's share of a split: the rows its scenes go to."""
+
+    source: Path
+    split_dir: Path
+    first_row: int  # its first scene's row in the split's arrays
+    records: int  # its records, counted from the framing: at most this many scenes
+    rows: int  # the split's arrays' rows (every file's records)
 
 
-def _read_done(part_dir: Path, source: Path) -> dict | None:
-    """The mark of a finished part, or None if the part is to be (re)done."""
-    path = _part_paths(part_dir, source)[2]
+def _done_path(split_dir: Path, source: Path) -> Path:
+    return split_dir / PARTS / f"{source.name}.done.json"
+
+
+def _read_done(split_dir: Path, source: Path) -> dict | None:
+    """The mark of a finished file, or None if the file is to be (re)done."""
     try:
-        done = json.loads(path.read_text())
+        done = json.loads(_done_path(split_dir, source).read_text())
     except (OSError, ValueError):
         return None
     return done if done.get("bytes") == source.stat().st_size else None
 
 
-def convert_file(source, part_dir, name: str, skip_corrupt: bool = False) -> dict:
-    """Convert one TFRecord file into a part; returns its mark
-    {"file", "bytes", "scenes", "skipped": [[index, problem], ...]}."""
-    info, source, part_dir = get_dataset(name), Path(source), Path(part_dir)
-    images_path, cameras_path, done_path = _part_paths(part_dir, source)
-    size = source.stat().st_size
-    T = info.num_views
-    images = NpyAppender(images_path, np.uint8, (T, IMAGE_SIZE, IMAGE_SIZE, 3))
-    cameras = NpyAppender(cameras_path, np.float32, (T, 5))
-    skipped = []
-    try:
-        if size == 0:  # a valid TFRecord file of no records, but every file DeepMind released holds scenes
-            empty = CorruptRecordError(source, 0, "the file is empty (0 bytes): a download that failed?")
+def _scenes(source: Path, info: DeepMindDataset, records: int, skip_corrupt: bool, skipped: list):
+    """The decoded scenes of a file, in order; damaged records raise CorruptRecordError or, with
+    `skip_corrupt`, are appended to `skipped` as [index, problem]."""
+    if source.stat().st_size == 0:  # a valid TFRecord file of no records, but every released file holds scenes
+        empty = CorruptRecordError(source, 0, "the file is empty (0 bytes): a download that failed?")
+        if not skip_corrupt:
+            raise empty
+        skipped.append([0, empty.problem])
+    for index, data in scan_records(source):
+        if isinstance(data, CorruptRecordError):  # a bad checksum or a broken frame
             if not skip_corrupt:
-                raise empty
-            skipped.append([0, empty.problem])
-        for index, data in scan_records(source):
-            if isinstance(data, CorruptRecordError):  # a bad checksum or a broken frame
-                if not skip_corrupt:
-                    raise data
-                skipped.append([index, data.problem])
-                continue
-            try:
-                scene_images, scene_cameras = decode_scene(data, info)
-            except ValueError as error:
-                if not skip_corrupt:
-                    raise CorruptRecordError(source, index, str(error)) from None
-                skipped.append([index, str(error)])
-            else:
-                images.append(scene_images[None])
-                cameras.append(scene_cameras[None])
+                raise data
+            skipped.append([index, data.problem])
+            continue
+        if index >= records:  # more records than the plan counted: the file was rewritten
+            raise FileExistsError(f"{source}: changed while it was being converted; run again to redo it")
+        try:
+            yield decode_scene(data, info)
+        except ValueError as error:
+            if not skip_corrupt:
+                raise CorruptRecordError(source, index, str(error)) from None
+            skipped.append([index, str(error)])
+
+
+def _write_scenes(writer: SplitWriter, row: int, scenes: list) -> int:
+    """Write (images, cameras) pairs from `row` on; returns how many."""
+    if scenes:
+        writer.write(row, np.stack([images for images, _ in scenes]), np.stack([cameras for _, cameras in scenes]))
+    return len(scenes)
+
+
+def convert_file(task: FileTask, name: str, skip_corrupt: bool = False) -> dict:
+    """Decode one TFRecord file into its rows of the split's arrays, then mark it done; returns
+    the mark {"file", "bytes", "scenes", "skipped": [[index, problem], ...]}."""
+    info, source = get_dataset(name), Path(task.source)
+    size = source.stat().st_size
+    skipped, scenes = [], 0
+    writer = SplitWriter(task.split_dir, task.rows, info.num_views, resume=True)
+    try:
+        # One BLAS thread: the resize's small products gain nothing from more, and with a worker
+        # per core each worker's BLAS threads spin against the others' (mazes, 2 workers: 2.2x slower).
+        with threadpool_limits(limits=1, user_api="blas"):
+            batch = []
+            for scene in _scenes(source, info, task.records, skip_corrupt, skipped):
+                batch.append(scene)
+                if len(batch) == 32:  # a few MB a write
+                    scenes += _write_scenes(writer, task.first_row + scenes, batch)
+                    batch = []
+            scenes += _write_scenes(writer, task.first_row + scenes, batch)
+        writer.flush()
     finally:
-        images.close()
-        cameras.close()
-    done = {"file": source.name, "bytes": size, "scenes": images.rows, "skipped": skipped}
-    write_json_atomic(done_path, done)
+        writer.close()
+    done = {"file": source.name, "bytes": size, "scenes": scenes, "skipped": skipped}
+    write_json_atomic(_done_path(task.split_dir, source), done)
     return done
 
 
 def _convert_task(args) -> dict:
-    return convert_file(*args)
+    task, name, skip_corrupt = args
+    return convert_file(task, name, skip_corrupt)
 
 
 def _worker_init(parent: int) -> None:
@@ -263,51 +299,97 @@ def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _replace(source: Path, target: Path) -> None:
+    os.replace(source, target)
+
+
+def _empty_part_dir(part_dir: Path) -> None:
+    """Remove what .parts holds (files and the compact/ folder), keeping the folder itself."""
+    for path in sorted(part_dir.iterdir()):
+        if path.is_dir():
+            _empty_part_dir(path)
+            path.rmdir()
+        else:
+            _remove(path)
+
+
 def _clean_up(split_dir: Path) -> None:
     """Remove .parts and stray temporary files: only ever after the manifest is written; idempotent."""
     part_dir = split_dir / PARTS
     if part_dir.is_dir():
-        for path in sorted(part_dir.iterdir()):
-            _remove(path)
+        _empty_part_dir(part_dir)
         part_dir.rmdir()
     for path in split_dir.glob(f".{MANIFEST}.tmp-*"):
         _remove(path)
 
 
-def _assemble(split_dir: Path, files: list[Path], info: DeepMindDataset, source_label: str) -> dict:
-    """Copy the parts of a split, in file order, into its arrays (resumable), then commit: the manifest."""
+def _plan(split_dir: Path, files: list[Path], num_views: int) -> list[FileTask]:
+    """Each file's rows in the split's arrays; a new plan (and empty arrays) unless the split's
+    plan.json was made for these same files and sizes."""
     part_dir = split_dir / PARTS
-    done = [_read_done(part_dir, f) for f in files]
-    for source, record in zip(files, done):
-        if record is None:  # its part was marked done a moment ago
-            raise FileExistsError(f"{source}: changed while it was being converted; run again to redo it")
-    covered = [[d["file"], d["bytes"], d["scenes"]] for d in done]
-    progress_path = part_dir / "assembled.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    copied = progress["copied"] if progress.get("files") == covered else []  # else the plan changed: start over
+    plan_path = part_dir / "plan.json"
+    listing = [[f.name, f.stat().st_size] for f in files]
+    try:
+        plan = json.loads(plan_path.read_text())
+    except (OSError, ValueError):
+        plan = None
+    if plan is None or [entry[:2] for entry in plan["files"]] != listing:
+        part_dir.mkdir(parents=True, exist_ok=True)
+        _empty_part_dir(part_dir)  # marks of another plan (or of the part files older versions wrote)
+        records = [count_records(f) for f in files]
+        SplitWriter(split_dir, sum(records), num_views).close()
+        plan = {"files": [entry + [n] for entry, n in zip(listing, records)]}
+        write_json_atomic(plan_path, plan)
+    rows = sum(n for _, _, n in plan["files"])
+    tasks, first = [], 0
+    for source, (_, _, n) in zip(files, plan["files"]):
+        tasks.append(FileTask(source, split_dir, first, n, rows))
+        first += n
+    return tasks
+
+
+def _compact(split_dir: Path, tasks: list[FileTask], done: list[dict]) -> None:
+    """Close the gaps skipped records left (each file's scenes stand at the start of its rows):
+    each array copied without them into .parts/compact/, then moved over the original."""
+    rows, scenes = tasks[0].rows, sum(d["scenes"] for d in done)
+    compact = split_dir / PARTS / "compact"
+    compact.mkdir(exist_ok=True)
+    for array_name in (IMAGES, CAMERAS):
+        path = split_dir / array_name
+        source = np.load(path, mmap_mode="r")
+        if source.shape[0] == scenes:  # moved over before a stop
+            continue
+        if source.shape[0] != rows:
+            raise FileExistsError(f"{path}: {source.shape[0]} rows, neither the plan's {rows} nor {scenes}; "
+                                  f"delete {split_dir} to redo the split")
+        out = NpyAppender(compact / array_name, source.dtype, source.shape[1:])
+        for task, record in zip(tasks, done):
+            for start in range(0, record["scenes"], 256):
+                stop = min(start + 256, record["scenes"])
+                out.append(np.asarray(source[task.first_row + start : task.first_row + stop]))
+        out.close()
+        del source
+        _replace(compact / array_name, path)
+
+
+def _commit(split_dir: Path, tasks: list[FileTask], info: DeepMindDataset, source_label: str) -> dict:
+    """Every file is done: close the gaps of skipped records, then commit: the manifest."""
+    done = [_read_done(split_dir, task.source) for task in tasks]
+    for task, record in zip(tasks, done):
+        if record is None:  # marked done a moment ago, changed since
+            raise FileExistsError(f"{task.source}: changed while it was being converted; run again to redo it")
     total = sum(d["scenes"] for d in done)
-    writer = SplitWriter(split_dir, total, info.num_views, resume=bool(copied))
-    start = 0
-    for source, record in zip(files, done):
-        if source.name not in copied:
-            images_path, cameras_path, _ = _part_paths(part_dir, source)
-            images, cameras = np.load(images_path, mmap_mode="r"), np.load(cameras_path, mmap_mode="r")
-            step = 256
-            for i in range(0, record["scenes"], step):
-                writer.write(start + i, np.asarray(images[i : i + step]), np.asarray(cameras[i : i + step]))
-            del images, cameras
-            writer.flush()
-            copied.append(source.name)
-            write_json_atomic(progress_path, {"files": covered, "copied": copied})
-        start += record["scenes"]
+    if tasks and total != tasks[0].rows:
+        _compact(split_dir, tasks, done)
+    writer = SplitWriter(split_dir, total, info.num_views, resume=True)
     skipped = [[d["file"], index, problem] for d in done for index, problem in d["skipped"]]
     manifest = writer.finish(
         name=info.name,
         source=source_label,
-        deepmind={"dataset": info.name, "source_files": len(files), "files": covered,
+        deepmind={"dataset": info.name, "source_files": len(tasks),
+                  "files": [[d["file"], d["bytes"], d["scenes"]] for d in done],
                   "frame_size": info.image_size, "skipped_records": skipped},
     )
-    del writer
     _clean_up(split_dir)
     return manifest
 
@@ -351,16 +433,15 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
         if not found:
             raise FileNotFoundError(f"{folders[split]}: no TFRecord files named like {expected_names(name, split)} "
                                     f"for the {split} split of {name}")
-    todo, finished = [], set()
+    todo, finished, tasks = [], set(), {}
     for split, found in files.items():
         split_dir = out / split
         if (split_dir / MANIFEST).exists():
             _check_finished(split_dir, found, name, folders[split])
             finished.add(split)
             continue
-        part_dir = split_dir / PARTS
-        part_dir.mkdir(parents=True, exist_ok=True)
-        todo += [(f, part_dir, name, skip_corrupt) for f in found if _read_done(part_dir, f) is None]
+        tasks[split] = _plan(split_dir, found, info.num_views)
+        todo += [(task, name, skip_corrupt) for task in tasks[split] if _read_done(split_dir, task.source) is None]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     with tqdm(total=len(todo), unit="file", desc=f"{name} -> {out.name}", disable=not progress) as bar:
         _run(todo, workers, bar)
@@ -369,7 +450,7 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
     report = {}
     for split, found in files.items():
         split_dir = out / split
-        manifest = read_manifest(split_dir) if split in finished else _assemble(split_dir, found, info, label)
+        manifest = read_manifest(split_dir) if split in finished else _commit(split_dir, tasks[split], info, label)
         report[split] = {
             "scenes": manifest["num_scenes"],
             "files": len(found),

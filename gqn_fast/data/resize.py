@@ -49,27 +49,49 @@ def area_resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(*lead, size, size, channels)
 
 
+@lru_cache(maxsize=None)
+def _block_weights(a: int, b: int, channels: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The repeating [q, p] block of area_weights(a, b), and its transpose spread over the
+    channels, [p * C, q * C], for the fractional resize's two products."""
+    g = gcd(a, b)
+    block = area_weights(a, b)[: b // g, : a // g].astype(dtype)
+    return block, np.kron(block.T, np.eye(channels, dtype=dtype))
+
+
 def _area_resize(x: np.ndarray, size: int) -> np.ndarray:
     n, a, _, channels = x.shape
     if a % size == 0:
-        # Integer factor f: the sum of the f * f strided sub-images.
+        # Integer factor f: sums of f rows, then of f columns, in integers.
         f = a // size
-        total = np.zeros((n, size, size, channels), np.uint32)
-        for dy in range(f):
-            for dx in range(f):
-                total += x[:, dy::f, dx::f]
         d = f * f
-    else:
-        # The weights repeat every block of p = a / g input and q = b / g output pixels:
-        # one small matrix [q, p] applied block by block, first down the rows, then along them.
-        g = gcd(a, size)
-        p, q = a // g, size // g
-        # Integer weights and pixels: every sum is an integer, exact in float32 below 2**24.
-        dtype = np.float32 if 255 * p * p < 2**24 else np.float64
-        block = area_weights(a, size)[:q, :p].astype(dtype)
-        rows = np.matmul(block, x.astype(dtype).reshape(n, g, p, a * channels))  # [n, g, q, a * C]
-        rows = rows.reshape(n, size, a, channels).transpose(0, 2, 1, 3).reshape(n, g, p, size * channels)
-        total = np.matmul(block, rows).reshape(n, size, size, channels).transpose(0, 2, 1, 3)
-        total = total.astype(np.uint32)
-        d = p * p
-    return (2 * total + d) // (2 * d)  # round half up, once
+        dtype = np.uint16 if 2 * 255 * d + d < 2**16 else np.uint32
+        rows = x.reshape(n, size, f, size, f * channels)  # the f rows of each output row, side by side
+        total = np.add(rows[:, :, 0], rows[:, :, 1], dtype=dtype) if f > 1 else rows[:, :, 0].astype(dtype)
+        for dy in range(2, f):
+            total += rows[:, :, dy]
+        cols = total.reshape(n, size, size, f, channels)
+        total = np.add(cols[:, :, :, 0], cols[:, :, :, 1]) if f > 1 else cols[:, :, :, 0]
+        for dx in range(2, f):
+            total += cols[:, :, :, dx]
+        if d & (d - 1):
+            return (2 * total + d) // (2 * d)  # round half up, once
+        total += d // 2  # d a power of two (128 -> 64: 4): the same rounding as a shift, 2x faster
+        total >>= d.bit_length() - 1
+        return total
+    # The weights repeat every block of p = a / g input and q = b / g output pixels: along the
+    # rows, one GEMM of every block of p pixels (with their channels) by the block's weights
+    # spread over the channels, [p * C, q * C]; down the columns, the [q, p] block times p rows.
+    g = gcd(a, size)
+    p, q = a // g, size // g
+    d = p * p
+    # Integer weights and pixels: every sum, and 2 * sum + d, is an integer, exact in float32
+    # below 2**24; the division is then correctly rounded, so its floor is the exact one (a
+    # quotient that is no integer lies at least 1 / (2 d) from one, far beyond rounding).
+    dtype = np.float32 if 2 * 255 * d + d < 2**24 else np.float64
+    block, spread = _block_weights(a, size, channels, np.dtype(dtype))
+    along = np.matmul(x.reshape(n * a * g, p * channels).astype(dtype), spread)  # [n * a * g, q * C]
+    total = np.matmul(block, along.reshape(n, g, p, size * channels))  # [n, g, q, size * C]
+    total *= 2
+    total += d
+    total /= 2 * d
+    return np.floor(total, out=total).reshape(n, size, size, channels)
