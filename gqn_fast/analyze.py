@@ -171,7 +171,7 @@ def plot_tsne(xy: np.ndarray, scene_ids: np.ndarray, labels: list[dict] | None, 
 def run_tsne(ns: argparse.Namespace) -> int:
     check_int("--scenes", ns.scenes, 2)
     check_int("--subsets", ns.subsets, 2)
-    device, model, state, images, cameras, manifest = open_checkpoint(ns)
+    device, model, model_file, images, cameras, manifest = open_checkpoint(ns)
     T = images.shape[1]
     check_int("--views", ns.views, 1, T, f" (the data has {T} views a scene)")
     require_sklearn()  # after the arguments: a bad one is named first, with or without the extra
@@ -181,7 +181,7 @@ def run_tsne(ns: argparse.Namespace) -> int:
     scenes = builtin_test_scenes(manifest, 0, n)
     labels = [scene_labels(s) for s in scenes] if scenes is not None else None
     result = {
-        "checkpoint": str(ns.checkpoint), "step": state["step"], "scenes": n, "subsets": ns.subsets, "views": ns.views,
+        "checkpoint": str(ns.checkpoint), "step": model_file.step, "scenes": n, "subsets": ns.subsets, "views": ns.views,
         "nearest_neighbour_accuracy": {
             "about": "leave-one-out: share of subsets whose nearest other subset comes from the same scene",
             "r": nearest_neighbour_accuracy(r, scene_ids),
@@ -193,11 +193,11 @@ def run_tsne(ns: argparse.Namespace) -> int:
             for s, (x, y) in zip(scene_ids.tolist(), xy)
         ],
     }
-    out = output_folder(ns.out, ns.checkpoint, "analyze-tsne", state["step"])
+    out = output_folder(ns.out, ns.checkpoint, "analyze-tsne", model_file.step)
     (out / "tsne.json").write_text(json.dumps(result, indent=1))
     acc = result["nearest_neighbour_accuracy"]
     plot_tsne(xy, scene_ids.numpy(), labels, out / "tsne.png",
-              f"t-SNE of r: {n} test scenes x {ns.subsets} subsets of {ns.views} views, step {state['step']}; "
+              f"t-SNE of r: {n} test scenes x {ns.subsets} subsets of {ns.views} views, step {model_file.step}; "
               f"nearest-neighbour scene accuracy r {acc['r']:.2f}, pixels {acc['pixels']:.2f}, chance {acc['chance']:.2f}")
     print(f"nearest-neighbour scene accuracy: r {acc['r']:.3f}, raw pixels {acc['pixels']:.3f}, "
           f"chance {acc['chance']:.3f}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}")
@@ -306,7 +306,7 @@ def run_algebra(ns: argparse.Namespace) -> int:
     check_int("--samples", ns.samples, 1)
     check_int("--context", ns.context, 1)
     properties = ns.properties or list(PROPERTIES)
-    device, model, state, images, _, manifest = open_checkpoint(ns)
+    device, model, model_file, images, _, manifest = open_checkpoint(ns)
     family = (manifest.get("generator") or {}).get("family", "rooms")
     if family != "rooms":
         raise UsageError(f"--data: scene algebra edits built-in rooms, but this model was evaluated on {family!r} data")
@@ -314,7 +314,7 @@ def run_algebra(ns: argparse.Namespace) -> int:
 
     T = get_family("rooms").num_views
     check_int("--context", ns.context, 1, T - ns.queries, f" (a room has {T} views, {ns.queries} of them queries)")
-    report, rows = {"checkpoint": str(ns.checkpoint), "step": state["step"], "context_views": ns.context,
+    report, rows = {"checkpoint": str(ns.checkpoint), "step": model_file.step, "context_views": ns.context,
                     "samples": ns.samples, "properties": {}}, []
     for prop in properties:
         triples = algebra(model, prop, ns.triples, ns.context, ns.queries, ns.samples, ns.seed, device)
@@ -330,7 +330,7 @@ def run_algebra(ns: argparse.Namespace) -> int:
                          "errors": t["errors"]} for t in triples],
         }
         rows += [t["picture"] for t in triples]
-    out = output_folder(ns.out, ns.checkpoint, "analyze-algebra", state["step"])
+    out = output_folder(ns.out, ns.checkpoint, "analyze-algebra", model_file.step)
     report["grid_columns"] = ["A", "B", "C", "", "D (truth)"] + methods
     (out / "algebra.json").write_text(json.dumps(report, indent=1))
     save_grid(rows, out / "algebra.png")
@@ -390,7 +390,7 @@ def run_composition(ns: argparse.Namespace) -> int:
     check_int("--samples", ns.samples, 1)
     check_int("--context", ns.context, 1)
     check_int("--show", ns.show, 1)
-    device, model, state, images, cameras, manifest = open_checkpoint(ns)
+    device, model, model_file, images, cameras, manifest = open_checkpoint(ns)
     holdout = (manifest.get("generator") or {}).get("holdout")
     if holdout is None:
         raise UsageError("--data: composition needs a dataset with a held-out combination, "
@@ -407,14 +407,14 @@ def run_composition(ns: argparse.Namespace) -> int:
         groups[name] = {"scenes": len(members), "mse_mean_of_k": mean("mse_mean_of_k"),
                         "mse_best_of_k": mean("mse_best_of_k"), "mse_object_pixels": mean("mse_object_pixels")}
     report = {
-        "checkpoint": str(ns.checkpoint), "step": state["step"], "holdout": holdout, "scenes": n,
+        "checkpoint": str(ns.checkpoint), "step": model_file.step, "holdout": holdout, "scenes": n,
         "context_views": ns.context, "samples": ns.samples,
         "about": "prediction error (generate, mean of k prior samples) on test scenes; the training split never "
                  "showed the held-out combination",
         "groups": groups,
         "per_scene": [{k: v for k, v in r.items() if k != "pictures"} for r in rows],
     }
-    out = output_folder(ns.out, ns.checkpoint, "analyze-composition", state["step"])
+    out = output_folder(ns.out, ns.checkpoint, "analyze-composition", model_file.step)
     (out / "composition.json").write_text(json.dumps(report, indent=1))
     picked = [r for name in groups for r in [r for r in rows if r["group"] == name][: ns.show]]
     save_grid([r["pictures"] for r in picked], out / "composition.png")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gqn_fast.checkpoint import CheckpointError, load_checkpoint
+from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.errors import UsageError
 from gqn_fast.images import save_gif, save_grid
@@ -31,31 +31,26 @@ PREDICTION = "generate: z from the prior, the query image is never read (how wel
 
 
 def load_model(path: Path, device: torch.device, impl: str = "fast"):
-    """(model in eval mode, checkpoint state) from a training checkpoint."""
+    """(model in eval mode, ModelFile) from a published model or a training checkpoint (model_file.py)."""
     from gqn_fast.train import model_class
 
-    state = load_checkpoint(path)
-    try:
-        config = GQNConfig.from_dict(state["config"])
-        model = model_class(impl)(config).to(device)
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: state_dict mismatch
-        raise CheckpointError(f"{path}: not a model checkpoint of this version ({type(error).__name__}: {error})") from error
-    return model.eval(), state
+    model_file = read_model_file(path)
+    model = model_class(impl)(model_file.config).to(device)
+    model.load_state_dict(model_file.params)  # names and shapes checked already
+    return model.eval(), model_file
 
 
-def data_folder(state: dict, data: str | None) -> Path:
-    """The dataset to read: --data, else the one the checkpoint was trained on."""
+def data_folder(model_file: ModelFile, data: str | None) -> Path:
+    """The dataset to read: --data, else the one the model was trained on (a built-in set is
+    generated again: the generator is deterministic)."""
     from gqn_fast.data.builtin import builtin_dataset
 
     if data:
         return Path(data)
-    train = state.get("train", {})
-    if train.get("data"):
-        return Path(train["data"])
-    builtin = train.get("builtin") or {}  # a published model names its built-in set (export)
-    return builtin_dataset(builtin.get("family", "rooms"), scenes=train.get("builtin_scenes", 2000),
-                           seed=builtin.get("seed", 0), holdout=builtin.get("holdout"))
+    if "folder" in model_file.dataset:
+        return Path(model_file.dataset["folder"])
+    builtin = model_file.dataset["builtin"]
+    return builtin_dataset(builtin["family"], scenes=builtin["scenes"], seed=builtin["seed"], holdout=builtin["holdout"])
 
 
 def scene_views(images: np.ndarray, cameras: np.ndarray, index: int, device):
@@ -252,13 +247,13 @@ def device_of(name: str | None) -> torch.device:
 
 
 def open_checkpoint(ns: argparse.Namespace):
-    """(device, model, checkpoint state, test images, test cameras, test manifest) for a command."""
+    """(device, model, ModelFile, test images, test cameras, test manifest) for a command."""
     from gqn_fast.data.format import open_split
 
     device = device_of(ns.device)
-    model, state = load_model(Path(ns.checkpoint), device)
-    images, cameras, manifest = open_split(data_folder(state, ns.data) / "test")
-    return device, model, state, images, cameras, manifest
+    model, model_file = load_model(Path(ns.checkpoint), device)
+    images, cameras, manifest = open_split(data_folder(model_file, ns.data) / "test")
+    return device, model, model_file, images, cameras, manifest
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -287,7 +282,8 @@ def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Pa
 
 
 def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by `gqn-fast train` (runs/NAME/checkpoints/step-*.pt)")
+    p.add_argument("checkpoint", help="a published model (model.safetensors or its folder, from `gqn-fast export`) "
+                                      "or a training checkpoint (runs/NAME/checkpoints/step-*.pt)")
     p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (views, prior samples)")
     p.add_argument("--out", help=out_help)
@@ -298,18 +294,18 @@ def run_eval(ns: argparse.Namespace) -> int:
     check_int("--scenes", ns.scenes, 1)
     check_int("--batch", ns.batch, 1)
     check_int("--samples", ns.samples, 1)
-    device, model, state, images, cameras, _ = open_checkpoint(ns)
+    device, model, model_file, images, cameras, _ = open_checkpoint(ns)
     T = images.shape[1]
     K = T - 1 if ns.max_context is None else check_int("--max-context", ns.max_context, 1, T - 1, f" (the data has {T} views a scene)")
-    sigma = pixel_sigma(state["step"], state.get("train", {}).get("sigma_steps", 200_000))
+    sigma = pixel_sigma_of(model_file)
     metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.samples, ns.seed, device)
-    metrics["checkpoint"], metrics["step"] = str(ns.checkpoint), state["step"]
-    out = output_folder(ns.out, ns.checkpoint, "eval", state["step"])
+    metrics["checkpoint"], metrics["step"] = str(ns.checkpoint), model_file.step
+    out = output_folder(ns.out, ns.checkpoint, "eval", model_file.step)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curve(metrics, out / "context_curve.png")
     rec, pred, first = metrics["reconstruction"], metrics["prediction"], metrics["curve"][0]["prediction"]
     print(
-        f"step {state['step']}, {metrics['scenes']} test scenes, {K} context views:\n"
+        f"step {model_file.step}, {metrics['scenes']} test scenes, {K} context views:\n"
         f"  reconstruction (sees the query): -ELBO {rec['neg_elbo_nats']:.1f} nats/image "
         f"({rec['bits_per_dim']:.4f} bits/dim), KL {rec['kl_nats']:.2f}, NLL above floor {rec['nll_above_floor']:.1f}, "
         f"MSE {rec['mse']:.5f}\n"
@@ -325,43 +321,49 @@ def run_sample(ns: argparse.Namespace) -> int:
     check_int("--samples", ns.samples, 0)
     check_int("--frames", ns.frames, 1)
     check_int("--context", ns.context, 1)
-    device, model, state, images, cameras, _ = open_checkpoint(ns)
+    device, model, model_file, images, cameras, _ = open_checkpoint(ns)
     T = images.shape[1]
     check_int("--context", ns.context, 1, T - 1, f" (the data has {T} views a scene)")
-    out = output_folder(ns.out, ns.checkpoint, "samples", state["step"])
+    out = output_folder(ns.out, ns.checkpoint, "samples", model_file.step)
     files = sample(model, images, cameras, out, ns.scenes, ns.samples, ns.context, ns.frames, ns.seed, device)
     print(f"wrote {len(files)} files to {out}")
     return 0
 
 
 def run_export(ns) -> int:
-    from gqn_fast.checkpoint import export_model, load_checkpoint
+    import dataclasses
+
     from gqn_fast.data.format import open_split
 
-    state = load_checkpoint(Path(ns.checkpoint))
-    builtin = None
-    data = (state.get("train") or {}).get("data")
-    if data and not ns.keep_data_path:
+    model_file = read_model_file(Path(ns.checkpoint))
+    out = Path(ns.out)
+    if out.suffix != ".safetensors":  # a model folder, as Hugging Face lays them out
+        out = out / PUBLISHED_NAME
+    folder = model_file.dataset.get("folder")
+    if folder and not ns.keep_data_path:
         # A built-in set is named by its generator, so the model needs no local folder.
         try:
-            _, _, manifest = open_split(Path(data) / "test")
+            _, _, manifest = open_split(Path(folder) / "test")
         except (FileNotFoundError, ValueError) as error:
-            raise UsageError(f"{data}: the training data cannot be read to name it ({error}); "
+            raise UsageError(f"{folder}: the training data cannot be read to name it ({error}); "
                              "pass --keep-data-path to keep the path as it is") from error
         generator = manifest.get("generator") or {}
         if "family" in generator:
+            # The set regenerated is of the run's --builtin-scenes: its test split is the first of the folder's.
+            scenes = model_file.training.get("builtin_scenes", 2000)
             builtin = {k: generator.get(k) for k in ("family", "seed", "holdout")}
-    out = export_model(state, Path(ns.out), half=ns.half, builtin=builtin)
+            model_file = dataclasses.replace(model_file, dataset={"builtin": {**builtin, "scenes": scenes}})
+    write_published(out, model_file, half=ns.half)
     size = out.stat().st_size / 2**20
-    where = f"built-in {builtin}" if builtin else f"data {data!r}"
-    print(f"wrote {out} ({size:.1f} MiB, step {state['step']}, {where})")
+    print(f"wrote {out} ({size:.1f} MiB, step {model_file.step}, dataset {json.dumps(model_file.dataset)})")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="a checkpoint as a published model: parameters and config, no optimizer state")
+    p = subparsers.add_parser("export", help="a checkpoint as a published model (.safetensors): parameters, config, "
+                                             "step and dataset, no optimizer state and no pickled code")
     p.add_argument("checkpoint")
-    p.add_argument("out", help="file to write")
+    p.add_argument("out", help="a .safetensors file to write, or a model folder (then OUT/model.safetensors)")
     p.add_argument("--half", action="store_true", help="store the parameters in fp16 (they load into fp32 models)")
     p.add_argument("--keep-data-path", action="store_true",
                    help="keep the training data's local path instead of naming a built-in set by its generator")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gqn_fast.checkpoint import (
-    CheckpointError, check_compatible, list_checkpoints, load_checkpoint, remove_stale_temporaries,
+    CheckpointError, check_compatible, check_resumable, list_checkpoints, load_checkpoint, remove_stale_temporaries,
     rng_state, save_checkpoint, set_rng_state,
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
@@ -210,6 +210,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
     state = None
     if args.resume:
         state = load_checkpoint(existing[-1])
+        check_resumable(state, existing[-1])
         check_resume_settings(state.get("train", {}), args, existing[-1])
         check_compatible(state, config, existing[-1])
 

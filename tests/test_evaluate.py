@@ -1,6 +1,7 @@
 """`gqn-fast eval` and `gqn-fast sample` on a tiny model: both kinds of number, predictions
 that never read the query image, a new folder per run, and one-line errors for bad arguments."""
 
+import dataclasses
 import json
 import math
 
@@ -142,18 +143,27 @@ def test_help_shows_defaults(capsys, command, default):
     assert default in capsys.readouterr().out
 
 
-def test_export_publishes_a_half_precision_model_that_names_its_builtin_data(run, tmp_path, monkeypatch):
+def test_export_publishes_a_half_precision_safetensors_model_that_names_its_builtin_data(run, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from gqn_fast.checkpoint import load_checkpoint
+
     data, ckpt = run
-    out = tmp_path / "published.pt"
+    out = tmp_path / "published"
     assert cli.main(["export", str(ckpt), str(out), "--half"]) == 0
-    published = torch.load(out, weights_only=False)
-    original = torch.load(ckpt, weights_only=False)
-    assert "optimizer" not in published and "rng" not in published
-    assert all(t.dtype == torch.float16 for t in published["model"].values() if t.is_floating_point())
+    path = out / "model.safetensors"  # a model folder, as Hugging Face lays them out
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        names = set(f.keys())
+        assert all(f.get_tensor(name).dtype == torch.float16 for name in names)
+    assert set(metadata) == {"format", "format_version", "config", "step", "dataset", "training"}
     # The local folder is replaced by the built-in set's generator (tiny_run: rooms, seed 3).
-    assert published["train"]["data"] is None
-    assert published["train"]["builtin"] == {"family": "rooms", "seed": 3, "holdout": None}
-    model, _ = evaluate.load_model(out, torch.device("cpu"))
+    assert json.loads(metadata["dataset"]) == {"builtin": {"family": "rooms", "seed": 3, "holdout": None,
+                                                           "scenes": 2000}}
+    original = load_checkpoint(ckpt)
+    assert names == set(original["model"]) and json.loads(metadata["step"]) == 7
+    model, model_file = evaluate.load_model(out, torch.device("cpu"))  # the folder stands for its file
+    assert model_file.step == 7 and model_file.config.to_dict() == original["config"]
     for name, value in model.state_dict().items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, original["model"][name].half().float(), rtol=0, atol=0)
@@ -162,23 +172,44 @@ def test_export_publishes_a_half_precision_model_that_names_its_builtin_data(run
     monkeypatch.setenv("GQN_FAST_CACHE", str(tmp_path / "cache"))
     from gqn_fast.data.format import open_split
 
-    state = torch.load(out, weights_only=False)
-    folder = evaluate.data_folder(state | {"train": state["train"] | {"builtin_scenes": 12}}, None)
-    regenerated, _, _ = open_split(folder / "test")
+    small = dataclasses.replace(model_file, dataset={"builtin": {**model_file.dataset["builtin"], "scenes": 12}})
+    regenerated, _, _ = open_split(evaluate.data_folder(small, None) / "test")
     stored, _, _ = open_split(data / "test")
     n = min(len(regenerated), len(stored))  # the sets' test fractions differ
     assert n >= 1 and (regenerated[:n] == stored[:n]).all()
 
 
+def test_eval_sample_and_analyze_give_the_same_numbers_from_the_export(run, tmp_path):
+    """An fp32 export is the checkpoint's model: the commands' JSON numbers are equal."""
+    data, ckpt = run
+    assert cli.main(["export", str(ckpt), str(tmp_path / "m.safetensors"), "--keep-data-path"]) == 0
+    commands = {"eval": (["eval"], ["--scenes", "2", "--max-context", "2", "--samples", "1"], "metrics.json"),
+                "sample": (["sample"], ["--scenes", "1", "--samples", "1", "--frames", "2", "--context", "2"], None),
+                "algebra": (["analyze", "algebra"], ["--triples", "1", "--context", "2", "--queries", "1",
+                                                     "--samples", "1", "--properties", "wall-colour"], "algebra.json")}
+    for name, (command, options, result) in commands.items():
+        outputs = []
+        for source in (ckpt, tmp_path / "m.safetensors"):
+            out = tmp_path / f"{name}-{source.suffix[1:]}"
+            assert cli.main(command + [str(source), *options, "--out", str(out), "--device", "cpu"]) == 0
+            if result is None:  # pictures: the same bytes
+                outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+            else:
+                numbers = json.loads((out / result).read_text())
+                numbers.pop("checkpoint")
+                outputs.append(numbers)
+        assert outputs[0] == outputs[1], name
+
+
 def test_the_published_model_loads_and_predicts():
-    """models/small-rooms-redbox/model.pt: the model in the box loads into both models and draws images."""
+    """models/small-rooms-redbox/model.safetensors: the model in the box loads into both models and draws images."""
     from pathlib import Path
 
     from gqn_fast.reference import GQN as ReferenceGQN
 
-    path = Path(__file__).resolve().parents[1] / "models" / "small-rooms-redbox" / "model.pt"
-    model, state = evaluate.load_model(path, torch.device("cpu"))
-    assert state["step"] == 11750 and state["train"]["builtin"]["holdout"] == "red-boxes"
+    path = Path(__file__).resolve().parents[1] / "models" / "small-rooms-redbox" / "model.safetensors"
+    model, model_file = evaluate.load_model(path, torch.device("cpu"))
+    assert model_file.step == 11750 and model_file.dataset["builtin"]["holdout"] == "red-boxes"
     reference = ReferenceGQN(model.config)
     reference.load_state_dict(model.state_dict())
     torch.manual_seed(0)

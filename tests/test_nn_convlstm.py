@@ -62,7 +62,7 @@ def saved_and_loaded(plain: nn.Module, ours: nn.Module) -> None:
     buffer = io.BytesIO()
     torch.save(plain.state_dict(), buffer)
     buffer.seek(0)
-    ours.load_state_dict(torch.load(buffer))
+    ours.load_state_dict(torch.load(buffer, weights_only=True))
 
 
 def frames_channels_last(x: torch.Tensor) -> torch.Tensor:
