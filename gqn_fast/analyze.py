@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gqn_fast.data.render import Box, Cylinder, Scene, Sphere
 from gqn_fast.errors import UsageError
 from gqn_fast.evaluate import (
-    add_common_arguments, check_int, draw_samples, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
+    check_int, draw_samples, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
     split_views,
 )
 from gqn_fast.images import save_grid
@@ -333,7 +333,9 @@ def run_algebra(ns: argparse.Namespace) -> int:
     out = output_folder(ns.out, ns.checkpoint, "analyze-algebra", model_file.step)
     report["grid_columns"] = ["A", "B", "C", "", "D (truth)"] + methods
     (out / "algebra.json").write_text(json.dumps(report, indent=1))
-    save_grid(rows, out / "algebra.png")
+    short = {"r(A) - r(B) + r(C)": "r(A)-r(B)+r(C)", "r(D), the true context": "r(D)"}  # to fit under a cell
+    names = [short.get(name, name) for name in report["grid_columns"]]
+    save_grid(rows, out / "algebra.png", captions=[None] * (len(rows) - 1) + [names])
     for prop, entry in report["properties"].items():
         errors = ", ".join(f"{name} {e['mse']:.4f}" for name, e in entry["mean"].items())
         print(f"{prop}: MSE against the true render of D: {errors}")
@@ -347,7 +349,7 @@ def run_algebra(ns: argparse.Namespace) -> int:
 def composition_group(scene: Scene, holdout: str) -> str:
     """'held-out' (the scene shows the held-out combination), 'same colour, other shape',
     'same shape, other colour' (controls; red-boxes only has them), or 'neither'."""
-    from gqn_fast.data.scenes import HOLDOUTS, is_red
+    from gqn_fast.data.catalog import HOLDOUTS, is_red
 
     kinds = {Sphere: 0, Box: 1, Cylinder: 2}
     if any(HOLDOUTS[holdout](kinds[type(s)], s.colour) for s in scene.shapes):
@@ -417,7 +419,9 @@ def run_composition(ns: argparse.Namespace) -> int:
     out = output_folder(ns.out, ns.checkpoint, "analyze-composition", model_file.step)
     (out / "composition.json").write_text(json.dumps(report, indent=1))
     picked = [r for name in groups for r in [r for r in rows if r["group"] == name][: ns.show]]
-    save_grid([r["pictures"] for r in picked], out / "composition.png")
+    # Under each row: its group below the first context view, then what the last two cells are.
+    captions = [[r["group"]] + [""] * ns.context + ["target", f"mean of {ns.samples} samples"] for r in picked]
+    save_grid([r["pictures"] for r in picked], out / "composition.png", captions=captions)
     for name, group in groups.items():
         if group["scenes"]:
             print(f"{name}: {group['scenes']} scenes, MSE {group['mse_mean_of_k']:.5f}, "
@@ -430,33 +434,3 @@ def run_composition(ns: argparse.Namespace) -> int:
 
 
 # --- command line ------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    analyze = subparsers.add_parser("analyze", help="what the scene representation r holds: t-SNE, scene algebra, composition")
-    commands = analyze.add_subparsers(dest="analysis", required=True)
-
-    p = commands.add_parser("tsne", help="t-SNE of r over scenes and view subsets; nearest-neighbour scene accuracy of r vs pixels")
-    add_common_arguments(p, "folder for tsne.json and tsne.png (default: a new folder <run>/analyze-tsne/step-N[-i])")
-    p.add_argument("--scenes", type=int, default=50, help="test scenes")
-    p.add_argument("--subsets", type=int, default=5, help="random subsets of views per scene")
-    p.add_argument("--views", type=int, default=2, help="views in each subset")
-    p.set_defaults(func=run_tsne)
-
-    p = commands.add_parser("algebra", help="r(A) - r(B) + r(C) on built-in rooms that differ in one property")
-    add_common_arguments(p, "folder for algebra.json and algebra.png (default: a new folder <run>/analyze-algebra/step-N[-i])")
-    p.add_argument("--properties", nargs="+", choices=list(PROPERTIES), help="properties to change (default: all)")
-    p.add_argument("--triples", type=int, default=4, help="scene triples per property")
-    p.add_argument("--context", type=int, default=5, help="context views of A, B and C")
-    p.add_argument("--queries", type=int, default=3, help="query views of D compared per triple")
-    p.add_argument("--samples", type=int, default=4, help="prior samples averaged per prediction")
-    p.set_defaults(func=run_algebra)
-
-    p = commands.add_parser("composition", help="prediction error on test scenes with the combination the training split held out")
-    add_common_arguments(p, "folder for composition.json and composition.png "
-                            "(default: a new folder <run>/analyze-composition/step-N[-i])")
-    p.add_argument("--scenes", type=int, default=500, help="test scenes to use at most")
-    p.add_argument("--context", type=int, default=5, help="context views per scene")
-    p.add_argument("--samples", type=int, default=4, help="prior samples per query (MSE of their mean)")
-    p.add_argument("--show", type=int, default=3, help="scenes per group in the picture")
-    p.set_defaults(func=run_composition)

@@ -178,6 +178,9 @@ def check_resumable(state: dict, path: Path) -> None:
     _expect(path, state, {"optimizer": dict, "rng": dict, "data": dict, "train": dict})
     _expect(path, state["data"], {"epoch": int, "batch": int}, "data.")
     _expect(path, state["rng"], {"torch": torch.Tensor, "numpy": (dict, tuple), "python": (dict, tuple)}, "rng.")
+    if "window" in state:  # the log window under way (absent before this field)
+        _expect(path, state, {"window": dict})
+        _expect(path, state["window"], {"steps": int, "sums": (torch.Tensor, type(None))}, "window.")
 
 
 def _expect(path: Path, state: dict, kinds: dict, prefix: str = "") -> None:

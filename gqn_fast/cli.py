@@ -1,6 +1,7 @@
 """The `gqn-fast` command line: `gqn-fast data ...`, `gqn-fast train ...`, `gqn-fast eval ...`.
 
-Each command group lives in its own module and registers its sub-parser here.
+Every command's arguments are in gqn_fast/arguments.py, which imports nothing heavy: the
+module that runs a command (and torch) is imported only when it runs, so `--help` is fast.
 """
 
 from __future__ import annotations
@@ -8,9 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-
-# command -> module with `register(subparsers)`; imported lazily so `--help` stays fast.
-COMMAND_MODULES = ["gqn_fast.data.commands", "gqn_fast.train", "gqn_fast.evaluate", "gqn_fast.analyze"]
 
 
 def _nothing_to_show(default) -> bool:
@@ -42,11 +40,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gqn_fast.arguments import REGISTER
+
     parser = Parser(prog="gqn-fast", description="Train, evaluate and feed a Generative Query Network.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for register in REGISTER:
+        register(subparsers)
     return parser
+
+
+def command_function(run: str):
+    """The function a command's "module:function" names."""
+    module, name = run.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(command_function(args.run)(args) or 0)
     except user_errors() as error:
         command = " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
         print(f"gqn-fast {command}: error: {error}", file=sys.stderr)

@@ -20,11 +20,12 @@ import torch
 from tqdm import tqdm
 
 from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
-from gqn_fast.config import GRID_SIZE, GQNConfig
+from gqn_fast.config import GRID_SIZE
+from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.reference import transform_viewpoint
-from gqn_fast.schedules import bits_per_dim, nll_floor, pixel_sigma
+from gqn_fast.schedules import bits_per_dim, nll_floor
 
 RECONSTRUCTION = "ELBO terms: the posterior reads the query image (how well a shown view is encoded)"
 PREDICTION = "generate: z from the prior, the query image is never read (how well an unseen view is predicted)"
@@ -214,7 +215,9 @@ def sample(model, images, cameras, out: Path, scenes: int, samples: int, context
         zeros = torch.zeros(c.L, 1, c.z_dim, GRID_SIZE, GRID_SIZE, device=device)
         mean = model.generate(cx, cv, qv, noise=zeros)[0]  # z at the prior's mean
         draws = list(predict(model, cx, cv, qv, samples, g)[:, 0]) if samples else []
-        written.append(save_grid([list(cx[0]), [qx, mean] + draws], out / f"scene-{i:04d}.png"))
+        captions = [[f"context {k + 1}" for k in range(cx.shape[1])],
+                    ["target", "z = 0 (prior mean)"] + [f"prior sample {k + 1}" for k in range(len(draws))]]
+        written.append(save_grid([list(cx[0]), [qx, mean] + draws], out / f"scene-{i:04d}.png", captions=captions))
         qv_path = transform_viewpoint(fly_around(camera.cpu().float(), frames).to(device))
         frames_out = []
         for start in range(0, frames, 16):
@@ -236,16 +239,6 @@ def check_int(name: str, value: int, low: int, high: int | None = None, why: str
     return value
 
 
-def device_of(name: str | None) -> torch.device:
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise UsageError(f"--device: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {name} asked for, but torch sees no CUDA device")
-    return device
-
-
 def open_checkpoint(ns: argparse.Namespace):
     """(device, model, ModelFile, test images, test cameras, test manifest) for a command."""
     from gqn_fast.data.format import open_split
@@ -256,10 +249,21 @@ def open_checkpoint(ns: argparse.Namespace):
     return device, model, model_file, images, cameras, manifest
 
 
+RESULTS_ROOT = Path("runs")  # where the results of a model outside a run folder go (git ignores it)
+
+
 def run_folder(checkpoint: Path) -> Path:
-    """The training run a checkpoint belongs to (<run>/checkpoints/step-*.pt), else its own folder."""
+    """Where a model's results go: the training run a checkpoint belongs to
+    (<run>/checkpoints/step-*.pt); else runs/<name> under the current folder, <name> the
+    model's folder (models/NAME/model.safetensors, or a folder given as the model) or file
+    stem, so that nothing is written beside a published model."""
     checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    if checkpoint.is_dir():
+        return RESULTS_ROOT / checkpoint.resolve().name
+    name = checkpoint.resolve().parent.name if checkpoint.name == PUBLISHED_NAME else checkpoint.stem
+    return RESULTS_ROOT / name
 
 
 def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Path:
@@ -279,15 +283,6 @@ def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Pa
         except FileExistsError:
             continue
     raise UsageError(f"{parent}: holds 10000 results for step {step} already; pass --out")
-
-
-def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("checkpoint", help="a published model (model.safetensors or its folder, from `gqn-fast export`) "
-                                      "or a training checkpoint (runs/NAME/checkpoints/step-*.pt)")
-    p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (views, prior samples)")
-    p.add_argument("--out", help=out_help)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
 
 
 def run_eval(ns: argparse.Namespace) -> int:
@@ -357,30 +352,3 @@ def run_export(ns) -> int:
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, step {model_file.step}, dataset {json.dumps(model_file.dataset)})")
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="a checkpoint as a published model (.safetensors): parameters, config, "
-                                             "step and dataset, no optimizer state and no pickled code")
-    p.add_argument("checkpoint")
-    p.add_argument("out", help="a .safetensors file to write, or a model folder (then OUT/model.safetensors)")
-    p.add_argument("--half", action="store_true", help="store the parameters in fp16 (they load into fp32 models)")
-    p.add_argument("--keep-data-path", action="store_true",
-                   help="keep the training data's local path instead of naming a built-in set by its generator")
-    p.set_defaults(func=run_export)
-
-    p = subparsers.add_parser("eval", help="test-set ELBO terms and prediction error against the number of context views")
-    add_common_arguments(p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])")
-    p.add_argument("--scenes", type=int, default=1000, help="test scenes to use at most")
-    p.add_argument("--max-context", type=int, help="K: the curve covers 1..K views (default: T - 1)")
-    p.add_argument("--samples", type=int, default=4, help="k: prior samples per query for the prediction error")
-    p.add_argument("--batch", type=int, default=32, help="scenes per forward pass")
-    p.set_defaults(func=run_eval)
-
-    p = subparsers.add_parser("sample", help="pictures of held-out scenes and fly-around GIFs")
-    add_common_arguments(p, "folder for the pictures (default: a new folder <run>/samples/step-N[-i])")
-    p.add_argument("--scenes", type=int, default=4, help="test scenes to draw")
-    p.add_argument("--samples", type=int, default=4, help="prior samples per scene")
-    p.add_argument("--context", type=int, default=5, help="context views per scene")
-    p.add_argument("--frames", type=int, default=36, help="frames of the fly-around")
-    p.set_defaults(func=run_sample)

@@ -17,27 +17,54 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def grid(rows: list[list[torch.Tensor | None]], pad: int = 2) -> Image.Image:
-    """A grid of [3, H, W] images, one list per row; None leaves a cell blank."""
+CAPTION = 12  # pixels under a captioned row (before scaling): room for one line of text
+
+
+def grid(rows: list[list[torch.Tensor | None]], pad: int = 2, captions=None) -> Image.Image:
+    """A grid of [3, H, W] images, one list per row; None leaves a cell blank. `captions`: one
+    list of labels (or None) per row, each label written under its cell."""
+    captions = captions or [None] * len(rows)
     size = next(t for row in rows for t in row if t is not None).shape[-1]
     cols = max(len(row) for row in rows)
-    canvas = np.full(
-        (len(rows) * (size + pad) + pad, cols * (size + pad) + pad, 3), 255, dtype=np.uint8
-    )
-    for i, row in enumerate(rows):
+    heights = [size + pad + (CAPTION if caption else 0) for caption in captions]
+    canvas = np.full((sum(heights) + pad, cols * (size + pad) + pad, 3), 255, dtype=np.uint8)
+    y = pad
+    for row, height in zip(rows, heights):
         for j, image in enumerate(row):
-            if image is None:
-                continue
-            y, x = pad + i * (size + pad), pad + j * (size + pad)
-            canvas[y : y + size, x : x + size] = to_uint8(image)
+            if image is not None:
+                x = pad + j * (size + pad)
+                canvas[y : y + size, x : x + size] = to_uint8(image)
+        y += height
     return Image.fromarray(canvas)
 
 
-def save_grid(rows, path: Path, scale: int = 2) -> Path:
+def _write_captions(image: Image.Image, rows, captions, pad: int, scale: int) -> None:
+    """Each label centred under its cell, in the strip `grid` left, drawn after scaling (crisp)."""
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    size = next(t for row in rows for t in row if t is not None).shape[-1]
+    y = pad
+    for row, caption in zip(rows, captions):
+        y += size
+        for j, label in enumerate(caption or []):
+            if label:
+                centre = (pad + j * (size + pad) + size / 2) * scale
+                left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+                draw.text((centre - (right - left) / 2, (y + 1) * scale), label, fill=(60, 60, 60), font=font)
+        y += pad + (CAPTION if caption else 0)
+
+
+def save_grid(rows, path: Path, scale: int = 2, captions=None) -> Path:
+    """`grid` scaled up `scale` times (nearest pixel) with its captions, as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = grid(rows)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    pad = 2
+    image = grid(rows, pad, captions)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    if captions:
+        _write_captions(image, rows, captions, pad, scale)
+    image.save(path)
     return path
 
 

@@ -27,60 +27,16 @@ from gqn_fast.checkpoint import (
     rng_state, save_checkpoint, set_rng_state,
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
+from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError
 from gqn_fast.images import save_grid
 from gqn_fast.inputs import values_trusted
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
+from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class TrainArgs:
-    data: str | None = None
-    builtin_scenes: int = 2000
-    preset: str = "small"
-    steps: int = 2000
-    sigma_steps: int = 200_000
-    batch: int = 16
-    max_context: int = 5
-    impl: str = "fast"
-    precision: str = "fp32"
-    compile: bool = False
-    out: str = "runs/gqn"
-    resume: bool = False
-    allow_change: str = ""
-    seed: int = 0
-    workers: int = 0
-    log_every: int = 10
-    image_every: int = 500
-    checkpoint_every: int = 250
-    keep: int = 3
-    device: str | None = None
-    max_minutes: float | None = None
-
-
-def _data_setting(args: dict) -> str:
-    if args.get("data"):
-        return str(Path(args["data"]).resolve())  # older runs stored the path as given
-    return f"the built-in rooms set of {args.get('builtin_scenes')} scenes"
-
-
-# The settings that change what a run computes; a resume must keep them unless allowed to change
-# (flag name -> its value in a TrainArgs dict; "data" covers --data and --builtin-scenes).
-RESULT_SETTINGS = {
-    "data": _data_setting,
-    "preset": lambda a: a.get("preset"),
-    "sigma-steps": lambda a: a.get("sigma_steps"),
-    "batch": lambda a: a.get("batch"),
-    "max-context": lambda a: a.get("max_context"),
-    "impl": lambda a: a.get("impl"),
-    "precision": lambda a: a.get("precision"),
-    "seed": lambda a: a.get("seed"),
-}
-CHOICES = {"preset": ("small", "paper"), "impl": ("fast", "reference"), "precision": ("fp32", "bf16")}
 
 
 def model_class(impl: str):
@@ -91,46 +47,6 @@ def model_class(impl: str):
     else:
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
     return GQN
-
-
-def check_args(args: TrainArgs) -> None:
-    """UsageError naming the first argument that cannot be used."""
-    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every",
-                 "image_every", "checkpoint_every", "keep"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {value!r}")
-    for name in ("seed", "workers"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UsageError(f"--{name}: expected a non-negative int, got {value!r}")
-    for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
-            raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
-    minutes = args.max_minutes
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
-                                or not math.isfinite(minutes) or minutes <= 0):
-        raise UsageError(f"--max-minutes: expected a positive number of minutes, got {minutes!r}")
-    unknown = sorted(set(allowed_changes(args)) - set(RESULT_SETTINGS))
-    if unknown:
-        raise UsageError(f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}")
-
-
-def allowed_changes(args: TrainArgs) -> list[str]:
-    return [name.strip().replace("_", "-") for name in args.allow_change.split(",") if name.strip()]
-
-
-def check_resume_settings(saved: dict, args: TrainArgs, path: Path) -> None:
-    """Refuse to resume with a setting that changes the result unless --allow-change names it."""
-    allowed = allowed_changes(args)
-    now = dataclasses.asdict(args)
-    for name, read in RESULT_SETTINGS.items():
-        before, after = read(saved), read(now)
-        if before != after and name not in allowed:
-            raise UsageError(
-                f"--resume: the run was trained with --{name} {before} ({path}), this command has "
-                f"--{name} {after}; resume with the run's setting, or pass --allow-change {name} to change it"
-            )
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -147,8 +63,7 @@ def setup_distributed(requested_device: str | None):
         dist.init_process_group("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
         return dist.get_rank(), world, device
-    device = torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return 0, 1, device
+    return 0, 1, device_of(requested_device)
 
 
 class StopAtBoundary:
@@ -280,14 +195,19 @@ def train(args: TrainArgs) -> torch.nn.Module:
                 model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
                 data=dict(epoch=epoch, batch=batch_in_epoch), config=config.to_dict(),
                 train=dataclasses.asdict(args),
+                # The log window under way (a Ctrl-C or --max-minutes stops between two logs): a
+                # resume goes on summing it, so its record is the one the unstopped run writes.
+                window=dict(sums=None if sums is None else sums.cpu(), steps=window_steps),
             ), keep=args.keep)
         saved_step = step
         if world > 1:
             dist.barrier()
 
     batches = iter(loader)
-    window_start, window_steps = time.perf_counter(), 0
-    sums = None
+    window_start, window_steps, sums = time.perf_counter(), 0, None
+    window = (state or {}).get("window") or {}  # checkpoints before this field: a fresh window
+    if window.get("steps"):
+        window_steps, sums = window["steps"], window["sums"].to(device)
     # The state at the last step boundary is what a checkpoint holds: the parameters, optimiser
     # and data position change only in the update below, the RNG as the step draws.
     boundary_rng, updating = rng_state(), False
@@ -408,7 +328,8 @@ def save_progress_picture(model, batch, reconstruction, path: Path, seed: int, s
     rows = []
     for i in range(context_x.shape[0]):
         rows.append(list(context_x[i]) + [None, query_x[i], reconstruction[i].float(), sample[i].float()])
-    save_grid(rows, path)
+    names = [f"context {k + 1}" for k in range(context_x.shape[1])] + ["", "target", "reconstruction", "prior sample"]
+    save_grid(rows, path, captions=[None] * (len(rows) - 1) + [names])
 
 
 class MetricsWriter:
@@ -462,46 +383,6 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 # --- command line ---------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    defaults = TrainArgs()
-    p = subparsers.add_parser("train", help="train a GQN (on the built-in rooms set unless --data)")
-    p.add_argument("--data", help="dataset folder (default: the built-in rooms set, generated on first use)")
-    p.add_argument("--builtin-scenes", type=int, default=defaults.builtin_scenes,
-                   help="size of the built-in rooms set used without --data (made once, then cached)")
-    p.add_argument("--preset", choices=CHOICES["preset"], default=defaults.preset,
-                   help="model size: small (trains on a CPU) or paper (Eslami et al. 2018)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="train until this step (counted from the run's start)")
-    p.add_argument("--batch", type=int, default=defaults.batch, help="scenes per step (per process)")
-    p.add_argument("--sigma-steps", type=int, default=defaults.sigma_steps,
-                   help="steps over which the pixel sigma anneals from 2.0 to 0.7 (the paper: 200000; "
-                        "a short run learns little at sigma 2)")
-    p.add_argument("--max-context", type=int, default=defaults.max_context,
-                   help="context views per scene drawn from 1..K (K at most T - 1)")
-    p.add_argument("--impl", choices=CHOICES["impl"], default=defaults.impl, help="model implementation")
-    p.add_argument("--precision", choices=CHOICES["precision"], default=defaults.precision,
-                   help="bf16: autocast the convolutions (on a GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--out", default=defaults.out, help="run folder: checkpoints, metrics, pictures")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's last checkpoint (refused if it has none, or if a "
-                        "setting that changes the result differs from the run's)")
-    p.add_argument("--allow-change", default=defaults.allow_change, metavar="SETTINGS",
-                   help=f"with --resume: settings allowed to differ from the run's, comma-separated, "
-                        f"of {', '.join(RESULT_SETTINGS)}")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seeds the weights, the batches and the latents")
-    p.add_argument("--workers", type=int, default=defaults.workers,
-                   help="data loader threads gathering batches ahead (0: in the training loop)")
-    p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
-    p.add_argument("--image-every", type=int, default=defaults.image_every, help="steps between progress pictures")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
-    p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
-                   help="stop at the first step boundary after this many minutes of training, with a "
-                        "checkpoint and a picture (a time-limited machine); --resume continues")
-    p.set_defaults(func=run_command)
 
 
 def run_command(ns: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ import torch
 
 from gqn_fast import analyze, cli, evaluate
 from gqn_fast.data.render import Box
-from gqn_fast.data.scenes import is_red, sample_scenes
+from gqn_fast.data.catalog import is_red
+from gqn_fast.data.scenes import sample_scenes
 from helpers import assert_close_rms, random_scene_batch, rel_rms, tiny_config
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
@@ -189,7 +190,8 @@ def test_algebra_command(run):
     from PIL import Image
 
     # 3 rows (one triple per property) x 9 columns (A, B, C, gap, truth, 4 predictions), 64 px, pad 2, scale 2.
-    assert Image.open(out / "algebra.png").size == (2 * (9 * 66 + 2), 2 * (3 * 66 + 2))
+    # Captions (12 px before scaling) under the last row name the columns.
+    assert Image.open(out / "algebra.png").size == (2 * (9 * 66 + 2), 2 * (3 * 66 + 2 + 12))
 
 
 def test_composition_command(run):

@@ -1,6 +1,7 @@
 """Bad command-line input gets one line on stderr naming the argument or file, exit code 1, and
 leaves the run folder as it was: no traceback, nothing half-written, no config overwritten."""
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from gqn_fast import cli
 from gqn_fast.checkpoint import list_checkpoints, load_checkpoint
@@ -177,3 +179,52 @@ def test_help_shows_the_defaults(capsys, argv, shown):
     for fragment in shown:
         assert fragment in text, fragment
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only torch says; with a GPU the device exists")
+@pytest.mark.parametrize("argv", [["train", "--steps", "1"], ["eval", "nothing.pt"], ["data", "make", "rooms", "--scenes", "4"]])
+def test_a_cuda_device_without_cuda_is_one_line(dataset, tmp_path, capsys, argv):
+    extra = ["--out", str(tmp_path / "out")] + (["--data", str(dataset)] if argv[0] == "train" else [])
+    assert cli.main([*argv, *extra, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device: cuda asked for, but" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+from gqn_fast.cli import build_parser
+parser = build_parser()
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["sample", "--help"], ["export", "--help"],
+             ["data", "make", "--help"], ["data", "convert-deepmind", "--help"], ["analyze", "algebra", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        parser.parse_args(argv)
+print(sorted(m for m in ("torch", "numpy", "PIL", "triton") if m in sys.modules))
+"""
+
+
+def test_help_loads_no_torch():
+    """--help is answered from gqn_fast/arguments.py alone: torch, NumPy and PIL stay unloaded."""
+    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_every_command_names_a_function_that_exists():
+    from gqn_fast import analyze
+    from gqn_fast.data.catalog import ALGEBRA_PROPERTIES
+
+    parser = cli.build_parser()
+    runs = []
+
+    def collect(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+        if p.get_default("run"):
+            runs.append(p.get_default("run"))
+
+    collect(parser)
+    assert len(runs) == 10
+    assert all(callable(cli.command_function(run)) for run in runs)
+    assert tuple(analyze.PROPERTIES) == ALGEBRA_PROPERTIES

@@ -104,8 +104,9 @@ def test_sample_writes_pictures_to_a_new_folder_each_time(run):
     for name in ("step-00000007", "step-00000007-2"):
         folder = ckpt.parent.parent / "samples" / name
         grid = Image.open(folder / "scene-0000.png")
-        # Rows: 2 context views; truth, mean and 2 samples: 4 columns of 64 px at scale 2 with padding.
-        assert grid.size == (2 * (4 * 66 + 2), 2 * (2 * 66 + 2))
+        # Rows: 2 context views; truth, mean and 2 samples: 4 columns of 64 px at scale 2 with padding,
+        # each row captioned (12 px before scaling).
+        assert grid.size == (2 * (4 * 66 + 2), 2 * (2 * (66 + 12) + 2))
         assert Image.open(folder / "scene-0000-fly-around.gif").n_frames == 3
 
 

@@ -102,8 +102,20 @@ def test_ctrl_c_mid_step_keeps_the_last_boundary(dataset, tmp_path, straight, mo
     assert_same_state(last_state(out), straight)
 
 
-def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, monkeypatch):
-    """A real SIGINT during step 2: the step finishes, its state is checkpointed, the run stops."""
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN],
+                         ids=["foreground", "background"])
+def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, monkeypatch, inherited):
+    """A real SIGINT during step 2: the step finishes, its state is checkpointed, the run stops;
+    the SIGINT disposition the process had is restored, whichever it was (a shell starts a
+    background job with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, inherited)
+    try:
+        _ctrl_c_run(dataset, tmp_path, straight, monkeypatch, inherited)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_run(dataset, tmp_path, straight, monkeypatch, inherited):
     backward, calls = torch.Tensor.backward, []
 
     def signalled(self, *args, **kwargs):
@@ -118,7 +130,7 @@ def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, m
         train(args_for(dataset, out, steps=4, checkpoint_every=4))
     monkeypatch.undo()
     assert len(calls) == 2 and last_state(out)["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is inherited  # the disposition restored
     train(args_for(dataset, out, steps=4, checkpoint_every=4, resume=True))
     assert_same_state(last_state(out), straight)
 
@@ -275,3 +287,31 @@ def test_training_steps_read_nothing_back_between_logs(dataset, tmp_path):
             train(args_for(dataset, tmp_path / f"run-{steps}", steps=steps, log_every=100, checkpoint_every=100))
         reads[steps] = counter.reads
     assert reads[2] == reads[5] > 0, reads
+
+
+def test_a_log_window_split_by_a_stop_is_logged_as_the_unstopped_run_logs_it(dataset, tmp_path, monkeypatch):
+    """log_every 4, Ctrl-C after step 3 (a checkpoint between two logs), resume to 8: the
+    records of steps 4 and 8 equal the unstopped run's (the window's sums travel in the checkpoint)."""
+    settings = dict(steps=8, log_every=4, checkpoint_every=8)
+    train(args_for(dataset, tmp_path / "straight", **settings))
+    backward, calls = torch.Tensor.backward, []
+
+    def signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # asks for a stop after this step
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    with pytest.raises(KeyboardInterrupt):
+        train(args_for(dataset, tmp_path / "split", **settings))
+    monkeypatch.undo()
+    assert last_state(tmp_path / "split")["step"] == 3 and last_state(tmp_path / "split")["window"]["steps"] == 3
+    train(args_for(dataset, tmp_path / "split", resume=True, **settings))
+
+    def records(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"} for line in lines]
+
+    assert [r["step"] for r in records(tmp_path / "split")] == [4, 8]
+    assert records(tmp_path / "split") == records(tmp_path / "straight")

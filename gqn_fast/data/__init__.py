@@ -9,23 +9,27 @@ Modules: camera (conventions), render (ray caster), scenes (families), format (f
 builtin (writing sets), loader, tfrecord, deepmind, show, commands (CLI).
 """
 
-from gqn_fast.data.builtin import builtin_dataset, default_cache_dir, make_dataset
-from gqn_fast.data.format import DatasetFormatError, open_split
-from gqn_fast.data.loader import Batch, BatchPlan, BatchPlanner, SceneDataset, SceneLoader, make_loader, to_model_inputs
-from gqn_fast.data.tfrecord import CorruptRecordError
+import importlib
 
-__all__ = [
-    "Batch",
-    "BatchPlan",
-    "BatchPlanner",
-    "CorruptRecordError",
-    "DatasetFormatError",
-    "SceneDataset",
-    "SceneLoader",
-    "builtin_dataset",
-    "default_cache_dir",
-    "make_dataset",
-    "make_loader",
-    "open_split",
-    "to_model_inputs",
-]
+# Imported on first use (PEP 562): `import gqn_fast.data.catalog` (the command line's parser)
+# must not load torch through this file.
+_LAZY = {
+    "builtin_dataset": "builtin", "default_cache_dir": "builtin", "make_dataset": "builtin",
+    "DatasetFormatError": "format", "open_split": "format",
+    "Batch": "loader", "BatchPlan": "loader", "BatchPlanner": "loader", "SceneDataset": "loader",
+    "SceneLoader": "loader", "make_loader": "loader", "to_model_inputs": "loader",
+    "CorruptRecordError": "tfrecord",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"gqn_fast.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gqn_fast.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

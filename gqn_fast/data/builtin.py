@@ -21,12 +21,10 @@ import torch
 from tqdm import tqdm
 
 from gqn_fast.data.camera import FOV_DEGREES
+from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
 from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
 
-DEFAULT_SCENES = 20_000
-DEFAULT_SEED = 0
-TEST_FRACTION = 0.1
 # Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
 CHUNK_SCENES = 32
 GPU_CHUNK_SCENES = 1024

@@ -54,6 +54,7 @@ try:
 except ImportError:  # pragma: no cover - a dependency; --no-deps installs decode with PIL
     simplejpeg = None
 
+from gqn_fast.data.catalog import DEEPMIND_DATASETS, DeepMindDataset
 from gqn_fast.data.format import (
     CAMERAS, IMAGE_SIZE, IMAGES, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest,
     write_json_atomic,
@@ -61,34 +62,6 @@ from gqn_fast.data.format import (
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
 
-
-@dataclass(frozen=True)
-class DeepMindDataset:
-    name: str
-    num_views: int  # T, views per scene
-    image_size: int  # frame size in the TFRecords, resized to 64
-    train_files: int  # record files in the original release
-    test_files: int
-
-    def file_count(self, split: str) -> int:
-        """Record files of `split` in the original release."""
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
-        return self.train_files if split == "train" else self.test_files
-
-
-DEEPMIND_DATASETS = {
-    d.name: d
-    for d in (
-        DeepMindDataset("rooms_ring_camera", 10, 64, 2160, 240),
-        DeepMindDataset("rooms_free_camera_no_object_rotations", 10, 64, 2160, 240),
-        DeepMindDataset("rooms_free_camera_with_object_rotations", 10, 128, 2034, 226),
-        DeepMindDataset("jaco", 11, 64, 3600, 400),
-        DeepMindDataset("shepard_metzler_5_parts", 15, 64, 900, 100),
-        DeepMindDataset("shepard_metzler_7_parts", 15, 64, 900, 100),
-        DeepMindDataset("mazes", 300, 84, 1080, 120),
-    )
-}
 
 PARTS = ".parts"
 

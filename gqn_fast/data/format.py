@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gqn_fast.data.catalog import SPLITS  # noqa: F401  (re-exported: the splits of the format)
+
 FORMAT_VERSION = 1
 IMAGE_SIZE = 64
-SPLITS = ("train", "test")
 IMAGES, CAMERAS, MANIFEST = "images.npy", "cameras.npy", "manifest.json"
 MANIFEST_KEYS = ("name", "split", "num_scenes", "num_views", "image_size", "source", "version")
 

@@ -82,7 +82,7 @@ def _area_resize(x: np.ndarray, size: int) -> np.ndarray:
     # rows, one GEMM of every block of p pixels (with their channels) by the block's weights
     # spread over the channels, [p * C, q * C]; down the columns, the [q, p] block times p rows.
     g = gcd(a, size)
-    p, q = a // g, size // g
+    p = a // g
     d = p * p
     # Integer weights and pixels: every sum, and 2 * sum + d, is an integer, exact in float32
     # below 2**24; the division is then correctly rounded, so its floor is the exact one (a

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from gqn_fast.data.camera import FOV_DEGREES, look_at
+from gqn_fast.data.catalog import HOLDOUTS, SPLITS
 from gqn_fast.data.render import Box, Cylinder, Room, Scene, Sphere, render
 
-SPLITS = ("train", "test")
 
 ROOM_HALF_SIZE = 4.0
 RING_RADIUS = 3.0
@@ -59,20 +59,6 @@ def _light(rng: np.random.Generator) -> tuple:
 def _cameras_looking_at(positions: np.ndarray, target) -> np.ndarray:
     cams = look_at(torch.from_numpy(positions), torch.tensor(target, dtype=torch.float64))
     return cams.numpy().astype(np.float32)
-
-
-def is_red(colour) -> bool:
-    """A hue within 30 degrees of pure red (a sixth of the hue circle)."""
-    hue = colorsys.rgb_to_hsv(*colour)[0]
-    return hue < 1 / 12 or hue >= 11 / 12
-
-
-# Combinations of scene elements that a training split can leave out, so that a model's
-# rendering of them tests compositionality (it saw red things and boxes, never red boxes).
-# Each is a predicate on (object kind, colour); kinds: 0 sphere, 1 box, 2 cylinder.
-HOLDOUTS = {
-    "red-boxes": lambda kind, colour: kind == 1 and is_red(colour),
-}
 
 
 def check_holdout(holdout: str | None) -> None:

@@ -1,0 +1,97 @@
+"""The settings of a training run (TrainArgs), which of them change its result, and their
+checks. Plain Python: the command line's parser (gqn_fast/arguments.py) reads the defaults
+without loading torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from gqn_fast.errors import UsageError
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    data: str | None = None
+    builtin_scenes: int = 2000
+    preset: str = "small"
+    steps: int = 2000
+    sigma_steps: int = 200_000
+    batch: int = 16
+    max_context: int = 5
+    impl: str = "fast"
+    precision: str = "fp32"
+    compile: bool = False
+    out: str = "runs/gqn"
+    resume: bool = False
+    allow_change: str = ""
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    checkpoint_every: int = 250
+    keep: int = 3
+    device: str | None = None
+    max_minutes: float | None = None
+
+
+def _data_setting(args: dict) -> str:
+    if args.get("data"):
+        return str(Path(args["data"]).resolve())  # older runs stored the path as given
+    return f"the built-in rooms set of {args.get('builtin_scenes')} scenes"
+
+
+# The settings that change what a run computes; a resume must keep them unless allowed to change
+# (flag name -> its value in a TrainArgs dict; "data" covers --data and --builtin-scenes).
+RESULT_SETTINGS = {
+    "data": _data_setting,
+    "preset": lambda a: a.get("preset"),
+    "sigma-steps": lambda a: a.get("sigma_steps"),
+    "batch": lambda a: a.get("batch"),
+    "max-context": lambda a: a.get("max_context"),
+    "impl": lambda a: a.get("impl"),
+    "precision": lambda a: a.get("precision"),
+    "seed": lambda a: a.get("seed"),
+}
+CHOICES = {"preset": ("small", "paper"), "impl": ("fast", "reference"), "precision": ("fp32", "bf16")}
+
+
+def check_args(args: TrainArgs) -> None:
+    """UsageError naming the first argument that cannot be used."""
+    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every",
+                 "image_every", "checkpoint_every", "keep"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {value!r}")
+    for name in ("seed", "workers"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"--{name}: expected a non-negative int, got {value!r}")
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    minutes = args.max_minutes
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not math.isfinite(minutes) or minutes <= 0):
+        raise UsageError(f"--max-minutes: expected a positive number of minutes, got {minutes!r}")
+    unknown = sorted(set(allowed_changes(args)) - set(RESULT_SETTINGS))
+    if unknown:
+        raise UsageError(f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}")
+
+
+def allowed_changes(args: TrainArgs) -> list[str]:
+    return [name.strip().replace("_", "-") for name in args.allow_change.split(",") if name.strip()]
+
+
+def check_resume_settings(saved: dict, args: TrainArgs, path: Path) -> None:
+    """Refuse to resume with a setting that changes the result unless --allow-change names it."""
+    allowed = allowed_changes(args)
+    now = dataclasses.asdict(args)
+    for name, read in RESULT_SETTINGS.items():
+        before, after = read(saved), read(now)
+        if before != after and name not in allowed:
+            raise UsageError(
+                f"--resume: the run was trained with --{name} {before} ({path}), this command has "
+                f"--{name} {after}; resume with the run's setting, or pass --allow-change {name} to change it"
+            )
