@@ -105,6 +105,8 @@ def train(args: TrainArgs) -> torch.nn.Module:
     check_args(args)
     if args.data:  # stored absolute, so a resume or an eval from another folder finds it
         args = dataclasses.replace(args, data=str(Path(args.data).resolve()))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
     main = rank == 0
     if args.max_minutes is not None and world > 1:
@@ -203,6 +205,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
         if world > 1:
             dist.barrier()
 
+    contention = ContentionWatch(torch.get_num_threads() if device.type == "cpu" else 1)
     batches = iter(loader)
     window_start, window_steps, sums = time.perf_counter(), 0, None
     window = (state or {}).get("window") or {}  # checkpoints before this field: a fresh window
@@ -267,6 +270,9 @@ def train(args: TrainArgs) -> torch.nn.Module:
                             f"{where}. Try a lower learning rate or --precision fp32."
                         )
                     rate = window_steps / (time.perf_counter() - window_start)
+                    warning = contention.observe(rate)
+                    if warning and main:
+                        tqdm.write(warning)
                     record = dict(step=step, loss=loss, nll=nll_v, kl=kl_v, nll_above_floor=nll_v - nll_floor(sigma),
                                   bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
                                   steps_per_s=rate, epoch=epoch)
@@ -332,6 +338,30 @@ def save_progress_picture(model, batch, reconstruction, path: Path, seed: int, s
     save_grid(rows, path, captions=[None] * (len(rows) - 1) + [names])
 
 
+class ContentionWatch:
+    """Says once when the steps of a run on several CPU threads get much slower than its best
+    (measured on a shared 2-core machine: the small preset at 6.0 steps/s on 2 threads when
+    idle, 2.0 with one busy job on the other core, where 1 thread kept 4.1: torch's threads
+    wait on each other while the other job holds a core)."""
+
+    def __init__(self, threads: int, slower: float = 2.0):
+        self.threads, self.slower = threads, slower
+        self.best, self.windows, self.said = 0.0, 0, False
+
+    def observe(self, steps_per_s: float) -> str | None:
+        """The warning to show, once, or None. The first window (start-up) is not counted."""
+        self.windows += 1
+        if self.windows == 1 or self.threads <= 1:
+            return None
+        self.best = max(self.best, steps_per_s)
+        if self.said or steps_per_s * self.slower > self.best:
+            return None
+        self.said = True
+        return (f"steps are {self.best / steps_per_s:.1f}x slower than this run's best ({steps_per_s:.2f} against "
+                f"{self.best:.2f} steps/s): another process may be using the cores, which makes torch's "
+                f"{self.threads} threads wait on each other; --threads 1 avoids that (stop, then --resume --threads 1)")
+
+
 class MetricsWriter:
     """metrics.jsonl in the run folder, and TensorBoard when it is installed.
 
@@ -392,6 +422,12 @@ def run_command(ns: argparse.Namespace) -> int:
         train(args)
     except KeyboardInterrupt:
         return 130
+    else:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            out = Path(args.out)
+            last = list_checkpoints(out / "checkpoints")
+            print(f"wrote {out}: checkpoints {last[-1].name if last else '(none)'} in {out / 'checkpoints'}, "
+                  f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -34,6 +34,7 @@ class TrainArgs:
     keep: int = 3
     device: str | None = None
     max_minutes: float | None = None
+    threads: int | None = None  # CPU threads for torch's ops; None: torch's default, one per core
 
 
 def _data_setting(args: dict) -> str:
@@ -71,6 +72,9 @@ def check_args(args: TrainArgs) -> None:
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
             raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    if args.threads is not None and (not isinstance(args.threads, int) or isinstance(args.threads, bool)
+                                     or args.threads < 1):
+        raise UsageError(f"--threads: expected a positive int, got {args.threads!r}")
     minutes = args.max_minutes
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not math.isfinite(minutes) or minutes <= 0):

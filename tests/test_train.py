@@ -315,3 +315,37 @@ def test_a_log_window_split_by_a_stop_is_logged_as_the_unstopped_run_logs_it(dat
 
     assert [r["step"] for r in records(tmp_path / "split")] == [4, 8]
     assert records(tmp_path / "split") == records(tmp_path / "straight")
+
+
+def test_contention_is_said_once_when_steps_slow_down():
+    from gqn_fast.train import ContentionWatch
+
+    watch = ContentionWatch(threads=2)
+    assert [watch.observe(r) for r in (0.5, 6.0, 5.5, 3.1)] == [None] * 4  # start-up, then within 2x
+    warning = watch.observe(2.0)
+    assert "3.0x slower" in warning and "--threads 1" in warning
+    assert watch.observe(1.0) is None  # said once
+    single = ContentionWatch(threads=1)
+    assert all(single.observe(r) is None for r in (6.0, 6.0, 0.1))  # one thread: nothing to change
+
+
+def test_threads_sets_torch_threads(dataset, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(args_for(dataset, tmp_path / "run", steps=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="--threads: expected a positive int"):
+        train(args_for(dataset, tmp_path / "run2", steps=1, threads=0))
+
+
+def test_the_train_command_says_where_its_results_went(dataset, tmp_path, capsys):
+    from gqn_fast import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(dataset), "--out", str(out), "--steps", "1", "--batch", "2",
+                     "--device", "cpu", "--image-every", "1"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    assert said == (f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
+                    f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}")
