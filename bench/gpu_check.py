@@ -47,7 +47,8 @@ GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "da
 # paper model, and get their own call (bench/run.py --only train_step, all providers).
 GROUP_ARGS = {
     "train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]
-    + [arg for provider in ("reference-eager", "gqn_fast-eager", "gqn_fast-fused-cells-eager", "gqn_fast-cudagraph")
+    + [arg for provider in ("reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
+                            "gqn_fast-cudagraph")
        for arg in ("--provider", provider)],
 }
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.

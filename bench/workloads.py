@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as the peak-memory child process
 
 from gqn_fast import GQN, GQNConfig
-from gqn_fast.inputs import values_trusted
+from gqn_fast.data.loader import Batch
 from gqn_fast.model import compile_options
 from gqn_fast import kernels
 from gqn_fast.kernels.gates import lstm_gates_torch
@@ -29,6 +29,9 @@ from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
 from gqn_fast.kernels.pixel_likelihood import pixel_nll_torch
 from gqn_fast.reference import GQN as ReferenceGQN
 from gqn_fast.reference import transform_viewpoint
+from gqn_fast.schedules import learning_rate, pixel_sigma
+from gqn_fast.train_step import TrainStep
+from gqn_fast.train_step import make_optimizer as make_step_optimizer
 
 from op_count import count_training_step
 from measure import (
@@ -79,6 +82,8 @@ def model_providers(device: torch.device, smoke: bool, quick: bool, only=None):
         ("gqn_fast-fused-cells-triton-bwd-eager", GQN, None, False, {"fused_cells": True, "backward_convs": "triton"}),
         ("gqn_fast-compile", GQN, "default", False, {}),
         ("gqn_fast-cudagraph", GQN, None, True, {}),
+        # The fair baseline for what the algebra and the kernels add: a user can graph the reference too.
+        ("reference-cudagraph", ReferenceGQN, None, True, {}),
     ]
     if smoke or quick or device.type != "cuda":
         providers = [p for p in providers if p[2] != "max-autotune"]
@@ -98,46 +103,39 @@ def compile_fn(fn, mode, smoke, options=None):
 
 
 def make_optimizer(model, device, cuda_graph=False):
-    # The same Adam for every provider, and the one `gqn-fast train` uses: fused (CPU and CUDA).
-    return torch.optim.Adam(model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph)
+    # The same Adam for every provider, and the one `gqn-fast train` uses (gqn_fast.train_step).
+    return make_step_optimizer(model, device, 1e-4, graphed=cuda_graph)
+
+
+def loader_batches(batches):
+    """The float batches as the loader gives them to `gqn-fast train`: uint8 images and float32
+    viewpoints on the host (pinned where a GPU can copy from it without waiting)."""
+    pin = torch.cuda.is_available()
+
+    def host(t, image):
+        t = (t * 255).round().to(torch.uint8) if image else t.float()
+        t = t.cpu()
+        return t.pin_memory() if pin else t
+
+    return [Batch(host(cx, True), host(cv, False), host(qx, True), host(qv, False)) for cx, cv, qx, qv in batches]
 
 
 def make_train_step(model, optimizer, batches, precision, device, compile_mode, smoke, cuda_graph):
-    """A closure running one training step (forward, backward, Adam) on the next batch."""
-    sigma = 0.7
-    elbo = model.elbo if compile_mode is None else compile_fn(model.elbo, compile_mode, smoke, compile_options(model))
-    cycle = itertools.cycle(batches)
+    """A closure running one training step as `gqn-fast train` runs it (gqn_fast.train_step:
+    the batch to the device, forward, backward, Adam), with sigma and the learning rate annealed
+    along the paper's schedules as training does; replayed from CUDA graphs with `cuda_graph`."""
+    elbo = model if compile_mode is None else compile_fn(model, compile_mode, smoke, compile_options(model))
+    step = TrainStep(model, optimizer, device, precision, "graphed" if cuda_graph else "eager", elbo=elbo)
+    cycle = itertools.cycle(loader_batches(batches))
+    counter = itertools.count()
 
-    def step(batch):
-        # As `gqn-fast train` runs it: the batches are valid, and value checks would make the
-        # host wait for the GPU (gqn_fast.inputs.values_trusted).
-        with autocast(device, precision), values_trusted():
-            loss = elbo(*batch, sigma=sigma).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not cuda_graph)
-        return loss
+    def run():
+        k = next(counter)
+        return step(next(cycle), pixel_sigma(k, 200_000), learning_rate(k))
 
-    if not cuda_graph:
-        return lambda: step(next(cycle))
-    # Capture the whole step once; replays read new inputs copied into the static batch.
-    static = tuple(t.clone() for t in batches[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(static)
-
-    def replay():
-        for dst, src in zip(static, next(cycle)):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-
-    return replay
+    if cuda_graph:  # capture now (the first call of a context size runs it eagerly, then captures)
+        run()
+    return run
 
 
 def make_generate(model, batches, precision, device, compile_mode, smoke):

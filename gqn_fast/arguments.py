@@ -98,6 +98,8 @@ def register_train(subparsers) -> None:
     p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                    help="stop at the first step boundary after this many minutes of training, with a "
                         "checkpoint and a picture (a time-limited machine); --resume continues")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run each step eagerly on a GPU (by default one CUDA device replays it from CUDA graphs)")
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="CPU threads for torch (default: one per core, the fastest on an idle machine; "
                         "on a machine other jobs share, 1: two threads spin against the other job)")

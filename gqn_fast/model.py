@@ -478,7 +478,7 @@ class GQN(reference.GQN):
                 canvas.draw(step, h_g)
 
         logits = self._image_logits(states)
-        nll = pixel_nll(query_x, logits.to(query_x.dtype), float(sigma))
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
         kl = torch.stack(kls, dim=1)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))

@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError
 from gqn_fast.images import save_grid
-from gqn_fast.inputs import values_trusted
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
+from gqn_fast.train_step import TrainStep, make_optimizer
 from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
 
 
@@ -47,6 +46,22 @@ def model_class(impl: str):
     else:
         raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
     return GQN
+
+
+def step_mode(args: TrainArgs, device: torch.device, world: int) -> str:
+    """How the step runs (gqn_fast.train_step): replayed from CUDA graphs on one CUDA device,
+    unless --no-cuda-graphs, --compile or several processes (DDP's hooks run eagerly)."""
+    if device.type == "cuda" and args.cuda_graphs and not args.compile and world == 1:
+        return "graphed"
+    return "eager"
+
+
+def mode_reason(args: TrainArgs, world: int) -> str:
+    if not args.cuda_graphs:
+        return "--no-cuda-graphs"
+    if args.compile:
+        return "--compile"
+    return f"{world} processes: DDP's hooks are not graphed here"
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -100,7 +115,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
     (all checked before anything in the run folder is written)."""
     from gqn_fast.data.builtin import builtin_dataset
     from gqn_fast.data.format import write_json_atomic
-    from gqn_fast.data.loader import SceneDataset, make_loader, to_model_inputs
+    from gqn_fast.data.loader import SceneDataset, make_loader
 
     check_args(args)
     if args.data:  # stored absolute, so a resume or an eval from another folder finds it
@@ -147,9 +162,8 @@ def train(args: TrainArgs) -> torch.nn.Module:
 
     torch.manual_seed(args.seed)
     model = model_class(args.impl)(config).to(device)
-    # Fused: one kernel for every parameter's update, on the CPU too (a third of the foreach
-    # update's time there: 0.8 against 2.5 ms per step at the small preset).
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(0), betas=(0.9, 0.999), eps=1e-8, fused=True)
+    mode = step_mode(args, device, world)
+    optimizer = make_optimizer(model, device, learning_rate(0), graphed=mode == "graphed")
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -167,9 +181,6 @@ def train(args: TrainArgs) -> torch.nn.Module:
         from gqn_fast.model import compile_options
 
         elbo = torch.compile(elbo, options=compile_options(model))
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    )
 
     loader = make_loader(
         dataset, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
@@ -205,6 +216,9 @@ def train(args: TrainArgs) -> torch.nn.Module:
         if world > 1:
             dist.barrier()
 
+    train_step = TrainStep(model, optimizer, device, args.precision, mode, elbo=elbo)
+    if main and device.type == "cuda" and mode != "graphed":
+        tqdm.write(f"training eagerly on {device} ({mode_reason(args, world)}): each step waits on Python")
     contention = ContentionWatch(torch.get_num_threads() if device.type == "cpu" else 1)
     batches = iter(loader)
     window_start, window_steps, sums = time.perf_counter(), 0, None
@@ -213,7 +227,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
         window_steps, sums = window["steps"], window["sums"].to(device)
     # The state at the last step boundary is what a checkpoint holds: the parameters, optimiser
     # and data position change only in the update below, the RNG as the step draws.
-    boundary_rng, updating = rng_state(), False
+    boundary_rng = rng_state()
     # --max-minutes: the clock starts at the first step (the data and model are ready).
     deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
     out_of_time, shown = False, None
@@ -232,25 +246,13 @@ def train(args: TrainArgs) -> torch.nn.Module:
                     loader.set_epoch(epoch)
                     batches = iter(loader)
                     continue
-                context_x, context_v, query_x, query_v = to_model_inputs(batch, device)
                 sigma = pixel_sigma(step, args.sigma_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step)
-                with autocast, values_trusted():  # the loader's batches are valid by construction
-                    result = elbo(context_x, context_v, query_x, query_v, sigma=sigma)
-                optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                updating = True
-                optimizer.step()
+                now = train_step(batch, sigma, learning_rate(step))  # loss, nll, kl
                 step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
-                updating = False
+                train_step.updating = False
                 boundary_rng = rng_state()
                 progress.update(1)
-
                 # Metrics stay on the device between logs, so the GPU is not waited on every step.
-                kl = result.kl.detach().sum(1).mean().float()
-                nll = result.nll.detach().mean().float()
-                now = torch.stack([result.loss.detach().float(), nll, kl])
                 sums = now if sums is None else sums + now
                 last_log = step % args.log_every == 0 or step == args.steps
                 last_ckpt = step % args.checkpoint_every == 0 or step == args.steps
@@ -283,7 +285,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
                     sums, window_start, window_steps = None, time.perf_counter(), 0
                     if last_ckpt:
                         checkpoint(boundary_rng)
-                shown = (context_x, context_v, query_x, query_v), result.mean.detach()
+                shown = train_step.last
                 if main and (step % args.image_every == 0 or step == args.steps):
                     save_progress_picture(model, *shown, out / "images" / f"step-{step:08d}.png", seed=args.seed)
         if out_of_time:
@@ -298,7 +300,7 @@ def train(args: TrainArgs) -> torch.nn.Module:
         # Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
         # checkpointed (it is finite: it was just checked, or is one step past a finite check,
         # which the next log will catch on resume), unless a checkpoint of it is already written.
-        if updating:
+        if train_step.updating:
             where = f"the last checkpoint is of step {saved_step}" if saved_step is not None else "no checkpoint was written"
             if main:
                 tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")

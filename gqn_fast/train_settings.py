@@ -34,6 +34,7 @@ class TrainArgs:
     keep: int = 3
     device: str | None = None
     max_minutes: float | None = None
+    cuda_graphs: bool = True  # on one CUDA device, the step replayed from CUDA graphs (gqn_fast.train_step)
     threads: int | None = None  # CPU threads for torch's ops; None: torch's default, one per core
 
 

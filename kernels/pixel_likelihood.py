@@ -226,13 +226,18 @@ def _pixel_nll_autograd_backward(ctx, grad_nll):
 _pixel_nll_op.register_autograd(_pixel_nll_autograd_backward, setup_context=_pixel_nll_setup_context)
 
 
-def pixel_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
+def pixel_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """nll [B]: -log N(x | sigmoid(logits), sigma^2) summed over all dims but the first.
 
     x and logits share shape [B, ...], dtype and device; sigma is the (annealed) pixel
-    standard deviation, a positive Python float. nll is fp32 (fp64 for fp64 inputs).
+    standard deviation, a positive Python float, or a 0-dim floating tensor on logits' device
+    (a CUDA graph's sigma, updated in place between replays: its value is not checked, which
+    would make the host wait). nll is fp32 (fp64 for fp64 inputs).
     Differentiable once in logits and x (not in sigma).
     """
+    if isinstance(sigma, torch.Tensor):  # its shape and device: checked by the op
+        check_floating("sigma", sigma)
+        return _pixel_nll_op(x, logits, sigma.to(torch.float64))
     if not torch.compiler.is_compiling():
         # Not while compiling: a comparison on a traced float fixes its value in the graph.
         _check_sigma_value(sigma)

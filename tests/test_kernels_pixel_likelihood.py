@@ -170,7 +170,8 @@ def _bad_nll_inputs():
         ((x, logits, -0.7), ValueError, r"sigma: expected a finite positive float, got -0.7"),
         ((x, logits, float("nan")), ValueError, r"sigma: expected a finite positive float, got nan"),
         ((x, logits, float("inf")), ValueError, r"sigma: expected a finite positive float"),
-        ((x, logits, torch.tensor(0.7)), TypeError, r"sigma: expected a positive Python float, got Tensor"),
+        ((x, logits, torch.tensor([0.7])), ValueError, r"sigma: expected a 0-dim tensor"),
+        ((x, logits, torch.tensor(1)), TypeError, r"sigma: expected a floating-point tensor"),
         ((x, logits, True), TypeError, r"sigma: expected a positive Python float, got bool"),
         ((x, logits, "0.7"), TypeError, r"sigma: expected a positive Python float, got str"),
     ]
@@ -180,6 +181,15 @@ def _bad_nll_inputs():
 def test_pixel_nll_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         pixel_nll(*args)
+
+
+def test_a_tensor_sigma_gives_the_float_sigmas_nll():
+    """A 0-dim tensor sigma (a CUDA graph's, updated in place) is the float's value, bit for bit."""
+    x, logits = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for sigma in (0.7, 1.3):
+        assert torch.equal(pixel_nll(x, logits, torch.tensor(sigma, dtype=torch.float64)), pixel_nll(x, logits, sigma))
+    # A float32 sigma is its float32 value: close to the float's, not equal.
+    torch.testing.assert_close(pixel_nll(x, logits, torch.tensor(0.7)), pixel_nll(x, logits, 0.7))
 
 
 # ---------------------------------------------------------------------------------------
