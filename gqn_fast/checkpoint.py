@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gqn_fast.config import GQNConfig
+from gqn_fast.errors import UserError
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -27,7 +28,7 @@ NAME = re.compile(r"step-(\d+)\.pt$")
 TEMPORARY = re.compile(r"^\.step-\d+\.pt\.tmp-\d+$")  # what atomic_save writes before its rename
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, or made for another configuration."""
 
 

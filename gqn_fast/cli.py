@@ -56,12 +56,12 @@ def command_function(run: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqn_fast.errors import user_errors
+    from gqn_fast.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
         return int(command_function(args.run)(args) or 0)
-    except user_errors() as error:
+    except (UserError, OSError) as error:
         command = " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
         print(f"gqn-fast {command}: error: {error}", file=sys.stderr)
         return 1

@@ -1,23 +1,35 @@
 """The one error path of the command line: errors a user can cause and fix.
 
-A command raises UsageError (or one of USER_ERRORS) naming the argument or file and what is
-wrong with it; `gqn-fast` prints it on one line, `gqn-fast <command>: error: <message>`, and
-exits with code 1, without a traceback. Anything else is a bug and keeps its traceback.
+Every such error is a UserError (keeping its other base too: a DatasetFormatError is still a
+ValueError), naming the argument or file and what is wrong with it; `gqn-fast` prints it on one
+line, `gqn-fast <command>: error: <message>`, and exits with code 1, as it does for an OSError
+(a file missing, a disk full). Anything else is a bug and keeps its traceback. This module
+imports nothing of the project, so every module can import it.
 """
 
 from __future__ import annotations
 
 
-class UsageError(Exception):
-    """A bad command-line argument, or a file that cannot be used as given."""
+class UserError(Exception):
+    """An error the user can fix: a bad argument, or a file that cannot be used as given."""
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types reported in one line: UsageError and the library's own input errors."""
-    from gqn_fast.checkpoint import CheckpointError
-    from gqn_fast.data.format import DatasetFormatError
-    from gqn_fast.data.tfrecord import CorruptRecordError
-    from gqn_fast.train import TrainingDiverged
+class UsageError(UserError, ValueError):
+    """A bad argument (of a command, or of a function a user calls with it): a ValueError too."""
 
-    return (UsageError, CheckpointError, DatasetFormatError, CorruptRecordError, TrainingDiverged,
-            FileExistsError, FileNotFoundError, NotADirectoryError)
+
+def check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:
+    """`value` of the option `name` (e.g. "--scenes") if it is an int (not a bool) with
+    low <= value <= high, else a UsageError: "--scenes: expected an int >= 1, got 0"."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        expected = f"an int from {low} to {high}" if high is not None else f"an int >= {low}"
+        raise UsageError(f"{name}: expected {expected}{why}, got {value}")
+    return value
+
+
+def check_count(name: str, value, low: int = 1) -> int:
+    """A count that must be an int (not a bool) >= low, 1 or 0: "--keep: expected a positive int, got 0"."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        kind = {1: "a positive int", 0: "a non-negative int"}[low]
+        raise UsageError(f"{name}: expected {kind}, got {value!r}")
+    return value

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError
+from gqn_fast.errors import UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.reference import transform_viewpoint
 from gqn_fast.schedules import bits_per_dim, nll_floor
@@ -229,14 +229,6 @@ def sample(model, images, cameras, out: Path, scenes: int, samples: int, context
 
 
 # --- command line (shared with gqn_fast.analyze) --------------------------------------------
-
-
-def check_int(name: str, value: int, low: int, high: int | None = None, why: str = "") -> int:
-    """`value` of the option `name` (e.g. "--scenes") if low <= value <= high, else a UsageError."""
-    if value < low or (high is not None and value > high):
-        expected = f"an int from {low} to {high}" if high is not None else f"an int >= {low}"
-        raise UsageError(f"{name}: expected {expected}{why}, got {value}")
-    return value
 
 
 def open_checkpoint(ns: argparse.Namespace):

@@ -27,14 +27,14 @@ from gqn_fast.checkpoint import (
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError
+from gqn_fast.errors import UsageError, UserError
 from gqn_fast.images import save_grid
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 from gqn_fast.train_step import TrainStep, make_optimizer
 from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -418,7 +418,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def run_command(ns: argparse.Namespace) -> int:
-    """Errors a user can fix (gqn_fast.errors.user_errors) reach gqn_fast.cli as one line."""
+    """Errors a user can fix (gqn_fast.errors.UserError, OSError) reach gqn_fast.cli as one line."""
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     try:
         train(args)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from gqn_fast.errors import UsageError
+from gqn_fast.errors import UsageError, check_count
 
 
 @dataclasses.dataclass
@@ -63,19 +63,14 @@ def check_args(args: TrainArgs) -> None:
     """UsageError naming the first argument that cannot be used."""
     for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every",
                  "image_every", "checkpoint_every", "keep"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {value!r}")
+        check_count(f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("seed", "workers"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UsageError(f"--{name}: expected a non-negative int, got {value!r}")
+        check_count(f"--{name}", getattr(args, name), 0)
     for name, choices in CHOICES.items():
         if getattr(args, name) not in choices:
             raise UsageError(f"--{name}: expected one of {', '.join(choices)}, got {getattr(args, name)!r}")
-    if args.threads is not None and (not isinstance(args.threads, int) or isinstance(args.threads, bool)
-                                     or args.threads < 1):
-        raise UsageError(f"--threads: expected a positive int, got {args.threads!r}")
+    if args.threads is not None:
+        check_count("--threads", args.threads)
     minutes = args.max_minutes
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not math.isfinite(minutes) or minutes <= 0):

@@ -228,3 +228,30 @@ def test_every_command_names_a_function_that_exists():
     assert len(runs) == 10
     assert all(callable(cli.command_function(run)) for run in runs)
     assert tuple(analyze.PROPERTIES) == ALGEBRA_PROPERTIES
+
+
+def test_one_error_type_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Every error a user can fix is a UserError (with its old base); errors.py imports nothing of
+    the project; a bare ValueError from a command is a bug and is not turned into one line."""
+    import ast
+    from pathlib import Path
+
+    from gqn_fast import errors, train
+    from gqn_fast.checkpoint import CheckpointError
+    from gqn_fast.data.format import DatasetFormatError
+    from gqn_fast.data.tfrecord import CorruptRecordError
+
+    for cls, base in ((errors.UsageError, ValueError), (CheckpointError, RuntimeError),
+                      (DatasetFormatError, ValueError), (CorruptRecordError, ValueError),
+                      (train.TrainingDiverged, RuntimeError)):
+        assert issubclass(cls, errors.UserError) and issubclass(cls, base), cls
+    tree = ast.parse(Path(errors.__file__).read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                and "gqn_fast" in (getattr(n, "module", None) or "") + " ".join(a.name for a in n.names)]
+
+    def bug(ns):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr("gqn_fast.data.commands._show", bug)
+    with pytest.raises(ValueError, match="an internal mistake"):
+        cli.main(["data", "show", str(tmp_path)])

@@ -24,6 +24,7 @@ from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
 from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
+from gqn_fast.errors import UsageError, check_count
 
 # Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
 CHUNK_SCENES = 32
@@ -35,9 +36,9 @@ MIN_SCENES_FOR_WORKERS = 256
 def split_sizes(scenes: int, test_fraction: float = TEST_FRACTION) -> dict[str, int]:
     """Scenes per split: test gets round(scenes * test_fraction), at least one; train the rest."""
     if not isinstance(scenes, int) or isinstance(scenes, bool) or scenes < 2:
-        raise ValueError(f"scenes: expected an int >= 2 (one train and one test scene), got {scenes!r}")
+        raise UsageError(f"scenes: expected an int >= 2 (one train and one test scene), got {scenes!r}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+        raise UsageError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     test = min(scenes - 1, max(1, round(scenes * test_fraction)))
     return {"train": scenes - test, "test": test}
 
@@ -121,12 +122,10 @@ def make_dataset(
     """
     get_family(family)
     sizes = split_sizes(scenes, test_fraction)
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    check_count("seed", seed, 0)
     if workers is None:
         workers = default_workers() if scenes >= MIN_SCENES_FOR_WORKERS else 1
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: expected a positive int, got {workers!r}")
+    check_count("workers", workers)
     if chunk is None:
         on_gpu = device is not None and torch.device(device).type != "cpu"
         chunk = GPU_CHUNK_SCENES if on_gpu else CHUNK_SCENES

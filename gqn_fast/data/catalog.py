@@ -7,6 +7,8 @@ from __future__ import annotations
 import colorsys
 from dataclasses import dataclass
 
+from gqn_fast.errors import UsageError
+
 SPLITS = ("train", "test")
 
 # Built-in sets (gqn-fast data make, and the set `gqn-fast train` makes without --data).
@@ -43,7 +45,7 @@ class DeepMindDataset:
     def file_count(self, split: str) -> int:
         """Record files of `split` in the original release."""
         if split not in SPLITS:
-            raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+            raise UsageError(f"split: expected one of {list(SPLITS)}, got {split!r}")
         return self.train_files if split == "train" else self.test_files
 
 

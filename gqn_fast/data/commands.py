@@ -3,49 +3,34 @@ gqn_fast/arguments.py)."""
 
 from __future__ import annotations
 
-import sys
-
-from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError
 from gqn_fast.data.builtin import dataset_summary, make_dataset
 from gqn_fast.data.deepmind import convert_deepmind
-from gqn_fast.data.format import DatasetFormatError
 from gqn_fast.data.show import save_grid
-from gqn_fast.data.tfrecord import CorruptRecordError
+from gqn_fast.devices import device_of
+from gqn_fast.errors import UsageError, check_count
 
-# Errors a user can cause and fix: reported in one line, exit code 1, no traceback.
-USER_ERRORS = (DatasetFormatError, CorruptRecordError, FileExistsError, FileNotFoundError, ValueError, UsageError)
-
-
-def _fail(command: str, error: Exception) -> int:
-    print(f"gqn-fast data {command}: error: {error}", file=sys.stderr)
-    return 1
+# What goes wrong for a user (a UserError, an OSError) reaches gqn_fast.cli, which says it in one line.
 
 
 def _make(args) -> int:
     family = args.family
     if args.parts is not None:
         if family != "shepard_metzler":
-            return _fail("make", ValueError("--parts applies to shepard_metzler only"))
+            raise UsageError("--parts applies to shepard_metzler only")
         family = "shepard_metzler" if args.parts == 5 else "shepard_metzler_7"
-    try:
-        if args.device is not None:
-            device_of(args.device)  # a device torch cannot use is named here, not in a worker's traceback
-        out = make_dataset(args.out, family, args.scenes, args.seed, args.test_fraction, workers=args.workers,
-                           device=args.device, progress=not args.quiet, overwrite=args.overwrite,
-                           holdout=args.holdout)
-    except USER_ERRORS as error:
-        return _fail("make", error)
+    if args.device is not None:
+        device_of(args.device)  # a device torch cannot use is named here, not in a worker's traceback
+    out = make_dataset(args.out, family, args.scenes, args.seed, args.test_fraction, workers=args.workers,
+                       device=args.device, progress=not args.quiet, overwrite=args.overwrite, holdout=args.holdout)
     print(f"wrote {out}\n{dataset_summary(out)}")
     return 0
 
 
 def _convert(args) -> int:
-    try:
-        report = convert_deepmind(args.src, args.out, args.dataset, splits=args.splits, workers=args.workers,
-                                  skip_corrupt=args.skip_corrupt, progress=not args.quiet)
-    except USER_ERRORS as error:
-        return _fail("convert-deepmind", error)
+    if args.workers is not None:
+        check_count("--workers", args.workers)
+    report = convert_deepmind(args.src, args.out, args.dataset, splits=args.splits, workers=args.workers,
+                              skip_corrupt=args.skip_corrupt, progress=not args.quiet)
     for split, r in report.items():
         note = "" if r["files"] == r["expected_files"] else f" (the full release has {r['expected_files']})"
         print(f"{split}: {r['scenes']} scenes from {r['files']} files{note}")
@@ -55,9 +40,8 @@ def _convert(args) -> int:
 
 
 def _show(args) -> int:
-    try:
-        out = save_grid(args.dir, args.out, split=args.split, scenes=args.scenes, views=args.views, first=args.first)
-    except USER_ERRORS as error:
-        return _fail("show", error)
+    if args.views is not None:
+        check_count("--views", args.views)
+    out = save_grid(args.dir, args.out, split=args.split, scenes=args.scenes, views=args.views, first=args.first)
     print(f"wrote {out}")
     return 0

@@ -61,6 +61,7 @@ from gqn_fast.data.format import (
 )
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
+from gqn_fast.errors import UsageError
 
 
 PARTS = ".parts"
@@ -75,7 +76,7 @@ def source_name(index: int, count: int) -> str:
 
 def get_dataset(name: str) -> DeepMindDataset:
     if name not in DEEPMIND_DATASETS:
-        raise ValueError(f"dataset: expected one of {sorted(DEEPMIND_DATASETS)}, got {name!r}")
+        raise UsageError(f"dataset: expected one of {sorted(DEEPMIND_DATASETS)}, got {name!r}")
     return DEEPMIND_DATASETS[name]
 
 

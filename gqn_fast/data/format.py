@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gqn_fast.errors import UserError
+
 from gqn_fast.data.catalog import SPLITS  # noqa: F401  (re-exported: the splits of the format)
 
 FORMAT_VERSION = 1
@@ -24,7 +26,7 @@ IMAGES, CAMERAS, MANIFEST = "images.npy", "cameras.npy", "manifest.json"
 MANIFEST_KEYS = ("name", "split", "num_scenes", "num_views", "image_size", "source", "version")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A dataset file is missing, unreadable or disagrees with the format or its manifest."""
 
 

@@ -24,6 +24,7 @@ import torch
 from gqn_fast.data.camera import FOV_DEGREES, look_at
 from gqn_fast.data.catalog import HOLDOUTS, SPLITS
 from gqn_fast.data.render import Box, Cylinder, Room, Scene, Sphere, render
+from gqn_fast.errors import UsageError, check_count
 
 
 ROOM_HALF_SIZE = 4.0
@@ -63,7 +64,7 @@ def _cameras_looking_at(positions: np.ndarray, target) -> np.ndarray:
 
 def check_holdout(holdout: str | None) -> None:
     if holdout is not None and holdout not in HOLDOUTS:
-        raise ValueError(f"holdout: expected one of {sorted(HOLDOUTS)} or None, got {holdout!r}")
+        raise UsageError(f"holdout: expected one of {sorted(HOLDOUTS)} or None, got {holdout!r}")
 
 
 def sample_room(rng: np.random.Generator, num_views: int, exclude=None) -> tuple[Scene, np.ndarray]:
@@ -155,15 +156,14 @@ FAMILIES = {
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {name!r}")
+        raise UsageError(f"family: expected one of {sorted(FAMILIES)}, got {name!r}")
     return FAMILIES[name]
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    check_count("seed", seed, 0)
     if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split: expected one of {SPLITS}, got {split!r}")
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
@@ -178,7 +178,7 @@ def sample_scenes(family: str, seed: int, split: str, start: int, stop: int, hol
     extra = {}
     if holdout is not None:
         if family != "rooms":
-            raise ValueError(f"holdout: only the rooms family has held-out combinations, got family {family!r}")
+            raise UsageError(f"holdout: only the rooms family has held-out combinations, got family {family!r}")
         extra["exclude"] = HOLDOUTS[holdout] if split == "train" else None
     scenes, cameras = [], []
     for index in range(start, stop):

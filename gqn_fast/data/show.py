@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from gqn_fast.data.loader import SceneDataset
+from gqn_fast.errors import UsageError, check_count
 
 GAP = 2  # pixels between tiles
 MAX_VIEWS = 16  # columns by default: mazes have 300 views
@@ -17,10 +18,9 @@ def save_grid(root, out=None, split: str = "train", scenes: int = 8, views: int 
               first: int = 0) -> Path:
     """Write scenes first..first+scenes-1 of a split, up to `views` views each, as one PNG; returns its path."""
     dataset = SceneDataset(root, split)
-    if not isinstance(scenes, int) or scenes < 1:
-        raise ValueError(f"scenes: expected a positive int, got {scenes!r}")
+    check_count("scenes", scenes)
     if not 0 <= first < len(dataset):
-        raise ValueError(f"first: expected a scene index in [0, {len(dataset)}), got {first!r}")
+        raise UsageError(f"first: expected a scene index in [0, {len(dataset)}), got {first!r}")
     rows = min(scenes, len(dataset) - first)
     cols = min(views or MAX_VIEWS, dataset.num_views)
     tile = 64 + GAP

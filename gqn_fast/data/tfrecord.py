@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from gqn_fast.errors import UserError
+
 try:
     import google_crc32c
 except ImportError:  # pragma: no cover - the package is a dependency
@@ -37,7 +39,7 @@ except ImportError:  # pragma: no cover - the package is a dependency
 _MASK_DELTA = 0xA282EAD8
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(UserError, ValueError):
     """A record of a TFRecord file is truncated, fails its checksum or does not parse."""
 
     def __init__(self, path, index: int, problem: str):
