@@ -7,6 +7,7 @@ the analytic work (FLOPs or bytes) and how close that comes to the device's limi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -68,28 +69,47 @@ def scene_batches(batch: int, device: torch.device, count: int = ROTATING_BATCHE
 # --- whole-model workloads ----------------------------------------------------------------
 
 
-def model_providers(device: torch.device, smoke: bool, quick: bool, only=None):
-    """(name, model class, compile mode or None, CUDA-graph capture?, model attributes);
-    only: the names to keep (None: all that apply here)."""
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One way of running a whole model in the bench: which implementation, compiled or not,
+    replayed from CUDA graphs or not, with which constructor choices (gqn_fast.GQN's)."""
+
+    name: str
+    implementation: str  # "reference" or "gqn_fast": a key of MODEL_CLASSES
+    compile_mode: str | None = None
+    cuda_graph: bool = False
+    choices: tuple = ()  # (name, value) pairs for the model's constructor
+
+    @property
+    def model_class(self):
+        return MODEL_CLASSES[self.implementation]
+
+    def build(self, config):
+        return self.model_class(config, **dict(self.choices))
+
+
+def model_providers(device: torch.device, smoke: bool, quick: bool, only=None) -> list[Provider]:
+    """The providers that apply here; only: the names to keep (None: all that apply here)."""
     providers = [
-        ("reference-eager", ReferenceGQN, None, False, {}),
-        ("reference-compile", ReferenceGQN, "default", False, {}),
-        ("reference-compile-max-autotune", ReferenceGQN, "max-autotune", False, {}),
-        ("gqn_fast-eager", GQN, None, False, {}),
+        Provider("reference-eager", "reference"),
+        Provider("reference-compile", "reference", "default"),
+        Provider("reference-compile-max-autotune", "reference", "max-autotune"),
+        Provider("gqn_fast-eager", "gqn_fast"),
         # The fused conv + gates cells in the whole step (the default is cuDNN's conv, then the
         # gate kernel), with cuDNN's or the fused cells' Triton backward convs.
-        ("gqn_fast-fused-cells-eager", GQN, None, False, {"fused_cells": True}),
-        ("gqn_fast-fused-cells-triton-bwd-eager", GQN, None, False, {"fused_cells": True, "backward_convs": "triton"}),
-        ("gqn_fast-compile", GQN, "default", False, {}),
-        ("gqn_fast-cudagraph", GQN, None, True, {}),
+        Provider("gqn_fast-fused-cells-eager", "gqn_fast", choices=(("fused_cells", True),)),
+        Provider("gqn_fast-fused-cells-triton-bwd-eager", "gqn_fast",
+                 choices=(("fused_cells", True), ("backward_convs", "triton"))),
+        Provider("gqn_fast-compile", "gqn_fast", "default"),
+        Provider("gqn_fast-cudagraph", "gqn_fast", cuda_graph=True),
         # The fair baseline for what the algebra and the kernels add: a user can graph the reference too.
-        ("reference-cudagraph", ReferenceGQN, None, True, {}),
+        Provider("reference-cudagraph", "reference", cuda_graph=True),
     ]
     if smoke or quick or device.type != "cuda":
-        providers = [p for p in providers if p[2] != "max-autotune"]
-    if device.type != "cuda":  # no CUDA graphs, and the cells run unfused whatever the switch
-        providers = [p for p in providers if not p[3] and not p[4]]
-    return [p for p in providers if only is None or p[0] in only]
+        providers = [p for p in providers if p.compile_mode != "max-autotune"]
+    if device.type != "cuda":  # no CUDA graphs, and the cells run unfused whatever the choice
+        providers = [p for p in providers if not p.cuda_graph and not p.choices]
+    return [p for p in providers if only is None or p.name in only]
 
 
 def compile_fn(fn, mode, smoke, options=None):
@@ -226,17 +246,17 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
         peaks, host_ops = {}, {}
         for precision, workload in itertools.product(precisions, WORKLOADS):
             models, fns, compile_s, errors = {}, {}, {}, {}
-            for name, cls, mode, graph, attributes in model_providers(device, smoke, quick, only):
+            for provider in model_providers(device, smoke, quick, only):
+                name, mode, graph = provider.name, provider.compile_mode, provider.cuda_graph
                 if graph and workload == "generate":
                     continue
                 label = f"{workload} {preset} B={batch} {precision} {name}"
                 try:
-                    key = (cls, graph, tuple(sorted(attributes.items())))
+                    # Compiled providers share the model (and optimizer) of the eager one of their kind.
+                    key = (provider.implementation, graph, provider.choices)
                     if key not in models:
                         torch.manual_seed(0)
-                        model = cls(config).to(device)
-                        for attribute, value in attributes.items():
-                            setattr(model, attribute, value)
+                        model = provider.build(config).to(device)
                         models[key] = model, make_optimizer(model, device, graph)
                     model, optimizer = models[key]
                     start = time.perf_counter()
@@ -254,7 +274,8 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                 timings = {name: time_fn(fn, device, repeats=repeats) for name, fn in fns.items()}
             else:
                 timings = interleaved_times(fns, device, repeats=repeats, warmup=1)
-            for name, cls, mode, graph, attributes in model_providers(device, smoke, quick, only):
+            for provider in model_providers(device, smoke, quick, only):
+                name, mode, graph = provider.name, provider.compile_mode, provider.cuda_graph
                 if graph and workload == "generate":
                     continue
                 row = dict(workload=workload, provider=name, preset=preset, batch=batch, precision=precision,
@@ -264,12 +285,12 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     continue
                 try:
                     peak = saved = None
-                    if mode is None and not graph and not attributes:
+                    if mode is None and not graph and not provider.choices:
                         if precision not in peaks:
                             peaks[precision] = eager_peak_memory(config, batch, precision, device)
-                        peak = peaks[precision][name.split("-")[0], workload]
+                        peak = peaks[precision][provider.implementation, workload]
                     if workload == "train_step" and not graph:
-                        model = models[(cls, graph, tuple(sorted(attributes.items())))][0]
+                        model = models[(provider.implementation, graph, provider.choices)][0]
                         with autocast(device, precision):
                             saved = saved_for_backward_bytes(lambda m=model: m.elbo(*batches[0], sigma=0.7))
                 except Exception as error:
@@ -286,10 +307,7 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     # What an eager step asks of the host (bench/op_count.py: counted on the meta
                     # device for the GPU's branches, the fp32 graph).
                     if name not in host_ops:
-                        model = cls(config)
-                        for attribute, value in attributes.items():
-                            setattr(model, attribute, value)
-                        host_ops[name] = count_training_step(model, batch)
+                        host_ops[name] = count_training_step(provider.build(config), batch)
                     counts = host_ops[name]
                     row.update(ops_per_step=counts["ops"] + counts["custom ops"], views_per_step=counts["views"],
                                autograd_nodes=counts["autograd nodes"])
@@ -424,16 +442,11 @@ def unfused_cell(x, weight, constant, c):
 
 
 def fused_cell(backward_convs, gates_in_one_dot=False):
-    """kernels.conv_lstm_cell with the given backward convs and forward GEMM shape
-    (kernels/conv_cell.py's GATES_IN_ONE_DOT, set for the call)."""
-    from gqn_fast.kernels import conv_cell
+    """kernels.conv_lstm_cell with the given backward convs and forward GEMM shape."""
 
     def cell(x, weight, constant, c):
-        default, conv_cell.GATES_IN_ONE_DOT = conv_cell.GATES_IN_ONE_DOT, gates_in_one_dot
-        try:
-            return kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs)
-        finally:
-            conv_cell.GATES_IN_ONE_DOT = default
+        return kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs,
+                                      gates_in_one_dot=gates_in_one_dot)
 
     return cell
 

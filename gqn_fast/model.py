@@ -268,18 +268,29 @@ class CanvasView:
 class GQN(reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
-    Two switches, plain attributes (not in the state_dict), for benchmarks and comparisons:
+    Three choices, keyword arguments of the constructor (not in the state_dict; fixed for the
+    model's life, so torch.compile's graph of it is right), for benchmarks and comparisons:
     fused_cells: False (default): each cell's 5x5 conv by cuDNN (oneDNN on the CPU), then the
         gate kernel. True: the conv with the gates in its epilogue (kernels.conv_lstm_cell; its
         PyTorch path where Triton does not run). On an H100 at B = 36 (bench/results/
         nvidia-h100-80gb-hbm3, conv_cell rows, forward and backward) the fused cell took 1.3 to
         1.5 times as long as cuDNN plus the gate kernel, both cells, TF32 and bf16; it becomes
-        the default if a GPU measures it faster (GATES_IN_ONE_DOT is the candidate).
+        the default if a GPU measures it faster (gates_in_one_dot is the candidate).
     backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
+    gates_in_one_dot: the fused cells' forward GEMM as one product over the four gates.
     """
 
-    fused_cells: bool = False
-    backward_convs: str = "aten"
+    def __init__(self, config=None, *, fused_cells: bool = False, backward_convs: str = "aten",
+                 gates_in_one_dot: bool = False):
+        from gqn_fast.kernels.conv_cell import BACKWARD_CONVS
+
+        super().__init__(config)
+        if backward_convs not in BACKWARD_CONVS:
+            raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
+        for name, value in (("fused_cells", fused_cells), ("gates_in_one_dot", gates_in_one_dot)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        self.fused_cells, self.backward_convs, self.gates_in_one_dot = fused_cells, backward_convs, gates_in_one_dot
 
     @staticmethod
     def _pytorch_cpu(t: torch.Tensor) -> bool:
@@ -411,7 +422,8 @@ class GQN(reference.GQN):
         """
         if self.fused_cells:
             dtype = _conv_dtype(weight)
-            return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs)
+            return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs,
+                                  gates_in_one_dot=self.gates_in_one_dot)
         preact = F.conv2d(self._core_layout(x), weight, padding=2)
         if self.config.share_cores:
             # The constant lives through all L steps anyway: the gate kernel reads it in its own

@@ -60,10 +60,6 @@ from .utils import (
 )
 
 BACKWARD_CONVS = ("aten", "triton")
-# The forward kernel's GEMM as one product over all four gates (True) or one per gate (False,
-# measured on an H100: slower than cuDNN's conv plus the gate kernel in TF32). Read at each
-# call, for bench/run.py --only conv_cell to compare; the default stays until a GPU has.
-GATES_IN_ONE_DOT = False
 
 
 def _check_backward_convs(backward_convs: str) -> None:
@@ -107,7 +103,7 @@ def _conv_lstm_cell_forward_kernel(
     gates of each hidden channel side by side (column 4 h + gate), split in the epilogue; else
     four [BLOCK_M, BLOCK_H] products, one per gate. Hopper's wgmma runs N = 64 to 256 columns
     at full rate, so four narrow products may leave the tensor cores idle: bench/run.py --only
-    conv_cell measures both (`GATES_IN_ONE_DOT` below picks).
+    conv_cell measures both (conv_lstm_cell's gates_in_one_dot picks).
     """
     b, y, x, m_ok = _pixel_coordinates(tl.program_id(0), batch, height, width, BLOCK_M)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -413,8 +409,10 @@ def _output_channels_unit_stride(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool):
-    """(h, c', preact): preact is the fp32 [B, 4H, Y, X] preactivation if save_preact, else empty."""
+def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool, gates_in_one_dot: bool = False):
+    """(h, c', preact): preact is the fp32 [B, 4H, Y, X] preactivation if save_preact, else empty.
+    gates_in_one_dot: the forward's GEMM as one product over all four gates instead of one per
+    gate (see the kernel; off until a GPU measures it faster)."""
     _check_inputs(x, weight, constant, c)
     if not _kernels_apply(x):
         return _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact)
@@ -432,7 +430,7 @@ def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool):
             *x.stride(), *weight.stride(), *constant.stride(), *c.stride(),
             *h.stride(), *c_new.stride(), *preact.stride(),
         )  # fmt: skip
-        constexprs = {**_kernel_sizes(weight), "SAVE_PREACT": save_preact, "GATES_IN_ONE_DOT": GATES_IN_ONE_DOT,
+        constexprs = {**_kernel_sizes(weight), "SAVE_PREACT": save_preact, "GATES_IN_ONE_DOT": gates_in_one_dot,
                       **_dot_settings()}  # fmt: skip
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
         with launch_device(x):
@@ -515,10 +513,11 @@ def _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact):
 
 @torch.library.triton_op("gqn_fast::conv_lstm_cell", mutates_args=())
 def _conv_lstm_cell_op(
-    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, save_preact: bool, backward_convs: str
+    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, save_preact: bool,
+    backward_convs: str, gates_in_one_dot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward_convs(backward_convs)  # here, not at backward time
-    return conv_lstm_cell_forward(x, weight, constant, c, save_preact)
+    return conv_lstm_cell_forward(x, weight, constant, c, save_preact, gates_in_one_dot)
 
 
 @torch.library.triton_op("gqn_fast::conv_lstm_cell_backward", mutates_args=())
@@ -530,7 +529,7 @@ def _conv_lstm_cell_backward_op(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, constant, c, save_preact, backward_convs = inputs
+    x, weight, constant, c, save_preact, backward_convs, _gates_in_one_dot = inputs
     ctx.save_for_backward(x, weight, output[2], c)
     ctx.save_preact, ctx.backward_convs, ctx.constant_dtype = save_preact, backward_convs, constant.dtype
 
@@ -547,14 +546,15 @@ def _autograd_backward(ctx, grad_h, grad_c_new, _grad_preact):
     grad_x, grad_weight, grad_preact, grad_c = _conv_lstm_cell_backward_op(
         x, weight, preact, c, grad_h, grad_c_new, ctx.backward_convs
     )
-    return grad_x, grad_weight, grad_preact.to(ctx.constant_dtype), grad_c, None, None
+    return grad_x, grad_weight, grad_preact.to(ctx.constant_dtype), grad_c, None, None, None
 
 
 _conv_lstm_cell_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def conv_lstm_cell(
-    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, *, backward_convs: str = "aten"
+    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, *, backward_convs: str = "aten",
+    gates_in_one_dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ConvLSTM cell from its step-varying input: (h, c').
 
@@ -566,8 +566,9 @@ def conv_lstm_cell(
     Gates i, f, g, o in PyTorch's order: c' = sigmoid(f) c + sigmoid(i) tanh(g),
     h = sigmoid(o) tanh(c'); h and c' have c's dtype. Any strides. Differentiable once in
     x, weight, constant and c; backward_convs ("aten" or "triton") picks the kernels of the
-    backward's two convolutions.
+    backward's two convolutions; gates_in_one_dot the forward's GEMM as one product over all
+    four gates (Hopper's wgmma runs 64 to 256 columns at full rate) instead of four.
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, constant, c))
-    h, c_new, _ = _conv_lstm_cell_op(x, weight, constant, c, save, backward_convs)
+    h, c_new, _ = _conv_lstm_cell_op(x, weight, constant, c, save, backward_convs, gates_in_one_dot)
     return h, c_new

@@ -57,8 +57,8 @@ def compare(
     reference (on the CPU); the plain reference runs beside fast, in the same dtype and place."""
     torch.manual_seed(seed)
     oracle = ReferenceGQN(config).double()
-    plain, fast = ReferenceGQN(config).to(device, dtype), GQN(config).to(device, dtype)
-    fast.fused_cells, fast.backward_convs = fused_cells, backward_convs
+    plain = ReferenceGQN(config).to(device, dtype)
+    fast = GQN(config, fused_cells=fused_cells, backward_convs=backward_convs).to(device, dtype)
     plain.load_state_dict(oracle.state_dict())
     fast.load_state_dict(oracle.state_dict())
     data = random_scene_batch(batch, views, dtype=torch.float64)
@@ -306,9 +306,8 @@ def test_bf16_autocast_matches_reference(share_cores, path, fused_cells, monkeyp
     calls = count_fused_cells(monkeypatch)
     config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores)
     torch.manual_seed(0)
-    oracle, fast = ReferenceGQN(config).double(), GQN(config).to(device)
+    oracle, fast = ReferenceGQN(config).double(), GQN(config, fused_cells=fused_cells).to(device)
     fast.load_state_dict(oracle.state_dict())
-    fast.fused_cells = fused_cells
     data = random_scene_batch(2, 2, dtype=torch.float64)
     noise = torch.randn(2, 2, 2, 16, 16, dtype=torch.float64)
     expected = oracle.elbo(*data, sigma=0.7, noise=noise)
@@ -386,3 +385,16 @@ def test_same_seed_same_draws_without_noise(preset):
     (loss_ref, image_ref), (loss, image) = results
     assert_close_rms(loss, loss_ref, RMS_LIMITS[torch.float64], "loss")
     assert_close_rms(image, image_ref, RMS_LIMITS[torch.float64], "generate")
+
+
+def test_choices_are_constructor_arguments_of_each_model():
+    """Two models with different cells live in one process; nothing is set on the class."""
+    config = GQNConfig(representation="tower", L=1, z_dim=2, hidden=4, canvas=4, r_dim=8)
+    fused, plain = GQN(config, fused_cells=True, backward_convs="triton", gates_in_one_dot=True), GQN(config)
+    assert (fused.fused_cells, fused.backward_convs, fused.gates_in_one_dot) == (True, "triton", True)
+    assert (plain.fused_cells, plain.backward_convs, plain.gates_in_one_dot) == (False, "aten", False)
+    assert "fused_cells" not in vars(GQN) and "backward_convs" not in vars(GQN)
+    with pytest.raises(ValueError, match="backward_convs"):
+        GQN(config, backward_convs="cudnn")
+    with pytest.raises(TypeError, match="fused_cells: expected a bool"):
+        GQN(config, fused_cells=1)

@@ -66,7 +66,7 @@ def test_group_arguments_name_what_exists():
 
     args = gpu_check.GROUP_ARGS["train_step"]
     named = lambda flag: [args[i + 1] for i, arg in enumerate(args) if arg == flag]  # noqa: E731
-    cuda_providers = {p[0] for p in workloads.model_providers(torch.device("cuda"), smoke=False, quick=True)}
+    cuda_providers = {p.name for p in workloads.model_providers(torch.device("cuda"), smoke=False, quick=True)}
     assert named("--provider") and set(named("--provider")) <= cuda_providers
     assert named("--preset") and set(named("--preset")) <= set(run.MODEL_PRESETS)
     assert set(gpu_check.PROFILE_PRESETS) <= set(run.MODEL_PRESETS)

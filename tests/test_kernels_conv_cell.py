@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gqn_fast.kernels import conv_cell, conv_lstm_cell
+from gqn_fast.kernels import conv_lstm_cell
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms, rel_rms
@@ -53,10 +53,10 @@ def limits(dtype, tf32):
     return (RMS_LIMITS[operand] if tf32 else RMS_LIMITS[torch.float32]), RMS_LIMITS[operand]
 
 
-def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None):
+def check(x, weight, constant, c, backward_convs, dtype, tf32, grads_out=None, gates_in_one_dot=False):
     """conv_lstm_cell against the oracle: h, c' and the gradients of x, weight, constant and c."""
     inputs = (x, weight, constant, c)
-    h, c_new = conv_lstm_cell(*inputs, backward_convs=backward_convs)
+    h, c_new = conv_lstm_cell(*inputs, backward_convs=backward_convs, gates_in_one_dot=gates_in_one_dot)
     assert h.dtype == c_new.dtype == c.dtype and h.shape == c_new.shape == c.shape
     gen = torch.Generator().manual_seed(1)
     grads_out = grads_out or [torch.randn(c.shape, generator=gen).to(c.device) for _ in range(2)]
@@ -142,14 +142,13 @@ def test_conv_lstm_cell_at_gqn_core_shapes(device, interpret, dtype, tf32, backw
     """GQN's 5x5 kernel, with more pixels and channels than one tile holds: several pixel,
     hidden and reduction tiles, and masked remainders in each (on the GPU: a core's real
     sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time); the
-    forward's GEMM one product per gate or one for all four (conv_cell.GATES_IN_ONE_DOT)."""
+    forward's GEMM one product per gate or one for all four (gates_in_one_dot)."""
     select_path(interpret)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-    monkeypatch.setattr(conv_cell, "GATES_IN_ONE_DOT", one_dot)
     gen = torch.Generator().manual_seed(0)
     batch, cin, hidden, grid = (1, 37, 17, 12) if device == "cpu" else (8, 259, 128, 16)
     inputs = make_inputs(batch, cin, hidden, grid, grid, 5, dtype, device, gen)
-    check(*inputs, backward_convs, dtype, tf32)
+    check(*inputs, backward_convs, dtype, tf32, gates_in_one_dot=one_dot)
 
 
 @on_interpreter
@@ -209,12 +208,12 @@ def test_preactivations_saved_only_when_autograd_needs_them(interpret):
     op = torch.ops.gqn_fast.conv_lstm_cell
     with torch.no_grad():
         assert conv_lstm_cell(x, weight, constant, c)[0].grad_fn is None
-    _, _, preact = op(x.detach(), weight.detach(), constant.detach(), c.detach(), False, "aten")
+    _, _, preact = op(x.detach(), weight.detach(), constant.detach(), c.detach(), False, "aten", False)
     assert preact.numel() == 0
-    h, _, preact = op(x, weight, constant, c, True, "aten")
+    h, _, preact = op(x, weight, constant, c, True, "aten", False)
     assert preact.shape == (1, 8, 3, 3) and preact.dtype == torch.float32
     torch.testing.assert_close(preact, F.conv2d(x, weight, padding=2) + constant, rtol=1e-5, atol=1e-5)
-    h, _, _ = op(x, weight, constant, c, False, "aten")
+    h, _, _ = op(x, weight, constant, c, False, "aten", False)
     with pytest.raises(RuntimeError, match="preactivations.*not saved"):
         h.sum().backward()
 
@@ -286,7 +285,7 @@ def test_conv_lstm_cell_rejects_unknown_backward_kernels():
 def test_opcheck(device, interpret, backward_convs):
     select_path(interpret)
     x, weight, constant, c = make_inputs(2, 3, 2, 4, 4, 3, torch.float32, device, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.gqn_fast.conv_lstm_cell.default, (x, weight, constant, c, True, backward_convs))
+    torch.library.opcheck(torch.ops.gqn_fast.conv_lstm_cell.default, (x, weight, constant, c, True, backward_convs, False))
     plain = [t.detach() for t in (x, weight)]
     preact = torch.randn(2, 8, 4, 4, device=device)
     grads = [torch.randn(2, 2, 4, 4, device=device) for _ in range(2)]

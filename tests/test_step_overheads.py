@@ -50,8 +50,7 @@ def test_default_cells_keep_no_more_for_backward_than_fused_ones(preset):
     place, not handed to the gate kernel, which would save it (415 MiB at the paper tower, B = 36)."""
 
     def saved(fused_cells):
-        model = GQN(MODEL_PRESETS[preset]).to("meta")
-        model.fused_cells = fused_cells
+        model = GQN(MODEL_PRESETS[preset], fused_cells=fused_cells).to("meta")
         inputs = meta_batch(36)
         with gpu_branches(_Counter()):
             return saved_for_backward_bytes(lambda: model.elbo(*inputs, sigma=0.7))
