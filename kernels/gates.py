@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from .utils import (
+    launch_shape,
     accurate_tanh,
     as_batch_channel_space,
-    channels_contiguous,
     check_floating,
     check_like,
     check_min_dim,
@@ -33,7 +33,6 @@ from .utils import (
     tanh_derivative,
     tanh_derivative_torch,
     tile_indices,
-    tile_shape,
     tl,
     triton,
     use_triton,
@@ -158,13 +157,6 @@ def _check_gates_inputs(preact, c, constant=None) -> None:
         check_like("constant", constant, "preact", preact, same_dtype=False)
 
 
-def _gates_launch_shape(c3: torch.Tensor):
-    batch, hidden, space = c3.shape
-    block_c, block_s = tile_shape(hidden, space, channels_contiguous(c3))
-    grid = (triton.cdiv(space, block_s), triton.cdiv(hidden, block_c), batch)
-    return grid, block_c, block_s
-
-
 def lstm_gates_forward(
     preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +167,7 @@ def lstm_gates_forward(
     const3 = preact3 if constant is None else as_batch_channel_space(constant)  # unread without one
     h3, h = empty_output_like(c3, c.shape)
     c_new3, c_new = empty_output_like(c3, c.shape)
-    grid, block_c, block_s = _gates_launch_shape(c3)
+    grid, block_c, block_s = launch_shape(c3)
     hidden, space = c3.shape[1], c3.shape[2]
     if c.numel() > 0:
         with launch_device(c):
@@ -202,7 +194,7 @@ def lstm_gates_backward(
     grad_h3, grad_c_new3 = as_batch_channel_space(grad_h), as_batch_channel_space(grad_c_new)
     grad_preact3, grad_preact = empty_output_like(preact3, preact.shape)
     grad_c3, grad_c = empty_output_like(c3, c.shape)
-    grid, block_c, block_s = _gates_launch_shape(c3)
+    grid, block_c, block_s = launch_shape(c3)
     hidden, space = c3.shape[1], c3.shape[2]
     if c.numel() > 0:
         with launch_device(c):

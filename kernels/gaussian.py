@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (
+    launch_shape,
     as_batch_channel_space,
-    channels_contiguous,
     check_floating,
     check_like,
     check_min_dim,
@@ -31,7 +31,6 @@ from .utils import (
     stable_softplus,
     store_tile,
     tile_indices,
-    tile_shape,
     tl,
     to_compute,
     triton,
@@ -231,13 +230,6 @@ def _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps=None) -> None:
         check_like(name, tensor, "mu_q", mu_q)
 
 
-def _gaussian_launch_shape(view3d: torch.Tensor):
-    batch, channels, space = view3d.shape
-    block_c, block_s = tile_shape(channels, space, channels_contiguous(view3d))
-    grid = (triton.cdiv(space, block_s), triton.cdiv(channels, block_c), batch)
-    return grid, block_c, block_s
-
-
 def posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
     """(z, kl): z of mu_q's dtype (None without eps), kl [B] in the compute dtype."""
     _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps)
@@ -246,7 +238,7 @@ def posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
     views = [as_batch_channel_space(t) for t in (mu_q, s_q, mu_p, s_p)]
     has_sample = eps is not None
     batch = mu_q.shape[0]
-    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    grid, block_c, block_s = launch_shape(views[0])
     kl_partial = torch.empty((batch, grid[0] * grid[1]), dtype=compute_dtype(mu_q.dtype), device=mu_q.device)
     if has_sample:
         eps3 = as_batch_channel_space(eps)
@@ -285,7 +277,7 @@ def posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
         grad_eps3, grad_eps = empty_output_like(eps3, eps.shape)
     else:
         eps3, grad_z3, grad_eps3, grad_eps = views[0], views[0], grads[0][0], None  # placeholders
-    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    grid, block_c, block_s = launch_shape(views[0])
     no_strides = (0, 0, 0)
     if mu_q.numel() > 0:
         with launch_device(mu_q):
@@ -320,7 +312,7 @@ def elementwise_kl_forward(mu_q, sigma_q, mu_p, sigma_p) -> torch.Tensor:
         return _elementwise_kl_forward_torch(mu_q, sigma_q, mu_p, sigma_p)
     views = [_as_3d(t) for t in (mu_q, sigma_q, mu_p, sigma_p)]
     kl3, kl = empty_output_like(views[0], mu_q.shape)
-    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    grid, block_c, block_s = launch_shape(views[0])
     if mu_q.numel() > 0:
         with launch_device(mu_q):
             wrap_triton(_elementwise_kl_forward_kernel)[grid](
@@ -343,7 +335,7 @@ def elementwise_kl_backward(mu_q, sigma_q, mu_p, sigma_p, grad_kl) -> list[torch
         return _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl)
     views = [_as_3d(t) for t in (mu_q, sigma_q, mu_p, sigma_p, grad_kl)]
     grads = [empty_output_like(view, mu_q.shape) for view in views[:4]]
-    grid, block_c, block_s = _gaussian_launch_shape(views[0])
+    grid, block_c, block_s = launch_shape(views[0])
     if mu_q.numel() > 0:
         with launch_device(mu_q):
             wrap_triton(_elementwise_kl_backward_kernel)[grid](

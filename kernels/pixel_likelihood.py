@@ -16,8 +16,8 @@ import math
 import torch
 
 from .utils import (
+    launch_shape,
     as_batch_channel_space,
-    channels_contiguous,
     check_floating,
     check_like,
     check_min_dim,
@@ -29,7 +29,6 @@ from .utils import (
     sigmoid_derivative_torch,
     store_tile,
     tile_indices,
-    tile_shape,
     tl,
     to_compute,
     triton,
@@ -112,13 +111,6 @@ def _check_sigma_value(sigma) -> None:
         raise ValueError(f"sigma: expected a finite positive float, got {sigma}")
 
 
-def _nll_launch_shape(view3d: torch.Tensor):
-    batch, channels, space = view3d.shape
-    block_c, block_s = tile_shape(channels, space, channels_contiguous(view3d))
-    grid = (triton.cdiv(space, block_s), triton.cdiv(channels, block_c), batch)
-    return grid, block_c, block_s
-
-
 def _log_normalizer_sum(logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """N (log sigma + log(2 pi) / 2), in fp64, then the compute dtype: -log N(x | mean, sigma^2)
     at x = mean, summed over the N pixels of a sample."""
@@ -132,7 +124,7 @@ def pixel_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor
     if not use_triton(logits):
         return pixel_nll_torch(x, logits, sigma)
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
-    grid, block_c, block_s = _nll_launch_shape(logits3)
+    grid, block_c, block_s = launch_shape(logits3)
     nll_partial = torch.empty(
         (logits.shape[0], grid[0] * grid[1]), dtype=compute_dtype(logits.dtype), device=logits.device
     )
@@ -160,7 +152,7 @@ def pixel_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tenso
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
     grad_x3, grad_x = empty_output_like(x3, x.shape)
     grad_logits3, grad_logits = empty_output_like(logits3, logits.shape)
-    grid, block_c, block_s = _nll_launch_shape(logits3)
+    grid, block_c, block_s = launch_shape(logits3)
     if logits.numel() > 0:
         with launch_device(logits):
             wrap_triton(_pixel_nll_backward_kernel)[grid](

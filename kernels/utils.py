@@ -204,6 +204,15 @@ def tile_shape(channels: int, space: int, channels_contiguous: bool, max_tile: i
     return block_c, block_s
 
 
+
+def launch_shape(view3d: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, BLOCK_C, BLOCK_S) of the elementwise kernels over a [B, C, S] view: one program
+    per (space tile, channel tile, sample), so per-sample sums are partial sums per program."""
+    batch, channels, space = view3d.shape
+    block_c, block_s = tile_shape(channels, space, channels_contiguous(view3d))
+    grid = (triton.cdiv(space, block_s), triton.cdiv(channels, block_c), batch)
+    return grid, block_c, block_s
+
 def channels_contiguous(view3d: torch.Tensor) -> bool:
     return view3d.stride(1) == 1 and view3d.shape[2] > 1 and view3d.stride(2) != 1
 
