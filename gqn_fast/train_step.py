@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from gqn_fast.data.loader import Batch
+from gqn_fast.data.loader import Batch, to_model_inputs
 from gqn_fast.inputs import values_trusted
 
 MODES = ("eager", "static", "graphed")
@@ -78,7 +78,7 @@ class TrainStep:
         self.sigma.fill_(sigma)
         self.lr.fill_(lr)
         if self.mode == "eager":
-            inputs = _to_device(batch, self.device)
+            inputs = to_model_inputs(batch, self.device)
             metrics, mean = self._forward_backward_update(*inputs)
             self.last = inputs, mean
             return metrics
@@ -114,13 +114,6 @@ class TrainStep:
         metrics = torch.stack([result.loss.detach().float(), result.nll.detach().mean().float(),
                                result.kl.detach().sum(1).mean().float()])
         return metrics, result.mean.detach()
-
-
-def _to_device(batch: Batch, device: torch.device):
-    """(context_x, context_v, query_x, query_v) as the model takes them; see data.loader.to_model_inputs."""
-    from gqn_fast.data.loader import to_model_inputs
-
-    return to_model_inputs(batch, device)
 
 
 class _StaticStep:
