@@ -23,6 +23,7 @@ from gqn_fast.config import GQNConfig
 from gqn_fast.errors import UserError
 
 FORMAT_VERSION = 2
+ZIP_MAGIC = b"PK\x03\x04"  # how a file torch.save wrote begins
 READABLE_VERSIONS = (1, 2)
 NAME = re.compile(r"step-(\d+)\.pt$")
 TEMPORARY = re.compile(r"^\.step-\d+\.pt\.tmp-\d+$")  # what atomic_save writes before its rename
@@ -151,7 +152,7 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"
+            is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not is_zip:

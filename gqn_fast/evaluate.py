@@ -26,6 +26,7 @@ from gqn_fast.errors import UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.reference import transform_viewpoint
 from gqn_fast.schedules import bits_per_dim, nll_floor
+from gqn_fast.train_settings import TrainArgs
 
 RECONSTRUCTION = "ELBO terms: the posterior reads the query image (how well a shown view is encoded)"
 PREDICTION = "generate: z from the prior, the query image is never read (how well an unseen view is predicted)"
@@ -337,7 +338,7 @@ def run_export(ns) -> int:
         generator = manifest.get("generator") or {}
         if "family" in generator:
             # The set regenerated is of the run's --builtin-scenes: its test split is the first of the folder's.
-            scenes = model_file.training.get("builtin_scenes", 2000)
+            scenes = model_file.training.get("builtin_scenes", TrainArgs.builtin_scenes)
             builtin = {k: generator.get(k) for k in ("family", "seed", "holdout")}
             model_file = dataclasses.replace(model_file, dataset={"builtin": {**builtin, "scenes": scenes}})
     write_published(out, model_file, half=ns.half)

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gqn_fast.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from gqn_fast.checkpoint import ZIP_MAGIC, CheckpointError, atomic_write_bytes, load_checkpoint
 from gqn_fast.config import GQNConfig
+from gqn_fast.schedules import pixel_sigma
+from gqn_fast.train_settings import TrainArgs
 
 PUBLISHED_NAME = "model.safetensors"  # in a model folder
 FORMAT = "gqn-fast model"
@@ -33,7 +35,6 @@ FORMAT_VERSION = 1
 METADATA_KEYS = ("format", "format_version", "config", "step", "dataset", "training")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SAFETENSORS_MAGIC_OFFSET = 8  # a little-endian u64 header length, then the JSON header: "{"
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def dataset_description(train: dict) -> dict:
         return {"folder": str(train["data"])}
     builtin = train.get("builtin") or {}  # files exported before the safetensors format named it here
     return {"builtin": {"family": builtin.get("family", "rooms"), "seed": builtin.get("seed", 0),
-                        "holdout": builtin.get("holdout"), "scenes": train.get("builtin_scenes", 2000)}}
+                        "holdout": builtin.get("holdout"), "scenes": train.get("builtin_scenes", TrainArgs.builtin_scenes)}}
 
 
 def read_model_file(path) -> ModelFile:
@@ -69,7 +70,7 @@ def read_model_file(path) -> ModelFile:
             head = f.read(SAFETENSORS_MAGIC_OFFSET + 1)
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
-    if head[:4] == ZIP_MAGIC:
+    if head.startswith(ZIP_MAGIC):
         return _from_checkpoint(path)
     if len(head) > SAFETENSORS_MAGIC_OFFSET and head[SAFETENSORS_MAGIC_OFFSET:] == b"{":
         return _from_safetensors(path)
@@ -141,8 +142,6 @@ def _check_dataset(path: Path, dataset) -> None:
 
 
 def _check_training(path: Path, training) -> None:
-    from gqn_fast.train import TrainArgs
-
     if not isinstance(training, dict):
         raise CheckpointError(f"{path}: training settings: expected a JSON object, got {type(training).__name__}")
     known = {f.name for f in dataclasses.fields(TrainArgs)} | {"builtin"}
@@ -194,7 +193,4 @@ def write_published(path, model_file: ModelFile, half: bool = False) -> Path:
 
 def pixel_sigma_of(model_file: ModelFile) -> float:
     """The pixel sigma the model had reached at its step (the paper's annealing)."""
-    from gqn_fast.schedules import pixel_sigma
-    from gqn_fast.train import TrainArgs
-
     return pixel_sigma(model_file.step, model_file.training.get("sigma_steps", TrainArgs.sigma_steps))
