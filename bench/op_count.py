@@ -10,15 +10,14 @@ to at most the reference's.
 
 Counted: ops that compute (each a kernel launch on a GPU), views (host time only), the project's
 custom ops (one op each; on a GPU one to three launches), and autograd nodes. The fast model's
-Triton branches are what runs on a GPU; on meta tensors `gqn_fast.model` is told they apply
-(`gpu_branches`), and each custom op is counted once, not the PyTorch math it runs on meta.
+Triton branches are what runs on a GPU: counted on a model built with custom_ops="always"
+(`on_gpu_branches`), which calls the custom ops on any device; each is counted once, not the
+PyTorch math it runs on meta (a dispatch mode sees an op, not what its kernel does).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,42 +31,34 @@ VIEW_OPS = frozenset({
     "squeeze", "expand", "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "narrow",
     "detach", "alias", "as_strided", "view_as", "diagonal", "unfold", "lift_fresh",
 })  # fmt: skip
-CUSTOM_OPS = ("conv_lstm_cell", "lstm_gates", "posterior_sample_kl", "pixel_nll")
+CUSTOM_OPS_NAMESPACE = "gqn_fast"  # the torch.library namespace of the project's ops
 
 
-class _Counter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts what is dispatched while it is on: ops, views, and the project's custom ops by name
+    (`custom`); a custom op's own kernel runs with the mode off, so its inner math is not counted."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
-        self.muted = 0
+        self.custom = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.muted:
-            name = func.overloadpacket.__name__
+        name = func.overloadpacket.__name__
+        if func.namespace == CUSTOM_OPS_NAMESPACE:
+            self.ops["custom ops"] += 1
+            self.custom[name] += 1
+        else:
             self.ops["views" if name in VIEW_OPS else "ops"] += 1
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def gpu_branches(counter: _Counter):
-    """gqn_fast.model takes its Triton branches (as on a GPU), each custom op counted as one."""
-
-    def counted(op):
-        def call(*args, **kwargs):
-            counter.ops["custom ops"] += 1
-            counter.muted += 1
-            try:
-                return op(*args, **kwargs)
-            finally:
-                counter.muted -= 1
-
-        return call
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(gqn_fast.model, "use_triton", lambda tensor: True))
-        for name in CUSTOM_OPS:
-            stack.enter_context(mock.patch.object(gqn_fast.model, name, counted(getattr(gqn_fast.model, name))))
-        yield
+def on_gpu_branches(model_class, config, **choices) -> torch.nn.Module:
+    """model_class(config, **choices) as it runs on a GPU: gqn_fast.GQN with its custom ops on any
+    device (custom_ops="always"); the reference as it is."""
+    if issubclass(model_class, gqn_fast.model.GQN):
+        choices = {**choices, "custom_ops": "always"}
+    return model_class(config, **choices)
 
 
 def autograd_nodes(tensor: torch.Tensor) -> int:
@@ -94,12 +85,13 @@ def meta_batch(batch: int, context_views: int = 3):
 
 def count_training_step(model: torch.nn.Module, batch: int) -> dict:
     """{ops, views, custom ops, autograd nodes} of model.elbo(...).loss and its backward's graph;
-    the model is moved to the meta device (pass a fresh one), gqn_fast.GQN on its GPU branches."""
+    the model is moved to the meta device (pass a fresh one, made by on_gpu_branches)."""
+    if isinstance(model, gqn_fast.model.GQN) and model.custom_ops != "always":
+        raise ValueError("model: build it with on_gpu_branches, to count the GPU's custom ops")
     model = model.to("meta")
     inputs = meta_batch(batch)
-    fast = isinstance(model, gqn_fast.model.GQN)
-    for counter in (_Counter(), _Counter()):  # the first fills the model's caches: the second counts
-        with counter, (gpu_branches(counter) if fast else contextlib.nullcontext()):
+    for counter in (OpCounter(), OpCounter()):  # the first fills the model's caches: the second counts
+        with counter:
             loss = model.elbo(*inputs, sigma=0.7).loss
     counts = {"ops": counter.ops["ops"], "views": counter.ops["views"], "custom ops": counter.ops["custom ops"]}
     counts["autograd nodes"] = autograd_nodes(loss)

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import synchronize  # noqa: E402
-from op_count import count_training_step  # noqa: E402
+from op_count import count_training_step, on_gpu_branches  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
 from workloads import MODEL_CLASSES, make_optimizer, make_train_step, scene_batches  # noqa: E402
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         figures, tables = profile_step(step, device, steps=3)
     except Exception as error:
         figures, tables = {"profile_error": f"{type(error).__name__}: {error}"}, f"profiler failed: {error!r}\n"
-    counts = count_training_step(MODEL_CLASSES[args.model](config), batch)
+    counts = count_training_step(on_gpu_branches(MODEL_CLASSES[args.model], config), batch)
     summary = {
         "preset": name.split("-B")[0], "batch": batch, "precision": args.precision, "model": args.model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -34,7 +34,7 @@ from gqn_fast.schedules import learning_rate, pixel_sigma
 from gqn_fast.train_step import TrainStep
 from gqn_fast.train_step import make_optimizer as make_step_optimizer
 
-from op_count import count_training_step
+from op_count import count_training_step, on_gpu_branches
 from measure import (
     interleaved_times,
     limit_malloc_caching,
@@ -307,7 +307,8 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     # What an eager step asks of the host (bench/op_count.py: counted on the meta
                     # device for the GPU's branches, the fp32 graph).
                     if name not in host_ops:
-                        host_ops[name] = count_training_step(provider.build(config), batch)
+                        model = on_gpu_branches(provider.model_class, config, **dict(provider.choices))
+                        host_ops[name] = count_training_step(model, batch)
                     counts = host_ops[name]
                     row.update(ops_per_step=counts["ops"] + counts["custom ops"], views_per_step=counts["views"],
                                autograd_nodes=counts["autograd nodes"])

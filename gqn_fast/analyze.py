@@ -70,7 +70,7 @@ def scene_labels(scene: Scene) -> dict:
 def untiled(model, r: torch.Tensor) -> torch.Tensor:
     """r [B, r_dim, 16, 16] as `represent` gives it, in the net's own shape: the pool and pyramid
     nets' r is one vector, tiled to 16x16."""
-    return r if model.config.representation == "tower" else r[:, :, :1, :1]
+    return r[:, :, :1, :1] if model.config.r_is_vector else r
 
 
 def features(model, r: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,12 @@ class GQNConfig:
         if not isinstance(self.share_cores, bool):
             raise TypeError(f"share_cores: expected a bool, got {type(self.share_cores).__name__}")
 
+    @property
+    def r_is_vector(self) -> bool:
+        """r is one r_dim vector per scene, tiled over the grid (pool, pyramid), not the tower's
+        r_dim x 16 x 16 map."""
+        return self.representation != "tower"
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "GQNConfig":
         """`"paper"`: Eslami et al. 2018. `"small"`: trains on a 2-core CPU in minutes."""

@@ -38,6 +38,7 @@ The fused kernels compute in fp32 internally whatever they are given.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -65,6 +66,8 @@ ELBO = reference.ELBO
 # channels-last 6% faster at 4H = 128 (small preset, B = 8, 96 input channels), 25% at 35
 # input channels; 4 to 9% slower at 4H = 512 (paper, B = 4 and 36, 131 to 384 input channels).
 CHANNELS_LAST_MAX_GATES = 256
+CPU_CORE_LAYOUTS = ("auto", "channels_last", "contiguous")
+CUSTOM_OPS = ("auto", "always")
 
 
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -76,23 +79,30 @@ def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-# How each cell's weight is split, into runs of adjacent input groups (names from the layouts
-# in reference/cores.py): what is constant across steps (the scene's v_q and r: scene_runs),
-# then what one conv per step reads.
-def scene_runs(representation: str) -> tuple[tuple[str, ...], ...]:
+# How each cell's weight is split: into runs of adjacent input groups (names from the layouts in
+# reference/cores.py), each run a tuple of names, its piece of the weight looked up by it. What is
+# constant across steps (x_q, and the scene's v_q and r: scene_runs) is hoisted out of the steps;
+# one conv per step reads the rest, the step run.
+X_Q = ("x_q",)
+INFERENCE_STEP = ("h_g", "u", "h_e")
+GENERATOR_STEP = ("z", "h_g")
+
+
+def scene_runs(r_is_vector: bool) -> tuple[tuple[str, ...], ...]:
     """v_q is a tiled vector, its share of a conv a closed form; so is r with the pool and pyramid
-    nets, and then the two are one run, one closed form (SceneInput)."""
-    return (("v_q",), ("r",)) if representation == "tower" else (("v_q", "r"),)
+    nets (r_is_vector), and then the two are one run, one closed form (SceneInput)."""
+    return (("v_q", "r"),) if r_is_vector else (("v_q",), ("r",))
 
 
-def inference_runs(representation: str) -> tuple[tuple[str, ...], ...]:
-    return (("x_q",), *scene_runs(representation), ("h_g", "u", "h_e"))
+def inference_runs(r_is_vector: bool) -> tuple[tuple[str, ...], ...]:
+    return (X_Q, *scene_runs(r_is_vector), INFERENCE_STEP)
 
 
-def generator_runs(representation: str, first: bool = False) -> tuple[tuple[str, ...], ...]:
-    """first: with one core per step, the first generator core only ever sees h_g = 0."""
-    return (*scene_runs(representation), *((("z",), ("h_g",)) if first else (("z", "h_g"),)))
+def generator_runs(r_is_vector: bool) -> tuple[tuple[str, ...], ...]:
+    return (*scene_runs(r_is_vector), GENERATOR_STEP)
 
+
+Pieces = dict[tuple[str, ...], torch.Tensor]  # a cell weight's pieces, by run
 
 class _SplitContiguousGrad(torch.autograd.Function):
     """weight.split(sizes, dim=1), whose backward concatenates the pieces' gradients straight
@@ -113,7 +123,7 @@ class _SplitContiguousGrad(torch.autograd.Function):
         return torch.cat(grads, dim=1, out=out), None
 
 
-def split_runs(weight: torch.Tensor, layout: dict[str, int], runs, contiguous_grad: bool = False) -> tuple[torch.Tensor, ...]:
+def split_runs(weight: torch.Tensor, layout: dict[str, int], runs, contiguous_grad: bool = False) -> Pieces:
     """The cell weight [4H, sum(layout), K, K] cut into one piece per run of input groups, by one
     split (its backward is a single concatenation of the pieces' gradients, written contiguous
     when contiguous_grad: _SplitContiguousGrad)."""
@@ -121,7 +131,19 @@ def split_runs(weight: torch.Tensor, layout: dict[str, int], runs, contiguous_gr
     if names != list(layout):
         raise ValueError(f"runs: expected the groups {list(layout)} in order, got {names}")
     sizes = [sum(layout[name] for name in run) for run in runs]
-    return _SplitContiguousGrad.apply(weight, sizes) if contiguous_grad else weight.split(sizes, dim=1)
+    pieces = _SplitContiguousGrad.apply(weight, sizes) if contiguous_grad else weight.split(sizes, dim=1)
+    return dict(zip(runs, pieces))
+
+
+def group_of(piece: torch.Tensor, run: tuple[str, ...], layout: dict[str, int], name: str) -> torch.Tensor:
+    """The part of a run's weight piece over one of its groups (a view)."""
+    start = sum(layout[group] for group in run[: run.index(name)])
+    return piece[:, start : start + layout[name]]
+
+
+def in_order(run: tuple[str, ...], dim: int = 1, **inputs: torch.Tensor) -> torch.Tensor:
+    """The inputs of a run, named, concatenated in the run's order (its piece's channel order)."""
+    return torch.cat([inputs[name] for name in run], dim=dim)
 
 
 def _standard_normal(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -170,45 +192,60 @@ def patch_transposed_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 class SceneInput:
     """What every core reads unchanged at every step: v_q and r, in the runs of scene_runs.
 
-    v_q is one vector per scene, tiled. With the pool and pyramid nets so is r (1x1): [v_q, r] is
-    then one vector, and its share of a conv one closed form (gqn_fast.constant_conv), one run of
-    the weight. The tower's r is a 16x16 map, read by every core's conv (saved once for their
-    backward), and v_q's share its own closed form. (Tiling v_q beside the tower's r instead, as
-    the reference does, saves the closed form's few small ops per core but costs that conv 7 more
-    input channels: 1.6% of the small preset's CPU step, 2 convs of 71 instead of 64 channels.)
+    v_q is one vector per scene, tiled. With the pool and pyramid nets so is r (r_is_vector, r
+    [B, r_dim, 1, 1]): [v_q, r] is then one vector, and its share of a conv one closed form
+    (gqn_fast.constant_conv), one run of the weight. The tower's r is a 16x16 map, read by every
+    core's conv (saved once for their backward), and v_q's share its own closed form. (Tiling v_q
+    beside the tower's r instead, as the reference does, saves the closed form's few small ops per
+    core but costs that conv 7 more input channels: 1.6% of the small preset's CPU step, 2 convs
+    of 71 instead of 64 channels.)
     """
 
-    def __init__(self, query_v: torch.Tensor, r: torch.Tensor):
-        if r.shape[-1] == 1:
+    def __init__(self, query_v: torch.Tensor, r: torch.Tensor, r_is_vector: bool):
+        if r_is_vector:
             self.vector, self.r_map = torch.cat([query_v, r.flatten(1)], dim=1), None
         else:
             self.vector, self.r_map = query_v, r
 
-    def share(self, *weights: torch.Tensor) -> torch.Tensor:
-        """conv2d(cat[v_q tiled, r tiled or not], cat[weights], padding=2): [B, 4H, 16, 16], from
-        the weight's pieces over the scene's runs."""
+    def share(self, pieces: Pieces) -> torch.Tensor:
+        """conv2d(cat[v_q tiled, r tiled or not], cat[their weights], padding=K // 2): [B, 4H, 16, 16],
+        from a cell weight's pieces (split_runs over scene_runs and others)."""
         if self.r_map is None:
-            (weight,) = weights
-            return constant_conv(self.vector, weight, GRID_SIZE)
-        v_weight, r_weight = weights
+            return constant_conv(self.vector, pieces[("v_q", "r")], GRID_SIZE)
+        r_weight = pieces[("r",)]
         # In place: sums into a fresh output whose op's backward does not read it.
-        return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(constant_conv(self.vector, v_weight, GRID_SIZE))
+        return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(
+            constant_conv(self.vector, pieces[("v_q",)], GRID_SIZE))
 
 
-class CellWeights(NamedTuple):
-    """A core's cell weight, split once per forward (inference_runs, generator_runs).
+class CorePieces(NamedTuple):
+    """One core index's cell weights in pieces (inference_runs, generator_runs), split once per
+    forward; no inference pieces in generate."""
 
-    constant: the pieces over the inputs that do not change across steps, in layout order.
-    step: the piece over the inputs one conv per step reads.
-    first_step: the piece over what step 1 reads when the cell's own state is still zero (the
-    generator's z alone); None where step 1 is not convolved (the inference cell, in closed
-    form) or the core never runs it (one core per step, after the first).
-    """
+    inference: Pieces | None
+    generator: Pieces
 
-    constant: tuple[torch.Tensor, ...]
-    step: torch.Tensor | None
-    first_step: torch.Tensor | None = None
 
+class InferenceCell(NamedTuple):
+    """An inference core as each of its steps reads it, made once per core and forward."""
+
+    step_weight: torch.Tensor  # the weight's piece over INFERENCE_STEP, the inputs each step changes
+    constant: torch.Tensor  # the hoisted share of x_q down, v_q, r and the bias, [B, 4H, 16, 16]
+
+
+class GeneratorCell(NamedTuple):
+    """A generator core as each of its steps reads it, made once per core and forward."""
+
+    step_weight: torch.Tensor  # the weight's piece over GENERATOR_STEP
+    # Its part over z alone, for the step from the zero state h_g = 0 (h_g is not convolved):
+    # the first core's first step. None for the other cores.
+    z_weight: torch.Tensor | None
+    constant: torch.Tensor  # the hoisted share of v_q, r and the bias
+
+
+class StepCells(NamedTuple):
+    inference: InferenceCell | None  # None in generate
+    generator: GeneratorCell
 
 class CanvasView:
     """What each inference step reads of the canvas, conv_k4s4(u), kept on the 16x16 grid.
@@ -223,10 +260,12 @@ class CanvasView:
     The shares of the steps still to come are one tensor, the next step's first: each step adds
     its own shares to it in one op and the next step splits its view off (per view, 66 adds a
     forward at the paper's L = 12 where this takes 11). Before any drawing the view is a_l.
+    The view keeps count of the states drawn: the next step's index.
     """
 
     def __init__(self, model: "GQN"):
         self.shared = model.config.share_cores
+        self.steps, self.drawn = model.config.L, 0
         down = [core.downsample_u for core in model.inference_cores]
         up = [core.upsample_h for core in model.generator_cores]
         self.start = down[0].bias  # step 1's view, the same at every position of every scene
@@ -244,21 +283,23 @@ class CanvasView:
         self.biases = [None] + [(d.weight.sum(dim=(2, 3)) @ b + d.bias).view(1, -1, 1, 1) for d, b in zip(down[1:], drawn_bias)]
         self.pending = None  # [B, C' x steps to come, 16, 16]: their shares of the states drawn so far
 
-    def take(self, step: int) -> torch.Tensor:
-        """The view of step `step` (0-based; not step 0, see `start`), broadcastable to [B, C, 16, 16];
-        with one core per step, read once (it is split off the shares still pending)."""
+    def take(self) -> torch.Tensor:
+        """The next step's view, broadcastable to [B, C, 16, 16], once a state has been drawn
+        (before, the view is `start`); with one core per step, read once (it is split off the
+        shares still pending)."""
         if self.shared:
             return self.view
         view, self.pending = self.pending.split([self.canvas, self.pending.shape[1] - self.canvas], dim=1)
-        return view + self.biases[step]
+        return view + self.biases[self.drawn]
 
-    def draw(self, step: int, h: torch.Tensor) -> None:
-        """Account for step `step`'s generator state h in the views of all later steps."""
+    def draw(self, h: torch.Tensor) -> None:
+        """Account for the next generator state h in the views of all later steps."""
+        step, self.drawn = self.drawn, self.drawn + 1
+        if self.drawn == self.steps:  # the last state: no later step reads the canvas
+            return
         if self.shared:
             weight, bias = self.map
             self.view = self.view + conv1x1(h, weight, bias)
-            return
-        if step + 1 == len(self.down_rows):
             return
         weight = torch.cat([rows @ self.up_columns[step] for rows in self.down_rows[step + 1 :]])
         shares = conv1x1(h, weight)
@@ -268,8 +309,8 @@ class CanvasView:
 class GQN(reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
-    Three choices, keyword arguments of the constructor (not in the state_dict; fixed for the
-    model's life, so torch.compile's graph of it is right), for benchmarks and comparisons:
+    Choices, keyword arguments of the constructor (not in the state_dict; fixed for the model's
+    life, so torch.compile's graph of it is right), for benchmarks and comparisons:
     fused_cells: False (default): each cell's 5x5 conv by cuDNN (oneDNN on the CPU), then the
         gate kernel. True: the conv with the gates in its epilogue (kernels.conv_lstm_cell; its
         PyTorch path where Triton does not run). On an H100 at B = 36 (bench/results/
@@ -278,31 +319,48 @@ class GQN(reference.GQN):
         the default if a GPU measures it faster (gates_in_one_dot is the candidate).
     backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
     gates_in_one_dot: the fused cells' forward GEMM as one product over the four gates.
+    cpu_core_layout: the cores' activations on the CPU's PyTorch path: "auto" (by the cells'
+        width, CHANNELS_LAST_MAX_GATES), "channels_last" or "contiguous".
+    custom_ops: "auto": the gate and posterior ops where the Triton kernels run, their PyTorch
+        form through autograd elsewhere (_gates); "always": the ops everywhere (on the CPU their
+        own PyTorch path): the GPU's op structure on any device (bench/op_count.py counts it on
+        meta tensors).
     """
 
     def __init__(self, config=None, *, fused_cells: bool = False, backward_convs: str = "aten",
-                 gates_in_one_dot: bool = False):
+                 gates_in_one_dot: bool = False, cpu_core_layout: str = "auto", custom_ops: str = "auto"):
         from gqn_fast.kernels.conv_cell import BACKWARD_CONVS
 
         super().__init__(config)
-        if backward_convs not in BACKWARD_CONVS:
-            raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
+        for name, value, allowed in (("backward_convs", backward_convs, BACKWARD_CONVS),
+                                     ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
+                                     ("custom_ops", custom_ops, CUSTOM_OPS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         for name, value in (("fused_cells", fused_cells), ("gates_in_one_dot", gates_in_one_dot)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
         self.fused_cells, self.backward_convs, self.gates_in_one_dot = fused_cells, backward_convs, gates_in_one_dot
+        self.cpu_core_layout, self.custom_ops = cpu_core_layout, custom_ops
 
     @staticmethod
     def _pytorch_cpu(t: torch.Tensor) -> bool:
         """True on the CPU's PyTorch path, where oneDNN runs the convs."""
         return t.device.type == "cpu" and not use_triton(t)
 
+    def _uses_custom_ops(self, t: torch.Tensor) -> bool:
+        return self.custom_ops == "always" or use_triton(t)
+
     def _cores_channels_last(self, t: torch.Tensor) -> bool:
-        return self._pytorch_cpu(t) and 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
+        if not self._pytorch_cpu(t):
+            return False
+        if self.cpu_core_layout == "auto":
+            return 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
+        return self.cpu_core_layout == "channels_last"
 
     def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
-        """An input of the cores' convs in the layout they read fastest (CHANNELS_LAST_MAX_GATES):
-        oneDNN converts any other on every call. Unchanged where the Triton kernels run."""
+        """An input of the cores' convs in the layout they read fastest (cpu_core_layout): oneDNN
+        converts any other on every call. Unchanged where the Triton kernels run."""
         if not self._pytorch_cpu(t):
             return t
         if self._cores_channels_last(t):
@@ -321,13 +379,7 @@ class GQN(reference.GQN):
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
 
-    def _scene(self, context_x, context_v, query_v) -> SceneInput:
-        return SceneInput(query_v, self._representation(context_x, context_v))
-
-    def _core_index(self, step: int) -> int:
-        return 0 if self.config.share_cores else step
-
-    def _split(self, core, runs) -> tuple[torch.Tensor, ...]:
+    def _split(self, core, runs) -> Pieces:
         weight = core.cell.conv.weight
         channels_last = self._cores_channels_last(weight)
         pieces = split_runs(weight, core.layout, runs, contiguous_grad=channels_last)
@@ -335,7 +387,7 @@ class GQN(reference.GQN):
             # A shared core's pieces are read L times: one channels-last copy per forward saves
             # oneDNN a reorder per call. (In NCHW oneDNN reorders to its blocked layout anyway,
             # and a piece read once gains nothing from a copy, which would also stay alive.)
-            return tuple(piece.contiguous(memory_format=torch.channels_last) for piece in pieces)
+            return {run: piece.contiguous(memory_format=torch.channels_last) for run, piece in pieces.items()}
         return pieces
 
     # A core's weight is split when its first step comes, not all at the start of the forward:
@@ -343,36 +395,46 @@ class GQN(reference.GQN):
     # copy of the weight's gradient) in reverse order of creation, so splits made first would
     # all run last, each beside every weight gradient and the representation net's activations.
     # Paper tower, B = 4, one thread: the training peak went from 727 to 707 MiB (reference 726).
+    # The first core's are split before the representation net runs, so that their split's
+    # backward comes after the net's and not beside its activations.
 
-    def _inference_weights(self, core: int) -> CellWeights:
-        """Inference core `core`'s cell weight in pieces (inference_runs), split once per forward."""
-        *constant, step = self._split(self.inference_cores[core], inference_runs(self.config.representation))
-        return CellWeights(tuple(constant), step)
+    def _core_pieces(self, core: int, inference: bool = True) -> CorePieces:
+        r_is_vector = self.config.r_is_vector
+        return CorePieces(
+            inference=self._split(self.inference_cores[core], inference_runs(r_is_vector)) if inference else None,
+            generator=self._split(self.generator_cores[core], generator_runs(r_is_vector)),
+        )
 
-    def _generator_weights(self, core: int) -> CellWeights:
-        """Generator core `core`'s cell weight in pieces, split once per forward."""
-        module, representation = self.generator_cores[core], self.config.representation
-        if self.config.share_cores:
-            *scene, step = self._split(module, generator_runs(representation))
-            # Step 1's h_g = 0: convolve z alone, with a view of the (z, h_g) piece.
-            return CellWeights(tuple(scene), step, first_step=step[:, : self.config.z_dim])
-        if core == 0:  # with one core per step, the first only ever sees h_g = 0
-            *scene, z, _ = self._split(module, generator_runs(representation, first=True))
-            return CellWeights(tuple(scene), None, first_step=z)
-        *scene, step = self._split(module, generator_runs(representation))
-        return CellWeights(tuple(scene), step)
+    def _inference_cell(self, core: int, pieces: Pieces, scene: SceneInput, query_x) -> InferenceCell:
+        module = self.inference_cores[core]
+        conv = module.cell.conv
+        x_down = module.downsample_x(self._core_layout(query_x))
+        constant = F.conv2d(x_down, pieces[X_Q], conv.bias, padding=conv.padding).add_(scene.share(pieces))
+        return InferenceCell(step_weight=pieces[INFERENCE_STEP], constant=constant)
 
-    def _inference_constant(self, core, weights: CellWeights, scene: SceneInput, query_x):
-        """The share of x_q down, v_q, r and the bias in an inference core's preactivations."""
-        x_weight, *scene_weights = weights.constant
-        x_down = core.downsample_x(self._core_layout(query_x))
-        return F.conv2d(x_down, x_weight, core.cell.conv.bias, padding=2).add_(scene.share(*scene_weights))
-
-    def _generator_constant(self, core, weights: CellWeights, scene: SceneInput):
-        """The share of v_q, r and the bias in a generator core's preactivations."""
+    def _generator_cell(self, core: int, pieces: Pieces, scene: SceneInput) -> GeneratorCell:
+        module = self.generator_cores[core]
         # Not in place: the closed form's output is a view, and autograd would record an
         # in-place add to a view as a copy of its whole base (CopySlices).
-        return scene.share(*weights.constant) + core.cell.conv.bias.view(-1, 1, 1)
+        constant = scene.share(pieces) + module.cell.conv.bias.view(-1, 1, 1)
+        step_weight = pieces[GENERATOR_STEP]
+        z_weight = group_of(step_weight, GENERATOR_STEP, module.layout, "z") if core == 0 else None
+        return GeneratorCell(step_weight=step_weight, z_weight=z_weight, constant=constant)
+
+    def _cells_by_step(self, first: CorePieces, scene: SceneInput, query_x=None) -> Iterator[StepCells]:
+        """Each step's cells, in step order: a core's made when its first step comes, core 0's from
+        `first`. Without query_x (generate), the generator cells alone."""
+        cores = len(self.generator_cores)
+        pieces = first
+        for core in range(cores):
+            if core > 0:
+                pieces = self._core_pieces(core, inference=query_x is not None)
+            cells = StepCells(
+                inference=None if query_x is None else self._inference_cell(core, pieces.inference, scene, query_x),
+                generator=self._generator_cell(core, pieces.generator, scene),
+            )
+            for _ in range(self.config.L // cores):  # a shared core's L steps, or one core's one
+                yield cells
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
@@ -391,28 +453,28 @@ class GQN(reference.GQN):
             h = torch.cat(states, dim=1)
         return patch_transposed_conv(h, weight, bias + self.observation.bias)
 
-    # Step 1 starts from zero states, so the convs over h_g and h_e contribute nothing there and
-    # are skipped; the prior is its bias and the canvas view the same for every scene.
+    # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
+    # over it contributes nothing and is skipped, in the three places that read an h (_prior,
+    # _inference_step, _generator_step); the canvas view is then its bias, the same for every
+    # scene. The cell states c start as zeros (the gates read them).
 
-    def _prior(self, step, h_g):
-        if step == 0:
-            bias = self.prior.bias.view(1, -1, 1, 1).expand(h_g.shape[0], -1, *h_g.shape[2:])
-            return bias.chunk(2, dim=1)
+    def _prior(self, h_g, batch: int):
+        if h_g is None:
+            return self.prior.bias.view(1, -1, 1, 1).expand(batch, -1, GRID_SIZE, GRID_SIZE).chunk(2, dim=1)
         return self.prior(h_g).chunk(2, dim=1)
 
-    def _inference_step(self, step, weights: CellWeights, constant, h_g, canvas: CanvasView, h_e, c_e):
-        weight = weights.step  # the run [h_g, u down, h_e]
-        if step == 0:
-            # h_g = h_e = 0 and the canvas view is its bias everywhere: a constant input.
+    def _inference_step(self, cell: InferenceCell, h_g, canvas: CanvasView, h_e, c_e):
+        if h_g is None:  # h_e too: the whole step input is a constant vector, its share a closed form
             zeros = canvas.start.new_zeros(self.config.hidden)
-            start = torch.cat([zeros, canvas.start, zeros])[None]
-            return self._gates(constant + constant_conv(start, weight, GRID_SIZE), c_e)
-        return self._cell(torch.cat([h_g, canvas.take(step), h_e], dim=1), weight, constant, c_e)
+            start = in_order(INFERENCE_STEP, dim=0, h_g=zeros, u=canvas.start, h_e=zeros)[None]
+            return self._gates(cell.constant + constant_conv(start, cell.step_weight, GRID_SIZE), c_e)
+        x = in_order(INFERENCE_STEP, h_g=h_g, u=canvas.take(), h_e=h_e)
+        return self._cell(x, cell.step_weight, cell.constant, c_e)
 
-    def _generator_step(self, step, weights: CellWeights, constant, z, h_g, c_g):
-        if step == 0:  # h_g = 0 is not convolved
-            return self._cell(z, weights.first_step, constant, c_g)
-        return self._cell(torch.cat([z, h_g], dim=1), weights.step, constant, c_g)
+    def _generator_step(self, cell: GeneratorCell, z, h_g, c_g):
+        if h_g is None:
+            return self._cell(z, cell.z_weight, cell.constant, c_g)
+        return self._cell(in_order(GENERATOR_STEP, z=z, h_g=h_g), cell.step_weight, cell.constant, c_g)
 
     def _cell(self, x, weight, constant, c):
         """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
@@ -424,7 +486,7 @@ class GQN(reference.GQN):
             dtype = _conv_dtype(weight)
             return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs,
                                   gates_in_one_dot=self.gates_in_one_dot)
-        preact = F.conv2d(self._core_layout(x), weight, padding=2)
+        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
         if self.config.share_cores:
             # The constant lives through all L steps anyway: the gate kernel reads it in its own
             # pass (no add writing the preactivations once more).
@@ -433,25 +495,23 @@ class GQN(reference.GQN):
         # gate kernel would save it: 415 MiB more at the paper tower, B = 36).
         return self._gates(preact.add_(constant), c)
 
-    @staticmethod
-    def _gates(preact, c, constant=None):
+    def _gates(self, preact, c, constant=None):
         """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
         the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
         differentiated by autograd, which keeps the activations where the op's backward
         recomputes them: a third of the elementwise passes, on a CPU where they are slow and
         memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if use_triton(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
+        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
             return lstm_gates(preact, c, constant)
         if constant is not None:
             preact = preact.add_(constant)
         return lstm_gates_torch(preact.to(c.dtype), c)
 
-    @staticmethod
-    def _sample_kl(mu_q, s_q, mu_p, s_p, eps):
+    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
         """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
         path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
         backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
-        if use_triton(mu_q):
+        if self._uses_custom_ops(mu_q):
             return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
         return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
 
@@ -463,31 +523,23 @@ class GQN(reference.GQN):
         c = self.config
         B = query_x.shape[0]
 
-        # The first cores' weights are split before the representation net runs, so that their
-        # split's backward comes after the net's and not beside its activations (see above).
-        inference_weights, generator_weights = self._inference_weights(0), self._generator_weights(0)
-        scene = self._scene(context_x, context_v, query_v)
+        first = self._core_pieces(0)  # before the representation net (see _core_pieces)
+        scene = SceneInput(query_v, self._representation(context_x, context_v), c.r_is_vector)
         canvas = CanvasView(self)
-        h_g, c_g, h_e, c_e = (self._zeros(B, query_x) for _ in range(4))
+        h_g = h_e = None  # zero states
+        c_g, c_e = self._zeros(B, query_x), self._zeros(B, query_x)
         kls, states = [], []
-        for step in range(c.L):
-            core = self._core_index(step)
-            if step == 0 or not c.share_cores:  # each core's weight pieces and constant share, once
-                if step > 0:
-                    inference_weights, generator_weights = self._inference_weights(core), self._generator_weights(core)
-                inference_const = self._inference_constant(self.inference_cores[core], inference_weights, scene, query_x)
-                generator_const = self._generator_constant(self.generator_cores[core], generator_weights, scene)
-            mu_p, s_p = self._prior(step, h_g)
-            h_e, c_e = self._inference_step(step, inference_weights, inference_const, h_g, canvas, h_e, c_e)
+        for step, cells in enumerate(self._cells_by_step(first, scene, query_x)):
+            mu_p, s_p = self._prior(h_g, B)
+            h_e, c_e = self._inference_step(cells.inference, h_g, canvas, h_e, c_e)
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
             eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
             z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
-            h_g, c_g = self._generator_step(step, generator_weights, generator_const, z, h_g, c_g)
+            h_g, c_g = self._generator_step(cells.generator, z, h_g, c_g)
             states.append(h_g)
-            if step < c.L - 1:
-                canvas.draw(step, h_g)
+            canvas.draw(h_g)
 
         logits = self._image_logits(states)
         nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
@@ -497,9 +549,9 @@ class GQN(reference.GQN):
 
     def _generate(self, r, query_v, noise) -> torch.Tensor:
         c = self.config
-        if c.representation != "tower":
+        if c.r_is_vector:
             r = r[:, :, :1, :1]  # a tiled vector: the closed-form path reads it once
-        scene = SceneInput(query_v, self._core_layout(r))
+        scene = SceneInput(query_v, self._core_layout(r), c.r_is_vector)
         B = query_v.shape[0]
 
         # With one core per step and the tower's map r, hoisting saves no work (each core runs
@@ -507,29 +559,27 @@ class GQN(reference.GQN):
         # and on the CPU a weight piece costs oneDNN a copy besides it. There each cell is the
         # reference's conv over all its inputs with the whole weight (paper tower, B = 4: peak
         # 33.2 MiB so, 39.1 with pieces, the reference's 35.8; bench/run.py).
-        whole_cells = not c.share_cores and scene.r_map is not None and self._pytorch_cpu(query_v)
-        h_g, c_g = self._zeros(B, query_v), self._zeros(B, query_v)
+        whole_cells = not c.share_cores and not c.r_is_vector and self._pytorch_cpu(query_v)
+        cells = None if whole_cells else self._cells_by_step(self._core_pieces(0, inference=False), scene)
+        h_g, c_g = None, self._zeros(B, query_v)  # zero states
         states = []
         for step in range(c.L):
-            core = self._core_index(step)
-            mu_p, s_p = self._prior(step, h_g)
+            mu_p, s_p = self._prior(h_g, B)
             eps = _standard_normal(mu_p) if noise is None else noise[step]
             z = mu_p + F.softplus(s_p) * eps
             if whole_cells:
-                h_g, c_g = self._whole_cell(self.generator_cores[core], [tile(query_v, GRID_SIZE), scene.r_map, z, h_g], c_g)
+                h = self._zeros(B, query_v) if h_g is None else h_g
+                h_g, c_g = self._whole_cell(self.generator_cores[step], c_g, v_q=tile(query_v, GRID_SIZE), r=scene.r_map, z=z, h_g=h)
             else:
-                if step == 0 or not c.share_cores:
-                    generator_weights = self._generator_weights(core)
-                    generator_const = self._generator_constant(self.generator_cores[core], generator_weights, scene)
-                h_g, c_g = self._generator_step(step, generator_weights, generator_const, z, h_g, c_g)
+                h_g, c_g = self._generator_step(next(cells).generator, z, h_g, c_g)
             states.append(h_g)
         return torch.sigmoid(self._image_logits(states))
 
-    def _whole_cell(self, core, inputs: list[torch.Tensor], c):
-        """A cell as the reference computes it: one conv over all its inputs (layout order) with
-        the whole weight and bias, then the gates."""
+    def _whole_cell(self, core, c, **inputs: torch.Tensor):
+        """A cell as the reference computes it: one conv over all its inputs (named, taken in
+        layout order) with the whole weight and bias, then the gates."""
         conv = core.cell.conv
-        x = self._core_layout(torch.cat(inputs, dim=1))
+        x = self._core_layout(torch.cat([inputs[name] for name in core.layout], dim=1))
         return self._gates(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding), c)
 
 

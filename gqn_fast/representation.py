@@ -50,12 +50,18 @@ def pyramid(net: Pyramid, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _relu(net.conv4(h))
 
 
+def pool(net: Pool, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """net(x, v) for the reference's Pool: the tower, averaged over its grid."""
+    return tower(net, x, v).mean(dim=(2, 3), keepdim=True)
+
+
+# By exact class: Pool subclasses Tower, and a subclass of any net may compute something else.
+_FAST_FORMS = {Tower: tower, Pool: pool, Pyramid: pyramid}
+
+
 def represent(net: torch.nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """r^k = net(x, v) for any of the reference's representation nets, computed the fast way."""
-    if isinstance(net, Pool):
-        return tower(net, x, v).mean(dim=(2, 3), keepdim=True)
-    if isinstance(net, Tower):
-        return tower(net, x, v)
-    if isinstance(net, Pyramid):
-        return pyramid(net, x, v)
-    raise TypeError(f"net: expected a reference Tower, Pool or Pyramid, got {type(net).__name__}")
+    fast_form = _FAST_FORMS.get(type(net))
+    if fast_form is None:
+        raise TypeError(f"net: expected a reference Tower, Pool or Pyramid, got {type(net).__name__}")
+    return fast_form(net, x, v)

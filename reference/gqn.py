@@ -139,7 +139,7 @@ class GQN(nn.Module):
         [B, r_dim, 16, 16] as `represent` returns it, or [B, r_dim, 1, 1] untiled (pool, pyramid)."""
         c = self.config
         dtype = self.prior.weight.dtype  # the inputs must be of the model's dtype
-        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.representation != "tower", dtype)
+        check_representation(r, query_v, c.r_dim, GRID_SIZE, c.r_is_vector, dtype)
         check_noise(noise, c.L, query_v.shape[0], c.z_dim, GRID_SIZE, dtype)
         return self._generate(r, query_v, noise)
 

@@ -7,6 +7,9 @@ cancelling terms), 4x the error of the reference itself run in that dtype: the f
 be worse than plain PyTorch at the same precision.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from gqn_fast import GQN, GQNConfig, kernels
-from gqn_fast import model as model_module
 from gqn_fast.reference import GQN as ReferenceGQN
 from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from op_count import OpCounter  # noqa: E402
 
 
 @st.composite
@@ -50,15 +55,14 @@ def outputs_and_gradients(model, inputs, noise, sigma):
     return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
 
 
-def compare(
-    config, batch, views, seed, dtype=torch.float32, sigma=0.7, fused_cells=False, backward_convs="aten", device="cpu"
-):
-    """Every output and every gradient of fast (in dtype, on device) against the float64
-    reference (on the CPU); the plain reference runs beside fast, in the same dtype and place."""
+def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", **choices):
+    """Every output and every gradient of fast (in dtype, on device; built with the constructor's
+    choices) against the float64 reference (on the CPU); the plain reference runs beside fast, in
+    the same dtype and place."""
     torch.manual_seed(seed)
     oracle = ReferenceGQN(config).double()
     plain = ReferenceGQN(config).to(device, dtype)
-    fast = GQN(config, fused_cells=fused_cells, backward_convs=backward_convs).to(device, dtype)
+    fast = GQN(config, **choices).to(device, dtype)
     plain.load_state_dict(oracle.state_dict())
     fast.load_state_dict(oracle.state_dict())
     data = random_scene_batch(batch, views, dtype=torch.float64)
@@ -127,12 +131,12 @@ def test_generate_from_names_a_bad_r(cls):
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last-cores", "nchw-cores"])
 @pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
-def test_both_cpu_core_layouts_match_reference(monkeypatch, channels_last, share_cores):
+def test_both_cpu_core_layouts_match_reference(channels_last, share_cores):
     """The CPU path runs the cores channels-last or NCHW by their width (CHANNELS_LAST_MAX_GATES):
     both layouts, forced on one configuration, compute the reference's function."""
-    monkeypatch.setattr(model_module, "CHANNELS_LAST_MAX_GATES", 10**6 if channels_last else 0)
+    cpu_core_layout = "channels_last" if channels_last else "contiguous"
     config = GQNConfig(representation="tower", L=3, z_dim=2, hidden=6, canvas=5, r_dim=8, share_cores=share_cores)
-    compare(config, batch=2, views=2, seed=1)
+    compare(config, batch=2, views=2, seed=1, cpu_core_layout=cpu_core_layout)
 
 
 @pytest.mark.parametrize("share_cores", [False, True])
@@ -227,12 +231,9 @@ def test_fullgraph_compile_matches_eager():
             assert_close_rms(g, e, 1e-5, "compiled grad")
 
 
-def count_fused_cells(monkeypatch):
-    """A list that grows by one at each call of the fused conv + gates op from the model."""
-    calls = []
-    real = model_module.conv_lstm_cell
-    monkeypatch.setattr(model_module, "conv_lstm_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+def fused_calls(counter: OpCounter) -> int:
+    """The calls of the fused conv + gates op while counter was on."""
+    return counter.custom["conv_lstm_cell"]
 
 
 # With fused_cells, every cell with a step-varying input is fused: two per step in elbo, one in
@@ -248,10 +249,9 @@ def test_triton_path_matches_reference_under_interpreter(config, batch, seed, fu
     """The same comparison with the Triton kernels running in Triton's CPU interpreter: the gate
     kernel after each cell's conv (the default), or the fused conv + gates cells."""
     assert kernels.use_triton(torch.zeros(1)), "the kernels did not take the Triton path"
-    with pytest.MonkeyPatch.context() as patch:
-        calls = count_fused_cells(patch)
+    with OpCounter() as counter:
         compare(config, batch, views=1, seed=seed, fused_cells=fused_cells)
-        assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
+    assert fused_calls(counter) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 @pytest.mark.cuda
@@ -264,10 +264,10 @@ def test_cuda_cells_match_reference(share_cores, fused_cells, backward_convs, mo
     """On a GPU, in strict fp32 (TF32 off for cuDNN and matmuls alike)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    calls = count_fused_cells(monkeypatch)
     config = GQNConfig.preset("small", share_cores=share_cores, L=3)
-    compare(config, batch=4, views=2, seed=0, fused_cells=fused_cells, backward_convs=backward_convs, device="cuda")
-    assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
+    with OpCounter() as counter:
+        compare(config, batch=4, views=2, seed=0, fused_cells=fused_cells, backward_convs=backward_convs, device="cuda")
+    assert fused_calls(counter) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 @pytest.mark.interpreter
@@ -277,11 +277,11 @@ def test_triton_backward_convs_match_reference_under_interpreter():
 
 
 @pytest.mark.interpreter
-def test_cells_are_unfused_by_default_under_interpreter(monkeypatch):
-    calls = count_fused_cells(monkeypatch)
+def test_cells_are_unfused_by_default_under_interpreter():
     config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=4, canvas=3, r_dim=8)
-    compare(config, batch=1, views=1, seed=0)
-    assert calls == []
+    with OpCounter() as counter:
+        compare(config, batch=1, views=1, seed=0)
+    assert fused_calls(counter) == 0 and counter.custom["lstm_gates"] > 0
 
 
 @pytest.mark.parametrize(
@@ -296,14 +296,13 @@ def test_cells_are_unfused_by_default_under_interpreter(monkeypatch):
     ],
     ids=["unshared", "shared", "interpreter-fused", "interpreter-shared", "cuda-unshared", "cuda-shared", "cuda-fused"],
 )  # fmt: skip
-def test_bf16_autocast_matches_reference(share_cores, path, fused_cells, monkeypatch):
+def test_bf16_autocast_matches_reference(share_cores, path, fused_cells):
     """Under bf16 autocast the fast model stays within bf16's limit: on the CPU's PyTorch path;
     under the interpreter and on a GPU with the fused cells (bf16 operands, upcast by the
     interpreter for the products) or the default cells (a bf16 conv output read as it is by the
     gate kernel, beside the fp32 cell state, with shared cores the constant too)."""
     device = "cuda" if path == "cuda" else "cpu"
     assert kernels.use_triton(torch.zeros(1, device=device)) == (path != "cpu")
-    calls = count_fused_cells(monkeypatch)
     config = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores)
     torch.manual_seed(0)
     oracle, fast = ReferenceGQN(config).double(), GQN(config, fused_cells=fused_cells).to(device)
@@ -312,7 +311,7 @@ def test_bf16_autocast_matches_reference(share_cores, path, fused_cells, monkeyp
     noise = torch.randn(2, 2, 2, 16, 16, dtype=torch.float64)
     expected = oracle.elbo(*data, sigma=0.7, noise=noise)
     inputs = [t.to(device, torch.float32) for t in data]
-    with torch.autocast(device, dtype=torch.bfloat16):
+    with OpCounter() as counter, torch.autocast(device, dtype=torch.bfloat16):
         got = fast.elbo(*inputs, sigma=0.7, noise=noise.to(device, torch.float32))
         image = fast.generate(inputs[0], inputs[1], inputs[3], noise=noise.to(device, torch.float32))
     assert got.loss.dtype == torch.float32
@@ -320,7 +319,7 @@ def test_bf16_autocast_matches_reference(share_cores, path, fused_cells, monkeyp
         assert_close_rms(getattr(got, name).cpu(), getattr(expected, name), RMS_LIMITS[torch.bfloat16], name)
     expected_image = oracle.generate(data[0], data[1], data[3], noise=noise)
     assert_close_rms(image.cpu(), expected_image, RMS_LIMITS[torch.bfloat16], "generate")
-    assert len(calls) == (fused_cells_per_run(config) if fused_cells else 0)
+    assert fused_calls(counter) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
 def test_compile_options_keep_the_models_own_layouts():

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from measure import saved_for_backward_bytes  # noqa: E402
-from op_count import _Counter, count_training_step, gpu_branches, meta_batch  # noqa: E402
+from op_count import count_training_step, meta_batch, on_gpu_branches  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
 
 from gqn_fast import GQN  # noqa: E402
@@ -27,8 +27,8 @@ def test_fast_step_dispatches_fewer_ops_than_the_reference(preset):
     kernel (paper tower 905 against 777; 882 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
     reference's nodes (einsum's views in the canvas folding) and 208 ops rebuilding a constant."""
     config = MODEL_PRESETS[preset]
-    fast = count_training_step(GQN(config), batch=4)
-    reference = count_training_step(ReferenceGQN(config), batch=4)
+    fast = count_training_step(on_gpu_branches(GQN, config), batch=4)
+    reference = count_training_step(on_gpu_branches(ReferenceGQN, config), batch=4)
     assert fast["ops"] + fast["custom ops"] < reference["ops"], (fast, reference)
     assert fast["autograd nodes"] <= 1.2 * reference["autograd nodes"], (fast, reference)
 
@@ -37,7 +37,7 @@ def test_counts_follow_the_gpu_branches():
     """The fast model is counted on its Triton branches: its cells are custom ops there (one per
     cell and step), not the PyTorch math the CPU runs."""
     config = MODEL_PRESETS["small"]
-    counts = count_training_step(GQN(config), batch=2)
+    counts = count_training_step(on_gpu_branches(GQN, config), batch=2)
     # Per step: an inference and a generator cell (fused conv + gates) and a posterior sample.
     assert counts["custom ops"] >= 3 * config.L, counts
     assert counts["autograd nodes"] > 0 and counts["views"] > 0, counts
@@ -50,9 +50,8 @@ def test_default_cells_keep_no_more_for_backward_than_fused_ones(preset):
     place, not handed to the gate kernel, which would save it (415 MiB at the paper tower, B = 36)."""
 
     def saved(fused_cells):
-        model = GQN(MODEL_PRESETS[preset], fused_cells=fused_cells).to("meta")
+        model = on_gpu_branches(GQN, MODEL_PRESETS[preset], fused_cells=fused_cells).to("meta")
         inputs = meta_batch(36)
-        with gpu_branches(_Counter()):
-            return saved_for_backward_bytes(lambda: model.elbo(*inputs, sigma=0.7))
+        return saved_for_backward_bytes(lambda: model.elbo(*inputs, sigma=0.7))
 
     assert saved(fused_cells=False) <= saved(fused_cells=True)
