@@ -109,12 +109,231 @@ class StopAtBoundary:
 # --- one run --------------------------------------------------------------------------------
 
 
-def train(args: TrainArgs) -> torch.nn.Module:
-    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
-    UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
-    (all checked before anything in the run folder is written)."""
+@dataclasses.dataclass
+class Position:
+    """How far a run is: the optimizer steps taken, and the data's epoch and batch in it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+class LogWindow:
+    """The (loss, nll, kl) summed over the steps since the last log, kept on the device between
+    logs (so the GPU is not waited on every step). Checkpointed: a Ctrl-C or --max-minutes stops
+    between two logs, and a resume goes on summing, so its record is the one the unstopped run
+    writes."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None):
+        self.start, self.steps, self.sums = time.perf_counter(), 0, None
+        if saved and saved.get("steps"):  # checkpoints before this field: a fresh window
+            self.steps, self.sums = saved["steps"], saved["sums"].to(device)
+
+    def add(self, metrics: torch.Tensor) -> None:
+        self.sums = metrics if self.sums is None else self.sums + metrics
+        self.steps += 1
+
+    def means(self) -> tuple[float, float, float]:
+        loss, nll, kl = (self.sums / self.steps).tolist()
+        return loss, nll, kl
+
+    def steps_per_s(self) -> float:
+        return self.steps / (time.perf_counter() - self.start)
+
+    def restart(self) -> None:
+        self.start, self.steps, self.sums = time.perf_counter(), 0, None
+
+    def saved(self) -> dict:
+        return dict(sums=None if self.sums is None else self.sums.cpu(), steps=self.steps)
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: made by `setup` (everything checked, nothing written), then `start`
+    opens the run folder and `loop` steps until the end, the deadline or a Ctrl-C."""
+
+    args: TrainArgs
+    config: GQNConfig
+    device: torch.device
+    world: int  # processes
+    main: bool  # rank 0: logs, pictures and checkpoints
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+    loader: object  # gqn_fast.data.loader's, with set_epoch
+    position: Position
+    window: LogWindow
+    resumed_from: Path | None
+    saved_step: int | None  # the step the newest checkpoint holds
+    writer: MetricsWriter | None = None
+    progress: tqdm | None = None
+    # The state at the last step boundary is what a checkpoint holds: the parameters, optimizer
+    # and data position change only in a step's update, the RNG as the step draws.
+    boundary_rng: dict | None = None
+    shown: tuple | None = None  # the last step's (batch, reconstruction), for pictures
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def start(self) -> None:
+        """Open the run folder: from here on it is written."""
+        from gqn_fast.data.format import write_json_atomic
+
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.ckpt_dir):
+                tqdm.write(f"removed {stale}, left by a checkpoint write that was killed")
+            write_json_atomic(self.out / "config.json", {"model": self.config.to_dict(), "train": dataclasses.asdict(self.args)})
+            self.writer = MetricsWriter(self.out, start_step=self.position.step)
+            if self.resumed_from is not None:
+                tqdm.write(f"resumed from {self.resumed_from} at step {self.position.step}")
+        self.progress = tqdm(total=self.args.steps, initial=self.position.step, disable=not self.main,
+                             dynamic_ncols=True, desc="train")
+        mode = self.train_step.mode
+        if self.main and self.device.type == "cuda" and mode != "graphed":
+            tqdm.write(f"training eagerly on {self.device} ({mode_reason(self.args, self.world)}): each step waits on Python")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def loop(self) -> None:
+        """Steps to args.steps; at --max-minutes, or on Ctrl-C at a step boundary, a checkpoint of
+        where it stopped (a second Ctrl-C stops at once)."""
+        self.boundary_rng = rng_state()
+        try:
+            with StopAtBoundary(active=self.world == 1) as stop:
+                out_of_time = self._steps(stop)
+            if out_of_time:
+                self._stop_for_time()
+        except KeyboardInterrupt:
+            self._stop_for_interrupt()
+            raise
+
+    def _steps(self, stop: StopAtBoundary) -> bool:
+        """The steps; True if --max-minutes ran out first."""
+        args, position = self.args, self.position
+        contention = ContentionWatch(torch.get_num_threads() if self.device.type == "cpu" else 1)
+        batches = iter(self.loader)
+        # --max-minutes: the clock starts at the first step (the data and model are ready).
+        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+        while position.step < args.steps:
+            if stop.requested:
+                raise KeyboardInterrupt
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+            try:
+                batch = next(batches)
+            except StopIteration:
+                position.epoch, position.batch = position.epoch + 1, 0
+                self.loader.set_epoch(position.epoch)
+                batches = iter(self.loader)
+                continue
+            sigma = pixel_sigma(position.step, args.sigma_steps)
+            self.window.add(self.train_step(batch, sigma, learning_rate(position.step)))  # loss, nll, kl
+            position.step, position.batch = position.step + 1, position.batch + 1
+            self.train_step.updating = False
+            self.boundary_rng = rng_state()
+            self.progress.update(1)
+            log_now = position.step % args.log_every == 0 or position.step == args.steps
+            checkpoint_now = position.step % args.checkpoint_every == 0 or position.step == args.steps
+            if log_now or checkpoint_now:
+                self._log(sigma, contention, check_weights=checkpoint_now)
+            if checkpoint_now:
+                self.checkpoint()
+            self.shown = self.train_step.last
+            if self.main and (position.step % args.image_every == 0 or position.step == args.steps):
+                self._picture()
+        return False
+
+    def _log(self, sigma: float, contention: ContentionWatch, check_weights: bool) -> None:
+        """One record of the window's means; TrainingDiverged if they, or (before a checkpoint)
+        the weights, are not finite."""
+        step = self.position.step
+        loss, nll, kl = self.window.means()
+        # The loss is of the parameters before this step's update; a checkpoint holds those
+        # after it, so they are checked too before one is written.
+        finite = all(math.isfinite(v) for v in (loss, nll, kl))
+        if finite and check_weights:
+            finite = bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
+        if not finite:
+            good = list_checkpoints(self.ckpt_dir)
+            where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss or the weights became NaN or infinite by step {step} "
+                f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
+                f"{where}. Try a lower learning rate or --precision fp32."
+            )
+        rate = self.window.steps_per_s()
+        warning = contention.observe(rate)
+        if warning and self.main:
+            tqdm.write(warning)
+        record = dict(step=step, loss=loss, nll=nll, kl=kl, nll_above_floor=nll - nll_floor(sigma),
+                      bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
+                      steps_per_s=rate, epoch=self.position.epoch)
+        if self.main:
+            self.writer.write(record)
+            self.progress.set_postfix(loss=f"{loss:.0f}", bpd=f"{record['bits_per_dim']:.3f}", kl=f"{kl:.1f}",
+                                      nll_above_floor=f"{record['nll_above_floor']:.0f}", steps_s=f"{rate:.2f}")
+        self.window.restart()
+
+    def checkpoint(self) -> None:
+        """A checkpoint of the last step boundary (rank 0 writes it; every rank waits for it)."""
+        position = self.position
+        if self.main:
+            save_checkpoint(self.ckpt_dir, position.step, dict(
+                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.boundary_rng,
+                data=dict(epoch=position.epoch, batch=position.batch), config=self.config.to_dict(),
+                train=dataclasses.asdict(self.args), window=self.window.saved(),
+            ), keep=self.args.keep)
+        self.saved_step = position.step
+        if self.world > 1:
+            dist.barrier()
+
+    def _picture(self, path: Path | None = None) -> None:
+        path = path or self.out / "images" / f"step-{self.position.step:08d}.png"
+        save_progress_picture(self.model, *self.shown, path, seed=self.args.seed)
+
+    def _stop_for_time(self) -> None:
+        """As at the last step: a checkpoint and a picture of where the run stopped."""
+        step = self.position.step
+        tqdm.write(f"--max-minutes {self.args.max_minutes:g}: stopping at step {step}; --resume continues here")
+        if self.saved_step != step:
+            self.checkpoint()
+        last_picture = self.out / "images" / f"step-{step:08d}.png"
+        if self.main and self.shown is not None and not last_picture.exists():
+            self._picture(last_picture)
+
+    def _stop_for_interrupt(self) -> None:
+        """Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
+        checkpointed (it is finite: it was just checked, or is one step past a finite check,
+        which the next log will catch on resume), unless a checkpoint of it is already written."""
+        step, saved = self.position.step, self.saved_step
+        if self.train_step.updating:
+            where = f"the last checkpoint is of step {saved}" if saved is not None else "no checkpoint was written"
+            if self.main:
+                tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")
+        elif saved == step:
+            if self.main:
+                tqdm.write(f"interrupted at step {step}, whose checkpoint is already written")
+        else:
+            if self.main:
+                tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
+            self.checkpoint()
+
+
+def setup(args: TrainArgs) -> Run:
+    """The run `args` asks for: arguments, data and the checkpoint to resume checked, the model,
+    optimizer and loader made and restored; nothing in the run folder written yet. Raises
+    UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
     from gqn_fast.data.builtin import builtin_dataset
-    from gqn_fast.data.format import write_json_atomic
     from gqn_fast.data.loader import SceneDataset, make_loader
 
     check_args(args)
@@ -123,11 +342,9 @@ def train(args: TrainArgs) -> torch.nn.Module:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
-    main = rank == 0
     if args.max_minutes is not None and world > 1:
         raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = Path(args.out) / "checkpoints"
     config = GQNConfig.preset(args.preset)
 
     existing = list_checkpoints(ckpt_dir)
@@ -164,13 +381,12 @@ def train(args: TrainArgs) -> torch.nn.Module:
     model = model_class(args.impl)(config).to(device)
     mode = step_mode(args, device, world)
     optimizer = make_optimizer(model, device, learning_rate(0), graphed=mode == "graphed")
-    step, epoch, batch_in_epoch = 0, 0, 0
+    position = Position()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        step, epoch, batch_in_epoch = state["step"], state["data"]["epoch"], state["data"]["batch"]
-    saved_step = step if state is not None else None  # the step the newest checkpoint holds
+        position = Position(step=state["step"], epoch=state["data"]["epoch"], batch=state["data"]["batch"])
 
     elbo = model  # calling a GQN computes its ELBO
     if world > 1:
@@ -187,136 +403,28 @@ def train(args: TrainArgs) -> torch.nn.Module:
         num_workers=args.workers, distributed=world > 1,
     )
     # An allowed change of --batch or --data can leave the old position past the epoch's end.
-    loader.set_epoch(epoch, start_batch=min(batch_in_epoch, len(loader)))
+    loader.set_epoch(position.epoch, start_batch=min(position.batch, len(loader)))
 
-    # Everything is checked: from here on the run folder is written.
-    writer = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temporaries(ckpt_dir):
-            tqdm.write(f"removed {stale}, left by a checkpoint write that was killed")
-        write_json_atomic(out / "config.json", {"model": config.to_dict(), "train": dataclasses.asdict(args)})
-        writer = MetricsWriter(out, start_step=step)
-        if state is not None:
-            tqdm.write(f"resumed from {existing[-1]} at step {step}")
-    progress = tqdm(total=args.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    return Run(
+        args=args, config=config, device=device, world=world, main=rank == 0, model=model, optimizer=optimizer,
+        train_step=TrainStep(model, optimizer, device, args.precision, mode, elbo=elbo), loader=loader,
+        position=position, window=LogWindow(device, (state or {}).get("window")),
+        resumed_from=existing[-1] if state is not None else None,
+        saved_step=position.step if state is not None else None,
+    )
 
-    def checkpoint(rng):
-        nonlocal saved_step
-        if main:
-            save_checkpoint(ckpt_dir, step, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
-                data=dict(epoch=epoch, batch=batch_in_epoch), config=config.to_dict(),
-                train=dataclasses.asdict(args),
-                # The log window under way (a Ctrl-C or --max-minutes stops between two logs): a
-                # resume goes on summing it, so its record is the one the unstopped run writes.
-                window=dict(sums=None if sums is None else sums.cpu(), steps=window_steps),
-            ), keep=args.keep)
-        saved_step = step
-        if world > 1:
-            dist.barrier()
 
-    train_step = TrainStep(model, optimizer, device, args.precision, mode, elbo=elbo)
-    if main and device.type == "cuda" and mode != "graphed":
-        tqdm.write(f"training eagerly on {device} ({mode_reason(args, world)}): each step waits on Python")
-    contention = ContentionWatch(torch.get_num_threads() if device.type == "cpu" else 1)
-    batches = iter(loader)
-    window_start, window_steps, sums = time.perf_counter(), 0, None
-    window = (state or {}).get("window") or {}  # checkpoints before this field: a fresh window
-    if window.get("steps"):
-        window_steps, sums = window["steps"], window["sums"].to(device)
-    # The state at the last step boundary is what a checkpoint holds: the parameters, optimiser
-    # and data position change only in the update below, the RNG as the step draws.
-    boundary_rng = rng_state()
-    # --max-minutes: the clock starts at the first step (the data and model are ready).
-    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-    out_of_time, shown = False, None
+def train(args: TrainArgs) -> torch.nn.Module:
+    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
+    UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
+    (all checked before anything in the run folder is written)."""
+    run = setup(args)
     try:
-        with StopAtBoundary(active=world == 1) as stop:
-            while step < args.steps:
-                if stop.requested:
-                    raise KeyboardInterrupt
-                if deadline is not None and time.monotonic() >= deadline:
-                    out_of_time = True
-                    break
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    loader.set_epoch(epoch)
-                    batches = iter(loader)
-                    continue
-                sigma = pixel_sigma(step, args.sigma_steps)
-                now = train_step(batch, sigma, learning_rate(step))  # loss, nll, kl
-                step, batch_in_epoch, window_steps = step + 1, batch_in_epoch + 1, window_steps + 1
-                train_step.updating = False
-                boundary_rng = rng_state()
-                progress.update(1)
-                # Metrics stay on the device between logs, so the GPU is not waited on every step.
-                sums = now if sums is None else sums + now
-                last_log = step % args.log_every == 0 or step == args.steps
-                last_ckpt = step % args.checkpoint_every == 0 or step == args.steps
-                if last_log or last_ckpt:
-                    loss, nll_v, kl_v = (sums / window_steps).tolist()
-                    # The loss is of the parameters before this step's update; a checkpoint holds
-                    # those after it, so they are checked too before one is written.
-                    finite = all(math.isfinite(v) for v in (loss, nll_v, kl_v))
-                    if finite and last_ckpt:
-                        finite = bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
-                    if not finite:
-                        good = list_checkpoints(ckpt_dir)
-                        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-                        raise TrainingDiverged(
-                            f"the loss or the weights became NaN or infinite by step {step} "
-                            f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
-                            f"{where}. Try a lower learning rate or --precision fp32."
-                        )
-                    rate = window_steps / (time.perf_counter() - window_start)
-                    warning = contention.observe(rate)
-                    if warning and main:
-                        tqdm.write(warning)
-                    record = dict(step=step, loss=loss, nll=nll_v, kl=kl_v, nll_above_floor=nll_v - nll_floor(sigma),
-                                  bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
-                                  steps_per_s=rate, epoch=epoch)
-                    if main:
-                        writer.write(record)
-                        progress.set_postfix(loss=f"{loss:.0f}", bpd=f"{record['bits_per_dim']:.3f}", kl=f"{kl_v:.1f}",
-                                             nll_above_floor=f"{record['nll_above_floor']:.0f}", steps_s=f"{rate:.2f}")
-                    sums, window_start, window_steps = None, time.perf_counter(), 0
-                    if last_ckpt:
-                        checkpoint(boundary_rng)
-                shown = train_step.last
-                if main and (step % args.image_every == 0 or step == args.steps):
-                    save_progress_picture(model, *shown, out / "images" / f"step-{step:08d}.png", seed=args.seed)
-        if out_of_time:
-            # As at the last step: a checkpoint and a picture of where the run stopped.
-            tqdm.write(f"--max-minutes {args.max_minutes:g}: stopping at step {step}; --resume continues here")
-            if saved_step != step:
-                checkpoint(boundary_rng)
-            last_picture = out / "images" / f"step-{step:08d}.png"
-            if main and shown is not None and not last_picture.exists():
-                save_progress_picture(model, *shown, last_picture, seed=args.seed)
-    except KeyboardInterrupt:
-        # Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
-        # checkpointed (it is finite: it was just checked, or is one step past a finite check,
-        # which the next log will catch on resume), unless a checkpoint of it is already written.
-        if train_step.updating:
-            where = f"the last checkpoint is of step {saved_step}" if saved_step is not None else "no checkpoint was written"
-            if main:
-                tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")
-        elif saved_step == step:
-            if main:
-                tqdm.write(f"interrupted at step {step}, whose checkpoint is already written")
-        else:
-            if main:
-                tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
-            checkpoint(boundary_rng)
-        raise
+        run.start()
+        run.loop()
     finally:
-        progress.close()
-        if writer:
-            writer.close()
-    return model
+        run.close()
+    return run.model
 
 
 def save_progress_picture(model, batch, reconstruction, path: Path, seed: int, scenes: int = 4) -> None:
