@@ -123,10 +123,7 @@ class _StaticStep:
     def __init__(self, batch: Batch, device: torch.device):
         # The loader's layout (channels-last strides), so the copy from pinned memory is one block.
         self.host = Batch(*(torch.empty_like(t, device=device) for t in batch))
-        self.inputs = (torch.empty(batch.context_x.shape, dtype=torch.float32, device=device),
-                       torch.empty(batch.context_v.shape, dtype=torch.float32, device=device),
-                       torch.empty(batch.query_x.shape, dtype=torch.float32, device=device),
-                       torch.empty(batch.query_v.shape, dtype=torch.float32, device=device))
+        self.inputs = tuple(torch.empty(t.shape, dtype=torch.float32, device=device) for t in batch)  # contiguous
         self.graph = self.metrics = self.mean = None
 
     def load(self, batch: Batch) -> None:
@@ -134,12 +131,8 @@ class _StaticStep:
             buffer.copy_(value, non_blocking=True)
 
     def _convert(self) -> None:
-        """The images to floats in [0, 1], contiguous (as to_model_inputs does), inside the graph."""
-        context_x, context_v, query_x, query_v = self.inputs
-        context_x.copy_(self.host.context_x).div_(255)
-        query_x.copy_(self.host.query_x).div_(255)
-        context_v.copy_(self.host.context_v)
-        query_v.copy_(self.host.query_v)
+        """The batch to the model's inputs (to_model_inputs) in the static buffers, inside the graph."""
+        to_model_inputs(self.host, self.host.context_x.device, out=self.inputs)
 
     def run_eagerly(self, step: TrainStep) -> torch.Tensor:
         self._convert()

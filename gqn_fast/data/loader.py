@@ -284,12 +284,13 @@ def make_loader(root, split, batch_size, max_context, seed, num_workers=0, distr
                        prefetch_factor=prefetch_factor)
 
 
-def to_model_inputs(batch, device, dtype=torch.float32):
+def to_model_inputs(batch, device, dtype=torch.float32, out=None):
     """(context_x, context_v, query_x, query_v) on `device`: images float in [0, 1] and
-    contiguous [B, M, 3, 64, 64] / [B, 3, 64, 64], viewpoints [B, M, 7] / [B, 7], all `dtype`.
+    contiguous [B, M, 3, 64, 64] / [B, 3, 64, 64], viewpoints [B, M, 7] / [B, 7], all `dtype`;
+    written into `out` when given (four such tensors, e.g. a CUDA graph's static inputs).
 
     The images cross to the device as uint8 (non-blocking from pinned memory) and are
-    converted there."""
+    converted there, in one pass that also lays them out."""
     context_x, context_v, query_x, query_v = batch
     for name, x in (("context_x", context_x), ("query_x", query_x)):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
@@ -297,13 +298,10 @@ def to_model_inputs(batch, device, dtype=torch.float32):
     if not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
     device = torch.device(device)
-
-    def image(x):
-        x = x.to(device, non_blocking=True)
-        out = torch.empty(x.shape, dtype=dtype, device=device)  # contiguous
-        return out.copy_(x).div_(255)  # convert and lay out in one pass
-
-    def view(v):
-        return v.to(device=device, dtype=dtype, non_blocking=True)
-
-    return image(context_x), view(context_v), image(query_x), view(query_v)
+    if out is None:
+        out = tuple(torch.empty(t.shape, dtype=dtype, device=device) for t in batch)  # contiguous
+    for buffer, value, is_image in zip(out, batch, (True, False, True, False)):
+        buffer.copy_(value.to(device, non_blocking=True))
+        if is_image:
+            buffer.div_(255)
+    return tuple(out)
