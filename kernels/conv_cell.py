@@ -84,6 +84,17 @@ def _pixel_coordinates(pid, batch, height, width, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _shifted_pixels(b, y, x, m_ok, dy, dx, height, width, stride_b, stride_y, stride_x):
+    """Where a tap reads: the offsets (int64) of pixels (y + dy, x + dx) of samples b in a tensor
+    of these strides, and which of them fall inside the height x width image (the zero padding
+    outside is a masked load). The three kernels' taps, written once."""
+    ys = y + dy
+    xs = x + dx
+    inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+    return b * stride_b + ys.to(tl.int64) * stride_y + xs.to(tl.int64) * stride_x, inside
+
+
+@triton.jit
 def _conv_lstm_cell_forward_kernel(
     x_ptr, w_ptr, const_ptr, c_ptr, h_ptr, c_new_ptr, preact_ptr,
     batch, cin: tl.constexpr, hidden, height, width,
@@ -132,14 +143,13 @@ def _conv_lstm_cell_forward_kernel(
         k0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE_X
         kx = tap % KSIZE_X
-        ys = y + ky - KSIZE_Y // 2
-        xs = x + kx - KSIZE_X // 2
-        inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        x_pixels = (b * x_sb + ys.to(tl.int64) * x_sy + xs.to(tl.int64) * x_sx)[:, None]
+        x_pixels, inside = _shifted_pixels(b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width,
+                                           x_sb, x_sy, x_sx)
         w_tap = ky * w_sy + kx * w_sx
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < cin
-        a = tl.load(x_ptr + x_pixels + k.to(tl.int64)[None, :] * x_sc, mask=inside[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + x_pixels[:, None] + k.to(tl.int64)[None, :] * x_sc, mask=inside[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
         w_ptrs = w_ptr + w_tap + k.to(tl.int64)[:, None] * w_sc
         if UPCAST:  # the interpreter multiplies bf16 tiles wrongly; their values are exact in fp32
             a = a.to(tl.float32)
@@ -221,14 +231,12 @@ def _conv_input_grad_kernel(
         n0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE_X
         kx = tap % KSIZE_X
-        ys = y - ky + KSIZE_Y // 2
-        xs = x - kx + KSIZE_X // 2
-        inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        grad_pixels = (b * grad_sb + ys.to(tl.int64) * grad_sy + xs.to(tl.int64) * grad_sx)[:, None]
+        grad_pixels, inside = _shifted_pixels(b, y, x, m_ok, KSIZE_Y // 2 - ky, KSIZE_X // 2 - kx, height, width,
+                                              grad_sb, grad_sy, grad_sx)
         w_tap = w_ptr + ky * w_sy + kx * w_sx + ci.to(tl.int64)[None, :] * w_sc
         n = n0 + tl.arange(0, BLOCK_K)
         n_ok = n < cout
-        a = tl.load(grad_ptr + grad_pixels + n.to(tl.int64)[None, :] * grad_sc,
+        a = tl.load(grad_ptr + grad_pixels[:, None] + n.to(tl.int64)[None, :] * grad_sc,
                     mask=inside[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
         w = tl.load(w_tap + n.to(tl.int64)[:, None] * w_sn, mask=n_ok[:, None] & ci_ok[None, :], other=0.0)
         if UPCAST:
@@ -272,10 +280,8 @@ def _conv_weight_grad_kernel(
         grad_pixels = b * grad_sb + y.to(tl.int64) * grad_sy + x.to(tl.int64) * grad_sx
         grad_t = tl.load(grad_ptr + grad_pixels[None, :] + n.to(tl.int64)[:, None] * grad_sc,
                          mask=n_ok[:, None] & m_ok[None, :], other=0.0)  # fmt: skip
-        ys = y + ky - KSIZE_Y // 2
-        xs = x + kx - KSIZE_X // 2
-        inside = m_ok & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        x_pixels = b * x_sb + ys.to(tl.int64) * x_sy + xs.to(tl.int64) * x_sx
+        x_pixels, inside = _shifted_pixels(b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width,
+                                           x_sb, x_sy, x_sx)
         xt = tl.load(x_ptr + x_pixels[:, None] + ci.to(tl.int64)[None, :] * x_sc,
                      mask=inside[:, None] & ci_ok[None, :], other=0.0)  # fmt: skip
         if UPCAST:

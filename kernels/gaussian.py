@@ -22,13 +22,16 @@ from .utils import (
     check_floating,
     check_like,
     check_min_dim,
+    check_per_sample,
     compute_dtype,
     empty_output_like,
+    empty_partial_sums,
     launch_device,
     load_tile,
     softplus_derivative,
     softplus_derivative_torch,
     stable_softplus,
+    store_partial_sum,
     store_tile,
     tile_indices,
     tl,
@@ -42,6 +45,8 @@ from .utils import (
 # Triton kernels. Grid: (space tiles, channel tiles, batch). The forward writes one partial
 # KL sum per tile to kl_partial[b, tile], summed on the host: deterministic, no atomics.
 # Without the sample (HAS_SAMPLE false) the eps / z pointers are placeholders, never touched.
+# Inputs are read with their own strides (a prior can be a bias expanded over the batch, stride
+# 0); the gradients a backward kernel writes are made in one layout, one stride set for all.
 # ---------------------------------------------------------------------------------------
 
 
@@ -109,9 +114,7 @@ def _posterior_kl_forward_kernel(
     sigma_q = stable_softplus(s_q)
     sigma_p = stable_softplus(s_p)
     kl = tl.where(mask, _kl_of_sigmas(mu_q - mu_p, sigma_q, sigma_p), 0.0)
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tiles_per_sample = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(kl_partial_ptr + b * tiles_per_sample + tile, tl.sum(tl.sum(kl, axis=1), axis=0))
+    store_partial_sum(kl_partial_ptr, kl, b)
 
     if HAS_SAMPLE:
         eps = load_tile(eps_ptr, b, ch, sp, eps_stride_b, eps_stride_c, eps_stride_s, mask)
@@ -130,11 +133,7 @@ def _posterior_kl_backward_kernel(
     eps_stride_b, eps_stride_c, eps_stride_s,
     grad_z_stride_b, grad_z_stride_c, grad_z_stride_s,
     grad_kl_stride_b,
-    grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s,
-    grad_s_q_stride_b, grad_s_q_stride_c, grad_s_q_stride_s,
-    grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s,
-    grad_s_p_stride_b, grad_s_p_stride_c, grad_s_p_stride_s,
-    grad_eps_stride_b, grad_eps_stride_c, grad_eps_stride_s,
+    grad_stride_b, grad_stride_c, grad_stride_s,  # of every gradient written
     HAS_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b, ch, sp, mask = tile_indices(channels, space, BLOCK_C, BLOCK_S)
@@ -155,15 +154,14 @@ def _posterior_kl_backward_kernel(
         grad_z = load_tile(grad_z_ptr, b, ch, sp, grad_z_stride_b, grad_z_stride_c, grad_z_stride_s, mask)
         grad_mu_q += grad_z
         grad_sigma_q += grad_z * eps
-        grad_eps_strides = (grad_eps_stride_b, grad_eps_stride_c, grad_eps_stride_s)
-        store_tile(grad_eps_ptr, grad_z * sigma_q, b, ch, sp, *grad_eps_strides, mask)
+        store_tile(grad_eps_ptr, grad_z * sigma_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
 
     grad_s_q = grad_sigma_q * softplus_derivative(s_q)
     grad_s_p = grad_sigma_p * softplus_derivative(s_p)
-    store_tile(grad_mu_q_ptr, grad_mu_q, b, ch, sp, grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s, mask)
-    store_tile(grad_s_q_ptr, grad_s_q, b, ch, sp, grad_s_q_stride_b, grad_s_q_stride_c, grad_s_q_stride_s, mask)
-    store_tile(grad_mu_p_ptr, grad_mu_p, b, ch, sp, grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s, mask)
-    store_tile(grad_s_p_ptr, grad_s_p, b, ch, sp, grad_s_p_stride_b, grad_s_p_stride_c, grad_s_p_stride_s, mask)
+    store_tile(grad_mu_q_ptr, grad_mu_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_s_q_ptr, grad_s_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_mu_p_ptr, grad_mu_p, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_s_p_ptr, grad_s_p, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
 
 
 @triton.jit
@@ -197,10 +195,7 @@ def _elementwise_kl_backward_kernel(
     mu_p_stride_b, mu_p_stride_c, mu_p_stride_s,
     sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s,
     grad_kl_stride_b, grad_kl_stride_c, grad_kl_stride_s,
-    grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s,
-    grad_sigma_q_stride_b, grad_sigma_q_stride_c, grad_sigma_q_stride_s,
-    grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s,
-    grad_sigma_p_stride_b, grad_sigma_p_stride_c, grad_sigma_p_stride_s,
+    grad_stride_b, grad_stride_c, grad_stride_s,  # of every gradient written
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b, ch, sp, mask = tile_indices(channels, space, BLOCK_C, BLOCK_S)
@@ -210,12 +205,10 @@ def _elementwise_kl_backward_kernel(
     sigma_p = load_tile(sigma_p_ptr, b, ch, sp, sigma_p_stride_b, sigma_p_stride_c, sigma_p_stride_s, mask)
     grad_kl = load_tile(grad_kl_ptr, b, ch, sp, grad_kl_stride_b, grad_kl_stride_c, grad_kl_stride_s, mask)
     grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas(mu_q - mu_p, sigma_q, sigma_p, grad_kl)
-    store_tile(grad_mu_q_ptr, grad_mu_q, b, ch, sp, grad_mu_q_stride_b, grad_mu_q_stride_c, grad_mu_q_stride_s, mask)
-    store_tile(grad_sigma_q_ptr, grad_sigma_q, b, ch, sp,
-               grad_sigma_q_stride_b, grad_sigma_q_stride_c, grad_sigma_q_stride_s, mask)  # fmt: skip
-    store_tile(grad_mu_p_ptr, -grad_mu_q, b, ch, sp, grad_mu_p_stride_b, grad_mu_p_stride_c, grad_mu_p_stride_s, mask)
-    store_tile(grad_sigma_p_ptr, grad_sigma_p, b, ch, sp,
-               grad_sigma_p_stride_b, grad_sigma_p_stride_c, grad_sigma_p_stride_s, mask)  # fmt: skip
+    store_tile(grad_mu_q_ptr, grad_mu_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_sigma_q_ptr, grad_sigma_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_mu_p_ptr, -grad_mu_q, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_sigma_p_ptr, grad_sigma_p, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,9 +230,8 @@ def posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
         return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
     views = [as_batch_channel_space(t) for t in (mu_q, s_q, mu_p, s_p)]
     has_sample = eps is not None
-    batch = mu_q.shape[0]
     grid, block_c, block_s = launch_shape(views[0])
-    kl_partial = torch.empty((batch, grid[0] * grid[1]), dtype=compute_dtype(mu_q.dtype), device=mu_q.device)
+    kl_partial = empty_partial_sums(views[0], grid)
     if has_sample:
         eps3 = as_batch_channel_space(eps)
         z3, z = empty_output_like(views[0], mu_q.shape)
@@ -259,22 +251,18 @@ def posterior_kl_forward(mu_q, s_q, mu_p, s_p, eps=None):
 def posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
     """Gradients to (mu_q, s_q, mu_p, s_p[, eps]) from grad_kl [B] (and grad_z, with eps)."""
     _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps)
-    check_floating("grad_kl", grad_kl)
-    if tuple(grad_kl.shape) != (mu_q.shape[0],) or grad_kl.device != mu_q.device:
-        raise ValueError(
-            f"grad_kl: expected shape [{mu_q.shape[0]}] on {mu_q.device}, "
-            f"got {list(grad_kl.shape)} on {grad_kl.device}"
-        )
+    check_per_sample("grad_kl", grad_kl, "mu_q", mu_q)
     if eps is not None:
         check_like("grad_z", grad_z, "mu_q", mu_q)
     if not use_triton(mu_q):
         return posterior_sample_kl_backward_torch(mu_q, s_q, mu_p, s_p, grad_kl, eps, grad_z)
     views = [as_batch_channel_space(t) for t in (mu_q, s_q, mu_p, s_p)]
     has_sample = eps is not None
-    grads = [empty_output_like(view, mu_q.shape) for view in views]
+    # Every gradient in mu_q's layout (one stride set for the kernel).
+    grads = [empty_output_like(views[0], mu_q.shape) for _ in views]
     if has_sample:
         eps3, grad_z3 = as_batch_channel_space(eps), as_batch_channel_space(grad_z)
-        grad_eps3, grad_eps = empty_output_like(eps3, eps.shape)
+        grad_eps3, grad_eps = empty_output_like(views[0], eps.shape)
     else:
         eps3, grad_z3, grad_eps3, grad_eps = views[0], views[0], grads[0][0], None  # placeholders
     grid, block_c, block_s = launch_shape(views[0])
@@ -286,9 +274,7 @@ def posterior_kl_backward(mu_q, s_q, mu_p, s_p, grad_kl, eps=None, grad_z=None):
                 views[0].shape[1], views[0].shape[2],
                 *(stride for view in views for stride in view.stride()),
                 *(eps3.stride() if has_sample else no_strides), *(grad_z3.stride() if has_sample else no_strides),
-                grad_kl.stride(0),
-                *(stride for grad3, _ in grads for stride in grad3.stride()),
-                *(grad_eps3.stride() if has_sample else no_strides),
+                grad_kl.stride(0), *grads[0][0].stride(),
                 HAS_SAMPLE=has_sample, BLOCK_C=block_c, BLOCK_S=block_s,
             )  # fmt: skip
     return [grad for _, grad in grads] + ([grad_eps] if has_sample else [])
@@ -334,13 +320,13 @@ def elementwise_kl_backward(mu_q, sigma_q, mu_p, sigma_p, grad_kl) -> list[torch
     if not use_triton(mu_q):
         return _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl)
     views = [_as_3d(t) for t in (mu_q, sigma_q, mu_p, sigma_p, grad_kl)]
-    grads = [empty_output_like(view, mu_q.shape) for view in views[:4]]
+    grads = [empty_output_like(views[0], mu_q.shape) for _ in range(4)]  # in mu_q's layout, one stride set
     grid, block_c, block_s = launch_shape(views[0])
     if mu_q.numel() > 0:
         with launch_device(mu_q):
             wrap_triton(_elementwise_kl_backward_kernel)[grid](
                 *views, *(grad3 for grad3, _ in grads), views[0].shape[1], views[0].shape[2],
-                *(stride for view in views + [grad3 for grad3, _ in grads] for stride in view.stride()),
+                *(stride for view in views for stride in view.stride()), *grads[0][0].stride(),
                 BLOCK_C=block_c, BLOCK_S=block_s,
             )  # fmt: skip
     return [grad for _, grad in grads]

@@ -21,12 +21,15 @@ from .utils import (
     check_floating,
     check_like,
     check_min_dim,
+    check_per_sample,
     compute_dtype,
     empty_output_like,
+    empty_partial_sums,
     launch_device,
     load_tile,
     sigmoid_derivative,
     sigmoid_derivative_torch,
+    store_partial_sum,
     store_tile,
     tile_indices,
     tl,
@@ -56,9 +59,7 @@ def _pixel_nll_forward_kernel(
     inv_sigma = (1.0 / tl.load(sigma_ptr)).to(x.dtype)  # sigma: an fp64 scalar
     scaled = (x - tl.sigmoid(logits)) * inv_sigma
     data_term = tl.where(mask, 0.5 * scaled * scaled, 0.0)
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tiles_per_sample = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(nll_partial_ptr + b * tiles_per_sample + tile, tl.sum(tl.sum(data_term, axis=1), axis=0))
+    store_partial_sum(nll_partial_ptr, data_term, b)
 
 
 @triton.jit
@@ -68,8 +69,7 @@ def _pixel_nll_backward_kernel(
     x_stride_b, x_stride_c, x_stride_s,
     logits_stride_b, logits_stride_c, logits_stride_s,
     grad_nll_stride_b,
-    grad_x_stride_b, grad_x_stride_c, grad_x_stride_s,
-    grad_logits_stride_b, grad_logits_stride_c, grad_logits_stride_s,
+    grad_stride_b, grad_stride_c, grad_stride_s,  # of both gradients written
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b, ch, sp, mask = tile_indices(channels, space, BLOCK_C, BLOCK_S)
@@ -81,9 +81,8 @@ def _pixel_nll_backward_kernel(
     inv_var = (1.0 / (sigma * sigma)).to(x.dtype)
     grad_x = grad_nll * (x - tl.sigmoid(logits)) * inv_var
     grad_logits = -grad_x * sigmoid_derivative(logits)
-    store_tile(grad_x_ptr, grad_x, b, ch, sp, grad_x_stride_b, grad_x_stride_c, grad_x_stride_s, mask)
-    grad_logits_strides = (grad_logits_stride_b, grad_logits_stride_c, grad_logits_stride_s)
-    store_tile(grad_logits_ptr, grad_logits, b, ch, sp, *grad_logits_strides, mask)
+    store_tile(grad_x_ptr, grad_x, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
+    store_tile(grad_logits_ptr, grad_logits, b, ch, sp, grad_stride_b, grad_stride_c, grad_stride_s, mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,9 +124,7 @@ def pixel_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor
         return pixel_nll_torch(x, logits, sigma)
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
     grid, block_c, block_s = launch_shape(logits3)
-    nll_partial = torch.empty(
-        (logits.shape[0], grid[0] * grid[1]), dtype=compute_dtype(logits.dtype), device=logits.device
-    )
+    nll_partial = empty_partial_sums(logits3, grid)
     if logits.numel() > 0:
         with launch_device(logits):
             wrap_triton(_pixel_nll_forward_kernel)[grid](
@@ -141,23 +138,19 @@ def pixel_nll_forward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor
 def pixel_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tensor, grad_nll: torch.Tensor):
     """(grad_x, grad_logits) from grad_nll [B]."""
     _check_nll_inputs(x, logits, sigma)
-    check_floating("grad_nll", grad_nll)
-    if tuple(grad_nll.shape) != (logits.shape[0],) or grad_nll.device != logits.device:
-        raise ValueError(
-            f"grad_nll: expected shape [{logits.shape[0]}] on {logits.device}, "
-            f"got {list(grad_nll.shape)} on {grad_nll.device}"
-        )
+    check_per_sample("grad_nll", grad_nll, "logits", logits)
     if not use_triton(logits):
         return pixel_nll_backward_torch(x, logits, sigma, grad_nll)
     x3, logits3 = as_batch_channel_space(x), as_batch_channel_space(logits)
-    grad_x3, grad_x = empty_output_like(x3, x.shape)
+    # Both gradients in the logits' layout (one stride set for the kernel).
+    grad_x3, grad_x = empty_output_like(logits3, x.shape)
     grad_logits3, grad_logits = empty_output_like(logits3, logits.shape)
     grid, block_c, block_s = launch_shape(logits3)
     if logits.numel() > 0:
         with launch_device(logits):
             wrap_triton(_pixel_nll_backward_kernel)[grid](
                 x3, logits3, sigma, grad_nll, grad_x3, grad_logits3, logits3.shape[1], logits3.shape[2],
-                *x3.stride(), *logits3.stride(), grad_nll.stride(0), *grad_x3.stride(), *grad_logits3.stride(),
+                *x3.stride(), *logits3.stride(), grad_nll.stride(0), *grad_logits3.stride(),
                 BLOCK_C=block_c, BLOCK_S=block_s,
             )  # fmt: skip
     return grad_x, grad_logits

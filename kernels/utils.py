@@ -148,6 +148,17 @@ def check_like(name: str, tensor, ref_name: str, ref: torch.Tensor, shape=None, 
         raise ValueError(f"{name}: expected shape {list(shape)} (from {ref_name}), got {list(tensor.shape)}")
 
 
+def check_per_sample(name: str, tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """`tensor` is a float tensor [B] on ref's device, B = ref's batch: the gradient of a
+    per-sample sum over ref."""
+    check_floating(name, tensor)
+    if tuple(tensor.shape) != (ref.shape[0],) or tensor.device != ref.device:
+        raise ValueError(
+            f"{name}: expected shape [{ref.shape[0]}] on {ref.device} (as {ref_name}'s batch), "
+            f"got {list(tensor.shape)} on {tensor.device}"
+        )
+
+
 def check_min_dim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
     if tensor.dim() < ndim:
         raise ValueError(f"{name}: expected at least {ndim} dims {layout}, got shape {list(tensor.shape)}")
@@ -213,6 +224,13 @@ def launch_shape(view3d: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     grid = (triton.cdiv(space, block_s), triton.cdiv(channels, block_c), batch)
     return grid, block_c, block_s
 
+def empty_partial_sums(view3d: torch.Tensor, grid) -> torch.Tensor:
+    """The [B, tiles] buffer in which each program on `grid` (launch_shape's) writes its share of
+    a per-sample sum (store_partial_sum), in the compute dtype; .sum(dim=1) adds the shares in a
+    fixed order: deterministic, no atomics."""
+    return torch.empty((view3d.shape[0], grid[0] * grid[1]), dtype=compute_dtype(view3d.dtype), device=view3d.device)
+
+
 def channels_contiguous(view3d: torch.Tensor) -> bool:
     return view3d.stride(1) == 1 and view3d.shape[2] > 1 and view3d.stride(2) != 1
 
@@ -254,6 +272,15 @@ def load_tile(ptr, b, ch, sp, stride_b, stride_c, stride_s, mask):
 def store_tile(ptr, value, b, ch, sp, stride_b, stride_c, stride_s, mask):
     """Write a tile into a [B, C, S] tensor with the given strides, rounded to its dtype."""
     tl.store(ptr + b * stride_b + ch * stride_c + sp * stride_s, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_partial_sum(partial_ptr, values, b):
+    """This program's sum of a tile of values (0 where masked) into partial[b, its tile]
+    (empty_partial_sums), on the grid (space tiles, channel tiles, batch)."""
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tiles_per_sample = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(partial_ptr + b * tiles_per_sample + tile, tl.sum(tl.sum(values, axis=1), axis=0))
 
 
 @triton.jit
