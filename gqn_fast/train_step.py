@@ -125,6 +125,7 @@ class _StaticStep:
         self.host = Batch(*(torch.empty_like(t, device=device) for t in batch))
         self.inputs = tuple(torch.empty(t.shape, dtype=torch.float32, device=device) for t in batch)  # contiguous
         self.graph = self.metrics = self.mean = None
+        self.captures = 0  # graphs recorded: one for the run's life (a test holds it to that)
 
     def load(self, batch: Batch) -> None:
         for buffer, value in zip(self.host, batch):
@@ -146,6 +147,7 @@ class _StaticStep:
         rng = torch.cuda.get_rng_state(device)
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
+        self.captures += 1
         with torch.cuda.graph(self.graph, pool=step.pool):
             self._convert()
             self.metrics, self.mean = step._forward_backward_update(*self.inputs)

@@ -2,6 +2,7 @@
 `kernels` or `reference` (a top-level `kernels` would shadow the package transformers probes for),
 and imports that stay light."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -63,3 +64,53 @@ def test_reference_and_config_import_neither_triton_nor_the_fast_model(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout) == []
+
+
+# The source folders of the installed names (the package-dir mapping of pyproject.toml).
+SOURCE_FOLDERS = {"gqn_fast": ROOT / "gqn_fast", "gqn_fast.kernels": ROOT / "kernels", "gqn_fast.reference": ROOT / "reference"}
+
+
+def module_imports() -> dict[str, set[str]]:
+    """The project's modules, each with the project modules it imports at module level (not
+    inside functions: those run after every module is loaded)."""
+    files = {}
+    for package, folder in SOURCE_FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            if package == "gqn_fast" and parts and parts[0] in ("kernels", "reference"):
+                continue  # the mapped names' own folders
+            files[".".join([package, *parts])] = path
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                prefix = base[: len(base) - node.level + 1] if node.level else []
+                module = ".".join(prefix + ([node.module] if node.module else []))
+                targets |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycle():
+    """A module-level import cycle makes the import order matter (a name is missing when the other
+    module is half loaded): none between any of the project's modules."""
+    graph = module_imports()
+    assert {"gqn_fast.model", "gqn_fast.kernels.gates", "gqn_fast.reference.cores"} <= set(graph)
+    assert "gqn_fast.kernels.utils" in graph["gqn_fast.kernels.gates"]  # relative imports are read
+    done, cycles = set(), []
+
+    def visit(module, path):
+        for target in graph[module]:
+            if target in path:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in done:
+                visit(target, path + [target])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [module])
+    assert cycles == [], cycles
