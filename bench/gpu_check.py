@@ -1,26 +1,39 @@
-"""The whole first check on a GPU machine, in one command and one folder:
+"""The GPU check, in one command and one folder per device call:
 
-    python bench/gpu_check.py --out DIR [--budget 540] [--tar FILE]
+    python bench/gpu_check.py --out DIR [--plan first|second] [--budget 540] [--tar FILE]
 
 Parts, each run even when an earlier one failed, each in its own process with a time limit
-taken from one overall budget (default 9 minutes, inside a 10-minute command limit):
+taken from one overall budget (default 9 minutes, inside a 10-minute command limit), most
+telling first, so that a call cut short keeps what decides the project's claims (issue 24):
 
-  install      gqn_fast importable, else `pip install --no-deps --no-build-isolation -e .`
-               (works offline: nothing is downloaded)                       install.log
-  environment  GPU, driver, clocks (nvidia-smi), Python, torch, triton, CUDA  environment.txt
-  cuda tests   every test marked `cuda`, per-test timeout, in parallel worker processes
-               (pytest-xdist, where installed: Triton's compiles are CPU-bound), each failure
-               printed the moment it happens             cuda_tests.log, cuda_tests.xml
-  bench        bench/run.py --quick, one process per group         bench/<group>/ + bench_<group>.log
-               and, after train_step, where its step's time goes (bench/profile_step.py:
-               host against device time, top kernels)  bench/profile/<preset>/ + bench_profile_<preset>.log
+first plan (the session's one long call):
+  install            gqn_fast importable, else `pip install --no-deps --no-build-isolation
+                     --no-index -e .` (offline)                                install.log
+  environment        GPU, driver, clocks (nvidia-smi), Python, torch, triton, CUDA  environment.txt
+  model tests        the whole model on CUDA against the reference first, before any speed
+                     (MODEL_TESTS: fp32 with TF32 off, bf16 autocast, graphed training)
+                                                     model_tests.log, model_tests.xml
+  bench train_step   bench/run.py --quick at B = 36, small and paper tower, reference and
+                     gqn_fast, eager and CUDA-graphed, fp32 and bf16   bench/train_step/
+  train run          `gqn-fast train` on the built-in rooms for a minute at B = 36: the rate a
+                     user gets, against the bench's step                  train_run/, train_run.log
+  bench profile      where a step's time goes (bench/profile_step.py: host against device time,
+                     top kernels)                                          bench/profile/<preset>/
+  other cuda tests   every other test marked `cuda`           other_cuda_tests.log, .xml
+  bench other        the kernels, the conv cell, the representation nets, the data loader
+second plan (a short call made at once after the first):
+  install, environment, then bench compile: torch.compile of both models at the paper tower,
+  B = 36, with the compile time                                           bench/compile/
+
+The CUDA tests run with a per-test timeout, in parallel worker processes (pytest-xdist, where
+installed: Triton's compiles are CPU-bound), each failure printed the moment it happens.
 
 and a short summary (tests passed / failed, the headline speedups) printed last and written
 to summary.txt. The budgets are printed: GQN_FAST_AUTOTUNE_CONFIGS bounds the implicit-GEMM
 autotuning (1 config per kernel for the tests, 6 for the bench); --quick leaves out
 torch.compile's max-autotune mode. Without a CUDA GPU it says so in one line and runs the CPU
-parts instead (the tests are collected, not run; the bench runs --smoke), so CI can smoke-test
-this script (tests/test_gpu_check.py).
+parts instead (the tests are collected, not run; the bench runs --smoke, the train run a few CPU
+steps), so CI can smoke-test both plans (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -42,19 +55,38 @@ ROOT = Path(__file__).resolve().parents[1]
 # and data and ran out of budget before train_step: the whole model comes first now, at B = 36
 # with the small preset (launch-bound) and the paper's tower (compute-bound), each case's
 # results written as soon as it is measured.
-GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "data"]
-# Eager and CUDA-graph providers only: torch.compile's providers take minutes to compile the
-# paper model, and get their own call (bench/run.py --only train_step, all providers).
+GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "data", "compile"]
+FIRST_BENCH, OTHER_BENCH = ["train_step"], ["kernels", "conv_cell", "representation", "data"]
+
+
+def _providers(*names: str) -> list[str]:
+    return [arg for name in names for arg in ("--provider", name)]
+
+
+# bench/run.py's arguments per group. train_step: eager and CUDA-graph providers only;
+# torch.compile's take minutes to compile the paper model, and are the second plan's group.
 GROUP_ARGS = {
     "train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]
-    + [arg for provider in ("reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
-                            "gqn_fast-cudagraph")
-       for arg in ("--provider", provider)],
+    + _providers("reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
+                 "gqn_fast-cudagraph"),
+    "compile": ["--preset", "paper-tower", "--batch", "36"] + _providers("reference-compile", "gqn_fast-compile"),
+}
+GROUP_RUNS = {"compile": "train_step"}  # bench/run.py's group for a group of this script
+# Whole-model correctness on CUDA, run before anything is timed (under a minute on an H100-class
+# GPU with the workers compiling in parallel); the other CUDA tests run after the numbers.
+MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed"
+# The train run: the built-in rooms, small preset, B = 36, for a minute of steps (the fastest
+# mode the command offers: graphed, the default on one GPU); without a GPU, three CPU steps.
+TRAIN_RUN_ARGS = {
+    True: ["--preset", "small", "--batch", "36", "--steps", "10000000", "--max-minutes", "1", "--log-every", "50",
+           "--checkpoint-every", "10000000", "--image-every", "10000000"],
+    False: ["--preset", "small", "--batch", "4", "--steps", "3", "--builtin-scenes", "16", "--log-every", "1",
+            "--device", "cpu", "--workers", "0"],
 }
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
 PROFILE_PRESETS = ["small", "paper-tower"]
 # Seconds each part may take at most (the overall budget may cut them shorter).
-CAPS = {"install": 120, "environment": 30, "cuda_tests": 300, "bench": 300}
+CAPS = {"install": 120, "environment": 30, "model_tests": 120, "cuda_tests": 300, "bench": 300, "train_run": 110}
 # Per CUDA test: a hypothesis test runs 15 examples, and each new channel count or image size
 # compiles the conv cell's three kernels anew (their loop bounds are constexprs), seconds each
 # with several workers compiling at once. The first H100 run (60 s per test, one process) was a
@@ -165,9 +197,10 @@ def failures_reported(log: Path) -> list[str]:
             if line.startswith(prefix)]  # fmt: skip
 
 
-def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
-    junit = out / "cuda_tests.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider",
+def cuda_tests(out: Path, clock: Clock, gpu: bool, name: str, select: str, cap: float) -> tuple[str, bool]:
+    """The CUDA tests that pytest's -k `select` picks, logged as <name>.log and <name>.xml."""
+    junit = out / f"{name}.xml"
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-k", select, "-q", "-rfE", "-p", "no:cacheprovider",
                "--hypothesis-profile=ci", f"--junitxml={junit}", "tests"]  # fmt: skip
     workers = test_workers() if gpu else 0
     if workers:
@@ -178,18 +211,17 @@ def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
         command.append("--collect-only")  # no GPU: check they are found, run none
     env = {"GQN_TEST_TIMEOUT": str(TEST_TIMEOUT_S), "GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["cuda_tests"],
            "GQN_REPORT_FAILURES_AT_ONCE": "1"}  # fmt: skip
-    log = out / "cuda_tests.log"
-    code, took = run_logged(command, log, clock.limit(CAPS["cuda_tests"]), env)
+    log = out / f"{name}.log"
+    code, took = run_logged(command, log, clock.limit(cap), env)
     if code is None:
         failed = failures_reported(log)
-        return (f"timed out after {took:.0f} s with {len(failed)} failures reported so far (see cuda_tests.log; "
-                f"the junit file is not written)" + "".join(f"\n    FAILED {name}" for name in failed[:15])), False
+        return (f"timed out after {took:.0f} s with {len(failed)} failures reported so far (see {log.name}; "
+                f"the junit file is not written)" + "".join(f"\n    FAILED {test}" for test in failed[:15])), False
     if not gpu:
-        text = (out / "cuda_tests.log").read_text()
-        collected = [line for line in text.splitlines() if "::" in line]
+        collected = [line for line in log.read_text().splitlines() if "::" in line]
         return f"{len(collected)} CUDA tests collected, not run (no GPU); exit {code}", code == 0 and len(collected) > 0
     if not junit.exists():
-        return f"pytest exit {code} without a junit file (see cuda_tests.log)", False
+        return f"pytest exit {code} without a junit file (see {log.name})", False
     root = ET.parse(junit).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -198,24 +230,35 @@ def cuda_tests(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
               if case.find("failure") is not None or case.find("error") is not None]  # fmt: skip
     summary = (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
                f"{counts['skipped']} skipped in {took:.0f} s")  # fmt: skip
-    return summary + "".join(f"\n    FAILED {name}" for name in failed[:15]), code == 0
+    return summary + "".join(f"\n    FAILED {test}" for test in failed[:15]), code == 0
 
 
 def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, bool, list[dict]]:
+    """bench/run.py for each group (bench/profile_step.py for "profile"); without a GPU, one
+    --smoke run of them all (bench/smoke/<groups>/) and a profile --smoke."""
+    if not groups:
+        return "no group selected (--bench-only)", True, []
     env = {"GQN_FAST_AUTOTUNE_CONFIGS": AUTOTUNE_CONFIGS["bench"], "PYTHONUNBUFFERED": "1"}
     script = str(ROOT / "bench" / "run.py")
     profiler = str(ROOT / "bench" / "profile_step.py")
     if not gpu:
-        only = [arg for group in groups if group != "profile" for arg in ("--only", group)]
-        command = [sys.executable, script, "--smoke", *only, "--out", str(out / "bench" / "smoke")]
-        code, took = run_logged(command, out / "bench_smoke.log", clock.limit(CAPS["bench"]), env)
-        ok = code == 0
-        state = f"--smoke (no GPU): exit {code} in {took:.0f} s"
+        timed = [group for group in groups if group != "profile"]
+        state, ok, rows = "", True, []
+        if timed:
+            only = [arg for group in dict.fromkeys(GROUP_RUNS.get(g, g) for g in timed) for arg in ("--only", group)]
+            # A group that is a choice of another's providers (compile) smoke-tests those providers.
+            providers = [] if not all(g in GROUP_RUNS for g in timed) else [
+                arg for g in timed for flag, value in zip(GROUP_ARGS[g][::2], GROUP_ARGS[g][1::2])
+                if flag == "--provider" for arg in (flag, value)]
+            folder = out / "bench" / "smoke" / "-".join(timed)
+            command = [sys.executable, script, "--smoke", *only, *providers, "--out", str(folder)]
+            code, took = run_logged(command, out / f"bench_smoke_{'-'.join(timed)}.log", clock.limit(CAPS["bench"]), env)
+            ok, state, rows = code == 0, f"--smoke (no GPU) of {', '.join(timed)}: exit {code} in {took:.0f} s", _rows(folder)
         if "profile" in groups:
             command = [sys.executable, profiler, "--smoke", "--out", str(out / "bench" / "profile" / "smoke")]
             profile_code, _ = run_logged(command, out / "bench_profile.log", clock.limit(CAPS["bench"]), env)
-            ok, state = ok and profile_code == 0, state + f"; profile --smoke exit {profile_code}"
-        return state, ok, _rows(out / "bench" / "smoke")
+            ok, state = ok and profile_code == 0, "; ".join(filter(None, [state, f"profile --smoke exit {profile_code}"]))
+        return state, ok, rows
     lines, rows, ok = [], [], True
     for group in groups:
         limit = clock.limit(CAPS["bench"])
@@ -232,13 +275,45 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
                 lines.append(f"profile {preset}: {state}")
                 ok = ok and code == 0
             continue
-        command = [sys.executable, script, "--quick", "--only", group, *GROUP_ARGS.get(group, []), "--out", str(folder)]
+        command = [sys.executable, script, "--quick", "--only", GROUP_RUNS.get(group, group), *GROUP_ARGS.get(group, []),
+                   "--out", str(folder)]
         code, took = run_logged(command, out / f"bench_{group}.log", limit, env)
         state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"
         lines.append(f"{group}: {state}")
         ok = ok and code == 0
         rows += _rows(folder)
     return "; ".join(lines), ok, rows
+
+
+def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | None]:
+    """`gqn-fast train` as a user runs it (TRAIN_RUN_ARGS): (state, ok, its steps/s: the median
+    of its records after the first, which holds the start-up and the graphs' capture)."""
+    folder = out / "train_run"
+    command = [sys.executable, "-m", "gqn_fast", "train", *TRAIN_RUN_ARGS[gpu], "--out", str(folder)]
+    code, took = run_logged(command, out / "train_run.log", clock.limit(CAPS["train_run"]))
+    records = []
+    try:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        pass
+    rates = sorted(r["steps_per_s"] for r in records[1:] or records)
+    rate = rates[len(rates) // 2] if rates else None
+    steps = records[-1]["step"] if records else 0
+    where = "B=36 on the GPU" if gpu else "a few CPU steps (no GPU)"
+    measured = f"{rate:.2f} steps/s" if rate is not None else "no rate logged"
+    state = f"{where}: {steps} steps, {measured} (exit {code} in {took:.0f} s)"
+    return state, code == 0 and rate is not None, rate
+
+
+def end_to_end(rows: list[dict], rate: float | None) -> str | None:
+    """The train run's rate against the bench's graphed step alone (small preset, B = 36, fp32):
+    below 1 by what the loader and the host add."""
+    step = [r for r in rows if r.get("workload") == "train_step" and r.get("provider") == "gqn_fast-cudagraph"
+            and r.get("preset") == "small" and r.get("batch") == 36 and r.get("precision") == "fp32" and "median_ms" in r]
+    if rate is None or not step:
+        return None
+    bench_rate = 1000.0 / step[0]["median_ms"]
+    return f"gqn-fast train {rate:.1f} steps/s against the bench's graphed step {bench_rate:.1f}: {rate / bench_rate:.2f}"
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -272,6 +347,8 @@ def headline(rows: list[dict], limit: int = 14) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for every log and result")
+    parser.add_argument("--plan", choices=["first", "second"], default="first",
+                        help="first: the session's long call; second: torch.compile, a short call after it")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together (default 540)")
     parser.add_argument("--tar", type=Path, help="also pack the folder into this .tar.gz")
     parser.add_argument("--bench-only", choices=GROUPS, action="append", help="bench only this group (repeatable)")
@@ -285,19 +362,45 @@ def main(argv=None) -> int:
     if not gpu:
         print("gpu_check: no CUDA GPU here: dry run of the CPU parts (CUDA tests collected, bench --smoke)", flush=True)
     budgets = {
+        "plan": args.plan,
         "overall": f"{args.budget:.0f} s",
         **{f"{part} at most": f"{cap} s" for part, cap in CAPS.items()},
         "per CUDA test": f"{TEST_TIMEOUT_S} s (GQN_TEST_TIMEOUT)",
         "autotune configs per kernel": f"tests {AUTOTUNE_CONFIGS['cuda_tests']}, bench {AUTOTUNE_CONFIGS['bench']} (GQN_FAST_AUTOTUNE_CONFIGS)",
         "torch.compile": "default mode only (--quick leaves out max-autotune)",
     }
-    summary, failed = {}, []
+    selected = lambda groups: [g for g in groups if args.bench_only is None or g in args.bench_only]  # noqa: E731
+    rows, train_rate = [], []
+
+    def bench_part(groups):
+        def part():
+            state, ok, measured = bench(out, clock, gpu, selected(groups))
+            rows.extend(measured)
+            return state, ok
+        return part
+
+    def train_part():
+        state, ok, rate = train_run(out, clock, gpu)
+        train_rate.append(rate)
+        return state, ok
+
     parts = [
         ("install", lambda: install(out, clock)),
         ("environment", lambda: environment(out, clock, budgets)),
-        ("cuda tests", lambda: cuda_tests(out, clock, gpu)),
     ]
-    rows = []
+    if args.plan == "first":
+        parts += [
+            ("model tests", lambda: cuda_tests(out, clock, gpu, "model_tests", MODEL_TESTS, CAPS["model_tests"])),
+            ("bench train_step", bench_part(FIRST_BENCH)),
+            ("train run", train_part),
+            ("bench profile", bench_part(["profile"])),
+            ("other cuda tests", lambda: cuda_tests(out, clock, gpu, "other_cuda_tests", f"not ({MODEL_TESTS})",
+                                                    CAPS["cuda_tests"])),
+            ("bench other", bench_part(OTHER_BENCH)),
+        ]
+    else:
+        parts += [("bench compile", bench_part(["compile"]))]
+    summary, failed = {}, []
     for name, part in parts:
         print(f"--- {name} ({clock.left():.0f} s of the budget left)", flush=True)
         try:
@@ -305,16 +408,13 @@ def main(argv=None) -> int:
         except Exception as error:  # a part's failure is reported, and the next part runs
             summary[name], ok = f"failed: {error!r}", False
         failed += [] if ok else [name]
-    print(f"--- bench ({clock.left():.0f} s of the budget left)", flush=True)
-    try:
-        summary["bench"], ok, rows = bench(out, clock, gpu, args.bench_only or GROUPS)
-    except Exception as error:
-        summary["bench"], ok = f"failed: {error!r}", False
-    failed += [] if ok else ["bench"]
-    lines = ["gpu_check summary" + ("" if gpu else " (dry run: no CUDA GPU)")]
+    lines = [f"gpu_check summary, {args.plan} plan" + ("" if gpu else " (dry run: no CUDA GPU)")]
     lines += [f"{name}: {text}" for name, text in summary.items()]
     ratios = headline(rows)
     lines += ["headline ratios:"] + [f"  {line}" for line in ratios] if ratios else ["headline ratios: none measured"]
+    user_rate = end_to_end(rows, train_rate[0] if train_rate else None)
+    if user_rate:
+        lines.append(user_rate)
     lines.append(f"parts with problems: {', '.join(failed)}" if failed else "every part ran to the end")
     text = "\n".join(lines) + "\n"
     (out / "summary.txt").write_text(text)

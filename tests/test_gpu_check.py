@@ -24,21 +24,50 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.splitlines()[0].startswith("gpu_check: no CUDA GPU here: dry run")
     summary = (out / "summary.txt").read_text()
-    assert summary.startswith("gpu_check summary (dry run: no CUDA GPU)")
+    assert summary.startswith("gpu_check summary, first plan (dry run: no CUDA GPU)")
     assert run.stdout.endswith(summary)  # printed last
     assert "every part ran to the end" in summary
+    # The parts in the order of the first call: the whole model's correctness before any speed.
+    parts = [line.split(":")[0] for line in summary.splitlines()[1:] if not line.startswith(" ")]
+    assert parts[:8] == ["install", "environment", "model tests", "bench train_step", "train run", "bench profile",
+                         "other cuda tests", "bench other"], parts
     environment = (out / "environment.txt").read_text()
     assert "torch: " in environment and "triton: " in environment and "GQN_FAST_AUTOTUNE_CONFIGS" in environment
-    collected = [line for line in (out / "cuda_tests.log").read_text().splitlines() if "::" in line]
-    assert len(collected) >= 50 and f"{len(collected)} CUDA tests collected" in summary
-    assert all("cuda" in line or "gpu" in line.lower() for line in collected), collected[:5]
-    rows = json.loads((out / "bench" / "smoke" / "results.json").read_text())["rows"]
+    collected = {}
+    for name in ("model_tests", "other_cuda_tests"):
+        collected[name] = [line for line in (out / f"{name}.log").read_text().splitlines() if "::" in line]
+        assert f"{len(collected[name])} CUDA tests collected" in summary
+        assert all("cuda" in line or "gpu" in line.lower() for line in collected[name]), collected[name][:5]
+    model, other = collected["model_tests"], collected["other_cuda_tests"]
+    assert len(model) >= 5 and len(other) >= 50 and not set(model) & set(other)
+    assert any("cells_match_reference" in t for t in model) and any("bf16_autocast" in t for t in model)
+    assert any("graphed_training_follows_eager" in t for t in model)
+    records = [json.loads(line) for line in (out / "train_run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3 and "train run: a few CPU steps (no GPU): 3 steps" in summary
+    rows = json.loads((out / "bench" / "smoke" / "kernels" / "results.json").read_text())["rows"]
     assert rows and not [r for r in rows if "error" in r]
     assert "gqn_fast" in summary.split("headline ratios:")[1]
     assert "profile --smoke exit 0" in summary
     assert json.loads((out / "bench" / "profile" / "smoke" / "summary.json").read_text())["wall_ms"] > 0
     with tarfile.open(archive) as tar:
-        assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/results.json" in tar.getnames()
+        assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/kernels/results.json" in tar.getnames()
+
+
+def test_second_plan_dry_run_compiles_both_models(tmp_path):
+    """The second call's plan: torch.compile of the reference and of gqn_fast, in the train_step
+    workload (a --smoke run on the CPU)."""
+    out = tmp_path / "second"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), "--plan", "second"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu_check summary, second plan (dry run: no CUDA GPU)")
+    assert [line.split(":")[0] for line in summary.splitlines()[1:4]] == ["install", "environment", "bench compile"]
+    rows = json.loads((out / "bench" / "smoke" / "compile" / "results.json").read_text())["rows"]
+    train = {r["provider"] for r in rows if r["workload"] == "train_step"}
+    assert train == {"reference-compile", "gqn_fast-compile"}, train
+    assert all(r["compile_s"] > 0 for r in rows if r["workload"] == "train_step") and not [r for r in rows if "error" in r]
 
 
 def test_failures_printed_as_they_happen_are_read_back(tmp_path):
@@ -64,9 +93,10 @@ def test_group_arguments_name_what_exists():
     import run
     import workloads
 
-    args = gpu_check.GROUP_ARGS["train_step"]
-    named = lambda flag: [args[i + 1] for i, arg in enumerate(args) if arg == flag]  # noqa: E731
     cuda_providers = {p.name for p in workloads.model_providers(torch.device("cuda"), smoke=False, quick=True)}
-    assert named("--provider") and set(named("--provider")) <= cuda_providers
-    assert named("--preset") and set(named("--preset")) <= set(run.MODEL_PRESETS)
+    for group, args in gpu_check.GROUP_ARGS.items():
+        named = lambda flag: [args[i + 1] for i, arg in enumerate(args) if arg == flag]  # noqa: E731
+        assert named("--provider") and set(named("--provider")) <= cuda_providers, group
+        assert named("--preset") and set(named("--preset")) <= set(run.MODEL_PRESETS), group
+        assert gpu_check.GROUP_RUNS.get(group, group) in run.GROUPS
     assert set(gpu_check.PROFILE_PRESETS) <= set(run.MODEL_PRESETS)
