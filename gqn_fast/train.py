@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,6 +172,10 @@ class Run:
     # and data position change only in a step's update, the RNG as the step draws.
     boundary_rng: dict | None = None
     shown: tuple | None = None  # the last step's (batch, reconstruction), for pictures
+    # The learning-rate schedule (step -> lr) and the clock of --max-minutes: a test gives a run
+    # its own (a NaN learning rate, a fast clock) without touching any module.
+    learning_rate: Callable[[int], float] = learning_rate
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def out(self) -> Path:
@@ -223,11 +228,11 @@ class Run:
         contention = ContentionWatch(torch.get_num_threads() if self.device.type == "cpu" else 1)
         batches = iter(self.loader)
         # --max-minutes: the clock starts at the first step (the data and model are ready).
-        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+        deadline = None if args.max_minutes is None else self.clock() + 60 * args.max_minutes
         while position.step < args.steps:
             if stop.requested:
                 raise KeyboardInterrupt
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and self.clock() >= deadline:
                 return True
             try:
                 batch = next(batches)
@@ -237,7 +242,7 @@ class Run:
                 batches = iter(self.loader)
                 continue
             sigma = pixel_sigma(position.step, args.sigma_steps)
-            self.window.add(self.train_step(batch, sigma, learning_rate(position.step)))  # loss, nll, kl
+            self.window.add(self.train_step(batch, sigma, self.learning_rate(position.step)))  # loss, nll, kl
             position.step, position.batch = position.step + 1, position.batch + 1
             self.train_step.updating = False
             self.boundary_rng = rng_state()
@@ -268,7 +273,7 @@ class Run:
             where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"the loss or the weights became NaN or infinite by step {step} "
-                f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {learning_rate(step - 1):.2e}); "
+                f"(mean loss {loss:.4g}, sigma {sigma:.3f}, lr {self.learning_rate(step - 1):.2e}); "
                 f"{where}. Try a lower learning rate or --precision fp32."
             )
         rate = self.window.steps_per_s()
@@ -276,7 +281,7 @@ class Run:
         if warning and self.main:
             tqdm.write(warning)
         record = dict(step=step, loss=loss, nll=nll, kl=kl, nll_above_floor=nll - nll_floor(sigma),
-                      bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=learning_rate(step - 1),
+                      bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=self.learning_rate(step - 1),
                       steps_per_s=rate, epoch=self.position.epoch)
         if self.main:
             self.writer.write(record)
@@ -414,11 +419,12 @@ def setup(args: TrainArgs) -> Run:
     )
 
 
-def train(args: TrainArgs) -> torch.nn.Module:
+def train(args: TrainArgs, **parts) -> torch.nn.Module:
     """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
     UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
-    (all checked before anything in the run folder is written)."""
-    run = setup(args)
+    (all checked before anything in the run folder is written). parts: fields of the Run to give
+    it (its learning_rate schedule, its clock)."""
+    run = dataclasses.replace(setup(args), **parts)
     try:
         run.start()
         run.loop()

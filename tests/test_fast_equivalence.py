@@ -270,6 +270,17 @@ def test_cuda_cells_match_reference(share_cores, fused_cells, backward_convs, mo
     assert fused_calls(counter) == (fused_cells_per_run(config) if fused_cells else 0)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+def test_cuda_cells_match_reference_at_the_paper_tower(tf32, monkeypatch):
+    """The paper's tower (one core per step, L = 12, hidden 128) at B = 4 on a GPU, every output
+    and gradient: in strict fp32 within fp32's limit; with TF32 (cuDNN's and the matmuls' default
+    in bench/) within 4x the plain reference's own TF32 error."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    compare(GQNConfig.preset("paper"), batch=4, views=2, seed=0, device="cuda")
+
+
 @pytest.mark.interpreter
 def test_triton_backward_convs_match_reference_under_interpreter():
     config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=5, canvas=3, r_dim=8, share_cores=False)

@@ -179,18 +179,17 @@ def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
     assert gif.n_frames == 4
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     out = tmp_path / "run"
     train(args_for(dataset, out, steps=2, checkpoint_every=2))
     good = list_checkpoints(out / "checkpoints")[-1]
     before = good.read_bytes()
     # From step 2 on, a NaN learning rate poisons every weight.
-    import gqn_fast.train as training
+    from gqn_fast.schedules import learning_rate
 
-    real = training.learning_rate
-    monkeypatch.setattr(training, "learning_rate", lambda step: float("nan") if step >= 2 else real(step))
+    poisoned = lambda step: float("nan") if step >= 2 else learning_rate(step)  # noqa: E731
     with pytest.raises(TrainingDiverged, match=r"NaN or infinite by step \d+.*last good checkpoint is .*step-00000002\.pt"):
-        train(args_for(dataset, out, steps=8, checkpoint_every=2, resume=True))
+        train(args_for(dataset, out, steps=8, checkpoint_every=2, resume=True), learning_rate=poisoned)
     assert list_checkpoints(out / "checkpoints")[-1] == good
     assert good.read_bytes() == before
 
@@ -252,16 +251,12 @@ def test_two_process_ddp_keeps_ranks_identical(dataset, tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_a_picture(dataset, tmp_path, straight, monkeypatch):
+def test_max_minutes_stops_with_a_checkpoint_and_a_picture(dataset, tmp_path, straight):
     """--max-minutes: at the first step boundary past the time limit the run ends normally with a
     checkpoint and a picture of that step, and --resume finishes it exactly."""
-    import gqn_fast.train as train_module
-
-    clock = iter(range(0, 10_000, 60))  # one minute passes per reading of the clock
-    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(clock)))
+    readings = iter(range(0, 10_000, 60))  # one minute passes per reading of the run's clock
     out = tmp_path / "run"
-    train(args_for(dataset, out, max_minutes=2.5))
-    monkeypatch.undo()
+    train(args_for(dataset, out, max_minutes=2.5), clock=lambda: float(next(readings)))
     stopped = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
     assert 0 < stopped["step"] < 4
     assert (out / "images" / f"step-{stopped['step']:08d}.png").exists()
