@@ -24,7 +24,7 @@ def test_fast_step_dispatches_fewer_ops_than_the_reference(preset):
     reference, and at most 20% more autograd nodes: the closed-form convs of the tiled vectors
     (v_q, and r with pool and pyramid) are a few views and small products per core, where the
     reference convolves the tiled inputs, and each default cell is a conv and then the gate
-    kernel (paper tower 905 against 777; 882 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
+    kernel (paper tower 929 against 777; 883 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
     reference's nodes (einsum's views in the canvas folding) and 208 ops rebuilding a constant."""
     config = MODEL_PRESETS[preset]
     fast = count_training_step(on_gpu_branches(GQN, config), batch=4)
