@@ -408,3 +408,19 @@ def test_choices_are_constructor_arguments_of_each_model():
         GQN(config, backward_convs="cudnn")
     with pytest.raises(TypeError, match="fused_cells: expected a bool"):
         GQN(config, fused_cells=1)
+    with pytest.raises(ValueError, match=r"cpu_core_layout: expected one of \('auto', 'channels_last', 'contiguous'\), got 'nhwc'"):
+        GQN(config, cpu_core_layout="nhwc")
+    with pytest.raises(ValueError, match=r"custom_ops: expected one of \('auto', 'always'\), got True"):
+        GQN(config, custom_ops=True)
+
+
+@pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
+def test_custom_ops_everywhere_match_reference(share_cores):
+    """custom_ops="always" (the GPU's op structure, which bench/op_count.py counts): the gate and
+    posterior ops on the CPU too, through their own PyTorch path and backward, the same function."""
+    config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=5, canvas=4, r_dim=8, share_cores=share_cores)
+    with OpCounter() as counter:
+        compare(config, batch=2, views=2, seed=3, custom_ops="always")
+    # Only the fast model calls them: a gate op per cell and step (two in elbo, one in generate),
+    # a posterior op per step of elbo.
+    assert counter.custom["lstm_gates"] == 3 * config.L and counter.custom["posterior_sample_kl"] == config.L
