@@ -19,7 +19,9 @@ first plan (the session's one long call):
                      user gets, against the bench's step                  train_run/, train_run.log
   bench profile      where a step's time goes (bench/profile_step.py: host against device time,
                      top kernels)                                          bench/profile/<preset>/
-  other cuda tests   every other test marked `cuda`           other_cuda_tests.log, .xml
+  other cuda tests   every other test marked `cuda`, with a small-preset training run on the GPU
+                     beside them, exported in fp16 (the model in the box)
+                                        other_cuda_tests.log, .xml, box_run/, box_model/
   bench other        the kernels, the conv cell, the representation nets, the data loader
 second plan (a short call made at once after the first):
   install, environment, then bench compile: torch.compile of both models at the paper tower,
@@ -43,6 +45,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tarfile
@@ -305,6 +308,45 @@ def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | No
     return state, code == 0 and rate is not None, rate
 
 
+# The model in the box: a small-preset run on the GPU beside the other CUDA tests (which mostly
+# compile on the CPU), for the minutes they take, then exported in fp16 (a few MB).
+BOX_RUN_ARGS = {
+    True: ["--preset", "small", "--batch", "36", "--steps", "10000000", "--log-every", "500",
+           "--checkpoint-every", "5000", "--image-every", "5000"],
+    False: TRAIN_RUN_ARGS[False],
+}
+
+
+def tests_beside_a_training_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
+    """The other CUDA tests, with a training run (BOX_RUN_ARGS) beside them for as long as they
+    may take; then the run's last checkpoint exported to box_model/ (gqn-fast export --half)."""
+    minutes = max(0.5, (clock.limit(CAPS["cuda_tests"]) - 20) / 60)
+    folder = out / "box_run"
+    train = [sys.executable, "-m", "gqn_fast", "train", *BOX_RUN_ARGS[gpu], "--out", str(folder)]
+    if gpu:
+        train += ["--max-minutes", f"{minutes:.2f}"]
+    log = (out / "box_run.log").open("w")
+    run = subprocess.Popen(train, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        state, ok = cuda_tests(out, clock, gpu, "other_cuda_tests", f"not ({MODEL_TESTS})", CAPS["cuda_tests"])
+        try:
+            code = run.wait(timeout=max(1.0, clock.limit(60 + 60 * minutes)))
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGINT)  # Ctrl-C: it checkpoints where it is
+            code = run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    checkpoints = sorted((folder / "checkpoints").glob("step-*.pt"))
+    if not checkpoints:
+        return state + f"\n    box run: no checkpoint (exit {code}, see box_run.log)", False
+    export = [sys.executable, "-m", "gqn_fast", "export", str(checkpoints[-1]), str(out / "box_model"), "--half"]
+    export_code, _ = run_logged(export, out / "box_export.log", max(1.0, clock.limit(60)))
+    box = f"box run: {checkpoints[-1].name} (exit {code}), exported to box_model/ (exit {export_code})"
+    return state + "\n    " + box, ok and export_code == 0
+
+
 def end_to_end(rows: list[dict], rate: float | None) -> str | None:
     """The train run's rate against the bench's graphed step alone (small preset, B = 36, fp32):
     below 1 by what the loader and the host add."""
@@ -394,8 +436,7 @@ def main(argv=None) -> int:
             ("bench train_step", bench_part(FIRST_BENCH)),
             ("train run", train_part),
             ("bench profile", bench_part(["profile"])),
-            ("other cuda tests", lambda: cuda_tests(out, clock, gpu, "other_cuda_tests", f"not ({MODEL_TESTS})",
-                                                    CAPS["cuda_tests"])),
+            ("other cuda tests", lambda: tests_beside_a_training_run(out, clock, gpu)),
             ("bench other", bench_part(OTHER_BENCH)),
         ]
     else:

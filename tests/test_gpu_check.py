@@ -44,6 +44,12 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert any("graphed_training_follows_eager" in t for t in model)
     records = [json.loads(line) for line in (out / "train_run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3 and "train run: a few CPU steps (no GPU): 3 steps" in summary
+    # The run beside the other CUDA tests, exported as the model in the box (fp16 safetensors).
+    assert "box run: step-00000003.pt (exit 0), exported to box_model/ (exit 0)" in summary
+    from gqn_fast.model_file import read_model_file
+
+    box = read_model_file(out / "box_model")
+    assert box.step == 3 and all(t.dtype == torch.float16 for t in box.params.values())
     rows = json.loads((out / "bench" / "smoke" / "kernels" / "results.json").read_text())["rows"]
     assert rows and not [r for r in rows if "error" in r]
     assert "gqn_fast" in summary.split("headline ratios:")[1]
