@@ -2,6 +2,9 @@
 
     python bench/gpu_check.py --out DIR [--plan first|second] [--budget 540] [--tar FILE]
 
+On the device machine DIR goes outside $OUT and FILE inside it: the tool brings back at most 8
+files of 16 MiB each, and the archive (without the runs' checkpoints) is the one that matters.
+
 Parts, each run even when an earlier one failed, each in its own process with a time limit
 taken from one overall budget (default 9 minutes, inside a 10-minute command limit), most
 telling first, so that a call cut short keeps what decides the project's claims (issue 24):
@@ -358,6 +361,12 @@ def end_to_end(rows: list[dict], rate: float | None) -> str | None:
     return f"gqn-fast train {rate:.1f} steps/s against the bench's graphed step {bench_rate:.1f}: {rate / bench_rate:.2f}"
 
 
+def _without_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """The archive leaves out the training runs' checkpoints (optimizer state, megabytes each): the
+    device tool brings back files of 16 MiB at most; the model in the box travels as box_model/."""
+    return None if "/checkpoints" in member.name else member
+
+
 def _rows(folder: Path) -> list[dict]:
     try:
         return json.loads((folder / "results.json").read_text())["rows"]
@@ -462,7 +471,7 @@ def main(argv=None) -> int:
     if args.tar:
         args.tar.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(args.tar, "w:gz") as tar:
-            tar.add(out, arcname=out.name)
+            tar.add(out, arcname=out.name, filter=_without_checkpoints)
     print(text, end="", flush=True)
     return 1 if failed else 0
 

@@ -56,7 +56,10 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert "profile --smoke exit 0" in summary
     assert json.loads((out / "bench" / "profile" / "smoke" / "summary.json").read_text())["wall_ms"] > 0
     with tarfile.open(archive) as tar:
-        assert "check/summary.txt" in tar.getnames() and "check/bench/smoke/kernels/results.json" in tar.getnames()
+        names = tar.getnames()
+        assert "check/summary.txt" in names and "check/bench/smoke/kernels/results.json" in names
+        assert "check/box_model/model.safetensors" in names and not [n for n in names if "/checkpoints" in n]
+    assert archive.stat().st_size < 16 * 2**20  # what the device tool brings back
 
 
 def test_second_plan_dry_run_compiles_both_models(tmp_path):
