@@ -65,19 +65,32 @@ GROUPS = ["train_step", "profile", "kernels", "conv_cell", "representation", "da
 FIRST_BENCH, OTHER_BENCH = ["train_step"], ["kernels", "conv_cell", "representation", "data"]
 
 
-def _providers(*names: str) -> list[str]:
+# The whole-model groups' presets and providers, at B = 36. train_step: eager and CUDA-graph
+# providers only; torch.compile's take minutes to compile the paper model, and are the second
+# plan's group.
+GROUP_PRESETS = {"train_step": ["small", "paper-tower"], "compile": ["paper-tower"]}
+GROUP_PROVIDERS = {
+    "train_step": ["reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
+                   "gqn_fast-cudagraph"],
+    "compile": ["reference-compile", "gqn_fast-compile"],
+}
+GROUP_RUNS = {"compile": "train_step"}  # bench/run.py's group for a group of this script
+
+
+def _providers(names) -> list[str]:
     return [arg for name in names for arg in ("--provider", name)]
 
 
-# bench/run.py's arguments per group. train_step: eager and CUDA-graph providers only;
-# torch.compile's take minutes to compile the paper model, and are the second plan's group.
-GROUP_ARGS = {
-    "train_step": ["--preset", "small", "--preset", "paper-tower", "--batch", "36"]
-    + _providers("reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
-                 "gqn_fast-cudagraph"),
-    "compile": ["--preset", "paper-tower", "--batch", "36"] + _providers("reference-compile", "gqn_fast-compile"),
-}
-GROUP_RUNS = {"compile": "train_step"}  # bench/run.py's group for a group of this script
+def group_args(group: str) -> list[str]:
+    """bench/run.py's arguments for a group on the GPU (none: its defaults)."""
+    if group not in GROUP_PRESETS:
+        return []
+    return [arg for preset in GROUP_PRESETS[group] for arg in ("--preset", preset)] + ["--batch", "36"] \
+        + _providers(GROUP_PROVIDERS[group])
+
+
+# `python -m gqn_fast`, as a user runs the command.
+GQN_FAST = [sys.executable, "-m", "gqn_fast"]
 # Whole-model correctness on CUDA, run before anything is timed (under a minute on an H100-class
 # GPU with the workers compiling in parallel); the other CUDA tests run after the numbers.
 MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed"
@@ -253,9 +266,9 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
         if timed:
             only = [arg for group in dict.fromkeys(GROUP_RUNS.get(g, g) for g in timed) for arg in ("--only", group)]
             # A group that is a choice of another's providers (compile) smoke-tests those providers.
-            providers = [] if not all(g in GROUP_RUNS for g in timed) else [
-                arg for g in timed for flag, value in zip(GROUP_ARGS[g][::2], GROUP_ARGS[g][1::2])
-                if flag == "--provider" for arg in (flag, value)]
+            providers = []
+            if all(g in GROUP_RUNS for g in timed):
+                providers = _providers(name for g in timed for name in GROUP_PROVIDERS[g])
             folder = out / "bench" / "smoke" / "-".join(timed)
             command = [sys.executable, script, "--smoke", *only, *providers, "--out", str(folder)]
             code, took = run_logged(command, out / f"bench_smoke_{'-'.join(timed)}.log", clock.limit(CAPS["bench"]), env)
@@ -281,7 +294,7 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
                 lines.append(f"profile {preset}: {state}")
                 ok = ok and code == 0
             continue
-        command = [sys.executable, script, "--quick", "--only", GROUP_RUNS.get(group, group), *GROUP_ARGS.get(group, []),
+        command = [sys.executable, script, "--quick", "--only", GROUP_RUNS.get(group, group), *group_args(group),
                    "--out", str(folder)]
         code, took = run_logged(command, out / f"bench_{group}.log", limit, env)
         state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"
@@ -295,7 +308,7 @@ def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | No
     """`gqn-fast train` as a user runs it (TRAIN_RUN_ARGS): (state, ok, its steps/s: the median
     of its records after the first, which holds the start-up and the graphs' capture)."""
     folder = out / "train_run"
-    command = [sys.executable, "-m", "gqn_fast", "train", *TRAIN_RUN_ARGS[gpu], "--out", str(folder)]
+    command = [*GQN_FAST, "train", *TRAIN_RUN_ARGS[gpu], "--out", str(folder)]
     code, took = run_logged(command, out / "train_run.log", clock.limit(CAPS["train_run"]))
     records = []
     try:
@@ -325,7 +338,7 @@ def tests_beside_a_training_run(out: Path, clock: Clock, gpu: bool) -> tuple[str
     may take; then the run's last checkpoint exported to box_model/ (gqn-fast export --half)."""
     minutes = max(0.5, (clock.limit(CAPS["cuda_tests"]) - 20) / 60)
     folder = out / "box_run"
-    train = [sys.executable, "-m", "gqn_fast", "train", *BOX_RUN_ARGS[gpu], "--out", str(folder)]
+    train = [*GQN_FAST, "train", *BOX_RUN_ARGS[gpu], "--out", str(folder)]
     if gpu:
         train += ["--max-minutes", f"{minutes:.2f}"]
     log = (out / "box_run.log").open("w")
@@ -344,7 +357,7 @@ def tests_beside_a_training_run(out: Path, clock: Clock, gpu: bool) -> tuple[str
     checkpoints = sorted((folder / "checkpoints").glob("step-*.pt"))
     if not checkpoints:
         return state + f"\n    box run: no checkpoint (exit {code}, see box_run.log)", False
-    export = [sys.executable, "-m", "gqn_fast", "export", str(checkpoints[-1]), str(out / "box_model"), "--half"]
+    export = [*GQN_FAST, "export", str(checkpoints[-1]), str(out / "box_model"), "--half"]
     export_code, _ = run_logged(export, out / "box_export.log", max(1.0, clock.limit(60)))
     box = f"box run: {checkpoints[-1].name} (exit {code}), exported to box_model/ (exit {export_code})"
     return state + "\n    " + box, ok and export_code == 0

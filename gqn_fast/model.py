@@ -38,7 +38,7 @@ The fused kernels compute in fp32 internally whatever they are given.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -104,6 +104,7 @@ def generator_runs(r_is_vector: bool) -> tuple[tuple[str, ...], ...]:
 
 Pieces = dict[tuple[str, ...], torch.Tensor]  # a cell weight's pieces, by run
 
+
 class _SplitContiguousGrad(torch.autograd.Function):
     """weight.split(sizes, dim=1), whose backward concatenates the pieces' gradients straight
     into a contiguous tensor. Autograd's split backward concatenates in the pieces' layout when
@@ -141,8 +142,9 @@ def group_of(piece: torch.Tensor, run: tuple[str, ...], layout: dict[str, int], 
     return piece[:, start : start + layout[name]]
 
 
-def in_order(run: tuple[str, ...], dim: int = 1, **inputs: torch.Tensor) -> torch.Tensor:
-    """The inputs of a run, named, concatenated in the run's order (its piece's channel order)."""
+def in_order(run: Iterable[str], dim: int = 1, **inputs: torch.Tensor) -> torch.Tensor:
+    """The inputs of a run (or of a whole layout), named, concatenated in its order (its weight's
+    channel order)."""
     return torch.cat([inputs[name] for name in run], dim=dim)
 
 
@@ -246,6 +248,7 @@ class GeneratorCell(NamedTuple):
 class StepCells(NamedTuple):
     inference: InferenceCell | None  # None in generate
     generator: GeneratorCell
+
 
 class CanvasView:
     """What each inference step reads of the canvas, conv_k4s4(u), kept on the 16x16 grid.
@@ -455,8 +458,9 @@ class GQN(reference.GQN):
 
     # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
     # over it contributes nothing and is skipped, in the three places that read an h (_prior,
-    # _inference_step, _generator_step); the canvas view is then its bias, the same for every
-    # scene. The cell states c start as zeros (the gates read them).
+    # _inference_step, _generator_step; generate's whole cells, the reference's conv, are given
+    # zeros); the canvas view is then its bias, the same for every scene. The cell states c start
+    # as zeros (the gates read them).
 
     def _prior(self, h_g, batch: int):
         if h_g is None:
@@ -569,7 +573,8 @@ class GQN(reference.GQN):
             z = mu_p + F.softplus(s_p) * eps
             if whole_cells:
                 h = self._zeros(B, query_v) if h_g is None else h_g
-                h_g, c_g = self._whole_cell(self.generator_cores[step], c_g, v_q=tile(query_v, GRID_SIZE), r=scene.r_map, z=z, h_g=h)
+                h_g, c_g = self._whole_cell(self.generator_cores[step], c_g, v_q=tile(query_v, GRID_SIZE),
+                                            r=scene.r_map, z=z, h_g=h)
             else:
                 h_g, c_g = self._generator_step(next(cells).generator, z, h_g, c_g)
             states.append(h_g)
@@ -579,7 +584,7 @@ class GQN(reference.GQN):
         """A cell as the reference computes it: one conv over all its inputs (named, taken in
         layout order) with the whole weight and bias, then the gates."""
         conv = core.cell.conv
-        x = self._core_layout(torch.cat([inputs[name] for name in core.layout], dim=1))
+        x = self._core_layout(in_order(core.layout, **inputs))
         return self._gates(F.conv2d(x, conv.weight, conv.bias, padding=conv.padding), c)
 
 

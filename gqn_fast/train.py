@@ -302,9 +302,11 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def _picture(self, path: Path | None = None) -> None:
-        path = path or self.out / "images" / f"step-{self.position.step:08d}.png"
-        save_progress_picture(self.model, *self.shown, path, seed=self.args.seed)
+    def _picture_path(self) -> Path:
+        return self.out / "images" / f"step-{self.position.step:08d}.png"
+
+    def _picture(self) -> None:
+        save_progress_picture(self.model, *self.shown, self._picture_path(), seed=self.args.seed)
 
     def _stop_for_time(self) -> None:
         """As at the last step: a checkpoint and a picture of where the run stopped."""
@@ -312,9 +314,8 @@ class Run:
         tqdm.write(f"--max-minutes {self.args.max_minutes:g}: stopping at step {step}; --resume continues here")
         if self.saved_step != step:
             self.checkpoint()
-        last_picture = self.out / "images" / f"step-{step:08d}.png"
-        if self.main and self.shown is not None and not last_picture.exists():
-            self._picture(last_picture)
+        if self.main and self.shown is not None and not self._picture_path().exists():
+            self._picture()
 
     def _stop_for_interrupt(self) -> None:
         """Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is

@@ -95,7 +95,7 @@ def test_failures_printed_as_they_happen_are_read_back(tmp_path):
 
 
 def test_group_arguments_name_what_exists():
-    """The train_step group's presets and providers are ones bench/run.py knows on a GPU: a typo
+    """The whole-model groups' presets and providers are ones bench/run.py knows on a GPU: a typo
     would only show on a GPU machine, after minutes of its time."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
@@ -103,9 +103,12 @@ def test_group_arguments_name_what_exists():
     import workloads
 
     cuda_providers = {p.name for p in workloads.model_providers(torch.device("cuda"), smoke=False, quick=True)}
-    for group, args in gpu_check.GROUP_ARGS.items():
-        named = lambda flag: [args[i + 1] for i, arg in enumerate(args) if arg == flag]  # noqa: E731
-        assert named("--provider") and set(named("--provider")) <= cuda_providers, group
-        assert named("--preset") and set(named("--preset")) <= set(run.MODEL_PRESETS), group
+    assert set(gpu_check.GROUP_PROVIDERS) == set(gpu_check.GROUP_PRESETS) == {"train_step", "compile"}
+    for group in gpu_check.GROUP_PRESETS:
+        providers, presets = gpu_check.GROUP_PROVIDERS[group], gpu_check.GROUP_PRESETS[group]
+        assert providers and set(providers) <= cuda_providers, group
+        assert presets and set(presets) <= set(run.MODEL_PRESETS), group
         assert gpu_check.GROUP_RUNS.get(group, group) in run.GROUPS
+        args = gpu_check.group_args(group)
+        assert args.count("--provider") == len(providers) and args.count("--preset") == len(presets)
     assert set(gpu_check.PROFILE_PRESETS) <= set(run.MODEL_PRESETS)
