@@ -20,10 +20,10 @@ from __future__ import annotations
 import collections
 
 import torch
+from gqn_fast.reference import transform_viewpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gqn_fast.model
-from gqn_fast.reference import transform_viewpoint
 
 # aten ops that only make a new view of existing memory: no kernel on any device.
 VIEW_OPS = frozenset({

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import measured_limits, nominal_peaks  # noqa: E402
-
 import data_bench  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
+from measure import measured_limits, nominal_peaks  # noqa: E402
+
 from gqn_fast import GQNConfig  # noqa: E402
 
 GROUPS = ["kernels", "conv_cell", "train_step", "representation", "data", "convlstm"]

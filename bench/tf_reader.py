@@ -46,7 +46,7 @@ def main() -> int:
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for images, cameras in dataset.as_numpy_iterator():
+        for _ in dataset.as_numpy_iterator():
             pass
         seconds.append(time.perf_counter() - start)
     print(json.dumps({"records": records, "seconds": seconds}))

@@ -21,20 +21,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as the peak-memory child process
 
-from gqn_fast import GQN, GQNConfig
-from gqn_fast.data.loader import Batch
-from gqn_fast.model import compile_options
-from gqn_fast import kernels
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
 from gqn_fast.kernels.pixel_likelihood import pixel_nll_torch
 from gqn_fast.reference import GQN as ReferenceGQN
 from gqn_fast.reference import transform_viewpoint
-from gqn_fast.schedules import learning_rate, pixel_sigma
-from gqn_fast.train_step import TrainStep
-from gqn_fast.train_step import make_optimizer as make_step_optimizer
-
-from op_count import count_training_step, on_gpu_branches
 from measure import (
     interleaved_times,
     limit_malloc_caching,
@@ -43,6 +34,14 @@ from measure import (
     saved_for_backward_bytes,
     time_fn,
 )
+from op_count import count_training_step, on_gpu_branches
+
+from gqn_fast import GQN, GQNConfig, kernels
+from gqn_fast.data.loader import Batch
+from gqn_fast.model import compile_options
+from gqn_fast.schedules import learning_rate, pixel_sigma
+from gqn_fast.train_step import TrainStep
+from gqn_fast.train_step import make_optimizer as make_step_optimizer
 
 CONTEXT_VIEWS = 3
 ROTATING_BATCHES = 3  # distinct inputs cycled through, so no run reuses a cached input
@@ -387,8 +386,8 @@ def kernel_cases(device, dtype, sizes):
                6 * m * elt, 10 * m * elt)
         p = B * 3 * 64 * 64
         # fwd reads x and logits; bwd reads both again and writes grad_logits.
-        yield ("pixel_nll", B, lambda x, l: eager_nll(x, l, 0.7),
-               lambda x, l: kernels.pixel_nll(x, l, 0.7),
+        yield ("pixel_nll", B, lambda x, logits: eager_nll(x, logits, 0.7),
+               lambda x, logits: kernels.pixel_nll(x, logits, 0.7),
                lambda B=B: (torch.rand(B, 3, 64, 64, device=device, dtype=dtype), randn(B, 3, 64, 64)),
                2 * p * elt, 3 * p * elt)
 
@@ -565,8 +564,9 @@ CONVLSTM_SIZES = {
 def convlstm_rows(device, smoke, repeats, log):
     """gqn_fast.nn.ConvLSTM (a state_dict loaded from the plain module) against the plain module,
     each eager and compiled, forward (no grad) and forward+backward, timed interleaved."""
-    from gqn_fast.nn import ConvLSTM
     from measure import interleaved_times
+
+    from gqn_fast.nn import ConvLSTM
 
     sizes = CONVLSTM_SIZES["smoke" if smoke else "gpu" if device.type == "cuda" else "cpu"]
     rows = []

@@ -29,7 +29,12 @@ from tqdm import tqdm
 from gqn_fast.data.render import Box, Cylinder, Scene, Sphere
 from gqn_fast.errors import UsageError, check_int
 from gqn_fast.evaluate import (
-    draw_samples, open_checkpoint, output_folder, predict, prediction_errors, scene_views,
+    draw_samples,
+    open_checkpoint,
+    output_folder,
+    predict,
+    prediction_errors,
+    scene_views,
     split_views,
 )
 from gqn_fast.images import save_grid

@@ -8,7 +8,12 @@ from __future__ import annotations
 import argparse
 
 from gqn_fast.data.catalog import (
-    ALGEBRA_PROPERTIES, DEEPMIND_DATASETS, DEFAULT_SCENES, DEFAULT_SEED, HOLDOUTS, TEST_FRACTION,
+    ALGEBRA_PROPERTIES,
+    DEEPMIND_DATASETS,
+    DEFAULT_SCENES,
+    DEFAULT_SEED,
+    HOLDOUTS,
+    TEST_FRACTION,
 )
 from gqn_fast.train_settings import CHOICES, RESULT_SETTINGS, TrainArgs
 

@@ -56,7 +56,7 @@ class GQNConfig:
         return self.representation != "tower"
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GQNConfig":
+    def preset(cls, name: str, **overrides) -> GQNConfig:
         """`"paper"`: Eslami et al. 2018. `"small"`: trains on a 2-core CPU in minutes."""
         if name not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
@@ -66,7 +66,7 @@ class GQNConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "GQNConfig":
+    def from_dict(cls, values: dict) -> GQNConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
+from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
 from gqn_fast.reference import transform_viewpoint
 from gqn_fast.schedules import bits_per_dim, nll_floor
 from gqn_fast.train_settings import TrainArgs

@@ -45,7 +45,7 @@ def _write_captions(image: Image.Image, rows, captions, pad: int, scale: int) ->
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     size = next(t for row in rows for t in row if t is not None).shape[-1]
     y = pad
-    for row, caption in zip(rows, captions):
+    for _row, caption in zip(rows, captions):
         y += size
         for j, label in enumerate(caption or []):
             if label:

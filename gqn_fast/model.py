@@ -266,7 +266,7 @@ class CanvasView:
     The view keeps count of the states drawn: the next step's index.
     """
 
-    def __init__(self, model: "GQN"):
+    def __init__(self, model: GQN):
         self.shared = model.config.share_cores
         self.steps, self.drawn = model.config.L, 0
         down = [core.downsample_u for core in model.inference_cores]

@@ -23,16 +23,23 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gqn_fast.checkpoint import (
-    CheckpointError, check_compatible, check_resumable, list_checkpoints, load_checkpoint, remove_stale_temporaries,
-    rng_state, save_checkpoint, set_rng_state,
+    CheckpointError,
+    check_compatible,
+    check_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, UserError
 from gqn_fast.images import save_grid
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
-from gqn_fast.train_step import TrainStep, make_optimizer
 from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
+from gqn_fast.train_step import TrainStep, make_optimizer
 
 
 class TrainingDiverged(UserError, RuntimeError):

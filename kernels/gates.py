@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from .utils import (
-    launch_shape,
     accurate_tanh,
     as_batch_channel_space,
     check_floating,
@@ -26,6 +25,7 @@ from .utils import (
     compute_dtype,
     empty_output_like,
     launch_device,
+    launch_shape,
     load_tile,
     sigmoid_derivative,
     sigmoid_derivative_torch,

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (
-    launch_shape,
     as_batch_channel_space,
     check_floating,
     check_like,
@@ -27,6 +26,7 @@ from .utils import (
     empty_output_like,
     empty_partial_sums,
     launch_device,
+    launch_shape,
     load_tile,
     softplus_derivative,
     softplus_derivative_torch,

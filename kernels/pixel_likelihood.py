@@ -16,7 +16,6 @@ import math
 import torch
 
 from .utils import (
-    launch_shape,
     as_batch_channel_space,
     check_floating,
     check_like,
@@ -26,6 +25,7 @@ from .utils import (
     empty_output_like,
     empty_partial_sums,
     launch_device,
+    launch_shape,
     load_tile,
     sigmoid_derivative,
     sigmoid_derivative_torch,

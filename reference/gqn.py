@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gqn_fast.reference.cores import GeneratorCore, InferenceCore
+from gqn_fast.reference.distributions import gaussian_kl, gaussian_nll
+from gqn_fast.reference.representation import NETS, tile
 from torch import nn
 
 from gqn_fast.config import GRID_SIZE, VIEWPOINT_DIM, GQNConfig
 from gqn_fast.inputs import check_context, check_noise, check_query, check_representation, check_sigma
-from gqn_fast.reference.cores import GeneratorCore, InferenceCore
-from gqn_fast.reference.distributions import gaussian_kl, gaussian_nll
-from gqn_fast.reference.representation import NETS, tile
 
 
 @dataclass

@@ -40,7 +40,7 @@ RELEASE_FRAMES = {
 def deepmind_file_name(index: int, count: int) -> str:
     """data_reader.py's template for file `index` (from 1) of `count`, written as it writes it."""
     length = len(str(count))
-    template = "{:0%d}-of-{:0%d}.tfrecord" % (length, length)
+    template = "{:0%d}-of-{:0%d}.tfrecord" % (length, length)  # noqa: UP031  (as DeepMind writes it)
     return template.format(index, count)
 
 

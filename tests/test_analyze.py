@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from gqn_fast import analyze, cli, evaluate
-from gqn_fast.data.render import Box
-from gqn_fast.data.catalog import is_red
-from gqn_fast.data.scenes import sample_scenes
 from helpers import assert_close_rms, random_scene_batch, rel_rms, tiny_config
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
+
+from gqn_fast import analyze, cli, evaluate
+from gqn_fast.data.catalog import is_red
+from gqn_fast.data.render import Box
+from gqn_fast.data.scenes import sample_scenes
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_the_holdout_leaves_the_test_split_and_sets_without_it_unchanged():
     # Pinned from the generator as it was before holdouts existed (commit 820e4b0): the scenes
     # of a set made without --holdout must never change.
     scenes, cameras = sample_scenes("rooms", 0, "train", 0, 50)
-    digest = hashlib.sha256((repr(scenes).encode() + cameras.tobytes())).hexdigest()
+    digest = hashlib.sha256(repr(scenes).encode() + cameras.tobytes()).hexdigest()
     assert digest == PINNED_ROOMS_TRAIN_0_50
 
 

@@ -4,12 +4,12 @@ pattern), the input's and the weight's gradients, and weights read in place from
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import RMS_LIMITS, assert_close_rms
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gqn_fast import constant_conv as constant_conv_module
 from gqn_fast.constant_conv import constant_conv, inside_taps, placement
-from helpers import RMS_LIMITS, assert_close_rms
 
 
 def tiled_conv(v, weight, n):

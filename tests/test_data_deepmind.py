@@ -16,15 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deepmind_files import (
+    RELEASE_FILES,
+    RELEASE_FRAMES,
+    crc32c_bitwise,
+    crc32c_table,
+    example,
+    file_name,
+    frame_record,
+    jpeg,
+    masked,
+    smooth_images,
+    write_dataset,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 import gqn_fast.data.deepmind as deepmind
-from deepmind_files import (
-    RELEASE_FILES, RELEASE_FRAMES, crc32c_bitwise, crc32c_table, example, file_name, frame_record, jpeg, masked,
-    smooth_images, write_dataset,
-)
 from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, SceneDataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
@@ -600,7 +609,7 @@ def _kill_at(monkeypatch, point):
     call of any step, 3, 4 the second, ...; returns the count of points reached."""
     reached = [0]
     for owner, name in STEPS:
-        def step(*args, _real=getattr(owner, name), **kwargs):
+        def step(*args, _real=getattr(owner, name), **kwargs):  # noqa: B008  (bind this step's function)
             reached[0] += 1
             if reached[0] == point:
                 raise Killed

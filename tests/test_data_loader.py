@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from gqn_fast.reference.viewpoint import transform_viewpoint
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data.distributed import DistributedSampler
 
 from gqn_fast.data import BatchPlanner, SceneDataset, make_dataset, make_loader, to_model_inputs
-from gqn_fast.reference.viewpoint import transform_viewpoint
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_batches_hold_the_scenes_they_say(root):
     images = torch.from_numpy(np.load(root / "train" / "images.npy"))
     cameras = torch.from_numpy(np.load(root / "train" / "cameras.npy"))
     loader = make_loader(root, "train", 4, 6, seed=3)
-    for k, plan in enumerate(loader.planner.plans()):
+    for plan in loader.planner.plans():
         batch = ds.gather(plan)
         m = plan.views.shape[1] - 1
         cx, cv, qx, qv = batch

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 from gqn_fast import cli, evaluate
-from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from gqn_fast.reference import GQN as ReferenceGQN
+from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from gqn_fast import GQN, GQNConfig, kernels
-from gqn_fast.reference import GQN as ReferenceGQN
-from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import OpCounter  # noqa: E402

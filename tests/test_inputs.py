@@ -5,11 +5,11 @@ import contextlib
 
 import pytest
 import torch
+from gqn_fast.reference import GQN as ReferenceGQN
+from helpers import HostReads, random_scene_batch, tiny_config
 
 from gqn_fast import GQN
 from gqn_fast.inputs import values_trusted
-from gqn_fast.reference import GQN as ReferenceGQN
-from helpers import HostReads, random_scene_batch, tiny_config
 
 MODELS = [ReferenceGQN, GQN]
 

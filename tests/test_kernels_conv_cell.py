@@ -6,13 +6,12 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from gqn_fast.kernels import conv_lstm_cell
 from gqn_fast.kernels.gates import lstm_gates_torch
 from gqn_fast.kernels.utils import pytorch_path
 from helpers import RMS_LIMITS, assert_close_rms, rel_rms
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_kernels_dispatch import (
     CPU_PATHS,
     OP_PATHS,

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-
 from gqn_fast.kernels import conv_cell, gates, gaussian, pixel_likelihood, use_triton
 from gqn_fast.kernels.utils import interpreter_enabled, pytorch_path
 from helpers import RMS_LIMITS, rel_rms
+from hypothesis import HealthCheck, settings
 
 needs_gpu = pytest.mark.cuda  # conftest.py skips these where torch.cuda.is_available() is False
 on_interpreter = pytest.mark.interpreter  # run by test_kernels_interpreter.py, in a process of their own

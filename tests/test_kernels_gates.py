@@ -4,11 +4,10 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
 from gqn_fast.kernels import lstm_gates
 from gqn_fast.kernels.utils import pytorch_path
+from hypothesis import given
+from hypothesis import strategies as st
 from test_kernels_dispatch import (
     CPU_PATHS,
     LAYOUTS,
@@ -47,8 +46,8 @@ def check_against_oracle(preact, c, grad_h, grad_c_new, constant=None):
     grads_ref = torch.autograd.grad((h_ref, c_new_ref), inputs64, (grad_h.double(), grad_c_new.double()))
     assert_matches_oracle(h, h_ref, "h")
     assert_matches_oracle(c_new, c_new_ref, "c_new")
-    for name, grad, grad_ref, given in zip(["grad preact", "grad c", "grad constant"], grads, grads_ref, inputs):
-        assert grad.dtype == given.dtype, f"{name}: {grad.dtype}, its input's {given.dtype}"
+    for name, grad, grad_ref, given_input in zip(["grad preact", "grad c", "grad constant"], grads, grads_ref, inputs):
+        assert grad.dtype == given_input.dtype, f"{name}: {grad.dtype}, its input's {given_input.dtype}"
         if name == "grad constant":  # it is preact's gradient: held to preact's precision
             grad = grad.to(preact.dtype)
         assert_matches_oracle(grad, grad_ref, name)

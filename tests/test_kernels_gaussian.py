@@ -6,12 +6,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
-from torch.distributions import Normal, kl_divergence
-
 from gqn_fast.kernels import elementwise_gaussian_kl_from_sigma, posterior_kl, posterior_sample_kl
 from gqn_fast.kernels.utils import pytorch_path
+from hypothesis import given
+from hypothesis import strategies as st
 from test_kernels_dispatch import (
     CPU_PATHS,
     LAYOUTS,
@@ -24,6 +22,7 @@ from test_kernels_dispatch import (
     with_fixtures,
     with_layout,
 )
+from torch.distributions import Normal, kl_divergence
 
 # fp16 gradients through a tiny sigma overflow to inf (as the reference rounded to fp16
 # does: assert_matches_oracle); the interpreter's numpy says so on every such cast.

@@ -13,7 +13,6 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from conftest import INTERPRETER_TESTS
 
 

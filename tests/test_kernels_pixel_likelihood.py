@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-from torch.distributions import Normal
-
 from gqn_fast.kernels import pixel_nll
 from gqn_fast.kernels.utils import pytorch_path
+from hypothesis import given
+from hypothesis import strategies as st
 from test_kernels_dispatch import (
     CPU_PATHS,
     LAYOUTS,
@@ -24,6 +22,7 @@ from test_kernels_dispatch import (
     with_fixtures,
     with_layout,
 )
+from torch.distributions import Normal
 
 
 def nll_oracle(x, logits, sigma):

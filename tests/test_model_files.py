@@ -12,11 +12,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 from gqn_fast import cli
 from gqn_fast.checkpoint import load_checkpoint, save_checkpoint
 from gqn_fast.model_file import read_model_file
-from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import io
 
 import pytest
 import torch
+from gqn_fast.kernels import interpreter_enabled
+from helpers import RMS_LIMITS, assert_close_rms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_kernels_dispatch import CPU_PATHS, select_path, with_fixtures
 from torch import nn
 
-from gqn_fast.kernels import interpreter_enabled
 from gqn_fast.nn import ConvLSTM, ConvLSTMCell
-from helpers import RMS_LIMITS, assert_close_rms
-from test_kernels_dispatch import CPU_PATHS, select_path, with_fixtures
 
 INTERPRETED = interpreter_enabled()
 

@@ -3,13 +3,13 @@ in float64: values, every gradient, broadcasting and plain numbers, on both CPU 
 
 import pytest
 import torch
+from helpers import RMS_LIMITS, assert_close_rms, rel_rms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_kernels_dispatch import CPU_PATHS, select_path, with_fixtures
 from torch.distributions import Normal, kl_divergence
 
 from gqn_fast.nn.functional import normal_kl
-from helpers import RMS_LIMITS, assert_close_rms, rel_rms
-from test_kernels_dispatch import CPU_PATHS, select_path, with_fixtures
 
 NAMES = ("q_loc", "q_scale", "p_loc", "p_scale")
 

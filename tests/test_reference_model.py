@@ -4,13 +4,13 @@ import re
 
 import pytest
 import torch
+from gqn_fast.reference import GQN
+from helpers import random_scene_batch, tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gqn_fast import GQNConfig
-from gqn_fast.reference import GQN
 from gqn_fast.schedules import nll_floor
-from helpers import random_scene_batch, tiny_config
 
 REPRESENTATIONS = ["tower", "pool", "pyramid"]
 

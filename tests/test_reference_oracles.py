@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
 from gqn_fast.reference import ConvLSTMCell, gaussian_kl, gaussian_nll, transform_viewpoint
 from helpers import assert_close_rms
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @given(

@@ -4,12 +4,12 @@ at several scales and shifted, so that whole channels are dead or alive)."""
 
 import pytest
 import torch
+from gqn_fast.reference.representation import NETS
+from helpers import RMS_LIMITS, assert_close_rms
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gqn_fast.reference.representation import NETS
 from gqn_fast.representation import represent
-from helpers import RMS_LIMITS, assert_close_rms
 
 
 def r_and_gradients(run, net, x, v, upstream):

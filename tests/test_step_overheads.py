@@ -10,12 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+from gqn_fast.reference import GQN as ReferenceGQN  # noqa: E402
 from measure import saved_for_backward_bytes  # noqa: E402
 from op_count import count_training_step, meta_batch, on_gpu_branches  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
 
 from gqn_fast import GQN  # noqa: E402
-from gqn_fast.reference import GQN as ReferenceGQN  # noqa: E402
 
 
 @pytest.mark.parametrize("preset", list(MODEL_PRESETS))

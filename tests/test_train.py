@@ -9,12 +9,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import HostReads
 
 from gqn_fast import cli
 from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
 from gqn_fast.errors import UsageError
 from gqn_fast.train import TrainArgs, TrainingDiverged, train
-from helpers import HostReads
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import copy
 
 import pytest
 import torch
+from helpers import RMS_LIMITS, HostReads, assert_close_rms, tiny_config
 
 from gqn_fast.data.builtin import make_dataset
 from gqn_fast.data.loader import make_loader, to_model_inputs
 from gqn_fast.model import GQN
 from gqn_fast.schedules import learning_rate, pixel_sigma
 from gqn_fast.train_step import TrainStep, make_optimizer
-from helpers import RMS_LIMITS, HostReads, assert_close_rms, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from helpers import tiny_config
 
 from gqn_fast.checkpoint import rng_state, save_checkpoint
 from gqn_fast.model import GQN
 from gqn_fast.train import TrainArgs
-from helpers import tiny_config
 
 
 def make_tiny_dataset(root: Path, scenes: int = 12, holdout: str | None = None) -> Path:

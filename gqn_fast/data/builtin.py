@@ -139,7 +139,7 @@ def make_dataset(
     tmp.mkdir(parents=True)
     try:
         writers = _write_splits(tmp, family, seed, sizes, workers, device, progress, chunk, holdout)
-        for split, writer in writers.items():
+        for writer in writers.values():
             writer.finish(
                 name=family,
                 source=f"gqn-fast built-in renderer: {family}, seed {seed}",

@@ -56,13 +56,20 @@ except ImportError:  # pragma: no cover - a dependency; --no-deps installs decod
 
 from gqn_fast.data.catalog import DEEPMIND_DATASETS, DeepMindDataset
 from gqn_fast.data.format import (
-    CAMERAS, IMAGE_SIZE, IMAGES, MANIFEST, SPLITS, NpyAppender, SplitWriter, open_split, read_manifest,
+    CAMERAS,
+    IMAGE_SIZE,
+    IMAGES,
+    MANIFEST,
+    SPLITS,
+    NpyAppender,
+    SplitWriter,
+    open_split,
+    read_manifest,
     write_json_atomic,
 )
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
 from gqn_fast.errors import UsageError
-
 
 PARTS = ".parts"
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gqn_fast.errors import UserError
-
 from gqn_fast.data.catalog import SPLITS  # noqa: F401  (re-exported: the splits of the format)
+from gqn_fast.errors import UserError
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 64

@@ -20,8 +20,8 @@ elements) make them up to 20x slower.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -159,7 +159,7 @@ class _Params:
     box: torch.Tensor  # [G, nb, 7]: centre, half size, yaw
     cylinder: torch.Tensor  # [G, nc, 5]: base, radius, height
 
-    def select(self, rows: torch.Tensor) -> "_Params":
+    def select(self, rows: torch.Tensor) -> _Params:
         return _Params(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
 

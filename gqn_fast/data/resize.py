@@ -11,13 +11,13 @@ integer, and PIL's BOX rounds after each axis.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from math import gcd
 
 import numpy as np
 
 
-@lru_cache(maxsize=None)
+@cache
 def area_weights(a: int, b: int) -> np.ndarray:
     """Integer weights [b, a] of the area resize of a side of `a` pixels to `b`; rows sum to a / gcd(a, b)."""
     if not 0 < b <= a:
@@ -49,7 +49,7 @@ def area_resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(*lead, size, size, channels)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _block_weights(a: int, b: int, channels: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The repeating [q, p] block of area_weights(a, b), and its transpose spread over the
     channels, [p * C, q * C], for the fractional resize's two products."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from gqn_fast.data.camera import FOV_DEGREES, look_at
 from gqn_fast.data.catalog import HOLDOUTS, SPLITS
 from gqn_fast.data.render import Box, Cylinder, Room, Scene, Sphere, render
 from gqn_fast.errors import UsageError, check_count
-
 
 ROOM_HALF_SIZE = 4.0
 RING_RADIUS = 3.0
