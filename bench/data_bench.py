@@ -65,8 +65,16 @@ def _timed(fn, repeats: int, device=None) -> list[float]:
 def _row(workload, provider, seconds: list[float], items: int, unit: str, **extra) -> dict:
     q = statistics.quantiles(seconds, n=5) if len(seconds) > 1 else [seconds[0]] * 4
     median = statistics.median(seconds)
-    return dict(workload=workload, provider=provider, precision="uint8", median_ms=median * 1e3,
-                p20_ms=q[0] * 1e3, p80_ms=q[3] * 1e3, **{f"{unit}_per_s": items / median}, **extra)
+    return dict(
+        workload=workload,
+        provider=provider,
+        precision="uint8",
+        median_ms=median * 1e3,
+        p20_ms=q[0] * 1e3,
+        p80_ms=q[3] * 1e3,
+        **{f"{unit}_per_s": items / median},
+        **extra,
+    )
 
 
 def _render_seconds(family: str, scenes: int, repeats: int, device) -> list[float]:
@@ -101,12 +109,20 @@ def bench_make(out: Path, family: str = "rooms", scenes: int = 2000, workers: in
     return _row("make", f"{family}-{workers}proc", [seconds], images, "images", batch=scenes, workers=workers)
 
 
-def bench_loader(root, workers: int, batch_size: int = 36, max_context: int = 9, batches: int = 300,
-                 device=None) -> dict:
+def bench_loader(
+    root, workers: int, batch_size: int = 36, max_context: int = 9, batches: int = 300, device=None
+) -> dict:
     """make_loader batches/s (B = batch_size, M uniform in 1..max_context) after a warm-up
     epoch; with `device`, each batch also goes through to_model_inputs there."""
-    loader = make_loader(root, "train", batch_size, max_context, seed=0, num_workers=workers,
-                         pin_memory=device is not None and torch.device(device).type == "cuda")
+    loader = make_loader(
+        root,
+        "train",
+        batch_size,
+        max_context,
+        seed=0,
+        num_workers=workers,
+        pin_memory=device is not None and torch.device(device).type == "cuda",
+    )
     # Warm-up: one pass maps the files' pages into this process, once per run of a training job.
     for batch in loader:
         if device is not None:
@@ -126,9 +142,17 @@ def bench_loader(root, workers: int, batch_size: int = 36, max_context: int = 9,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     where = "host" if device is None else torch.device(device).type
-    return _row("loader", f"{workers}workers-{where}", [seconds / batches], 1, "batches",
-                batch=batch_size, max_context=max_context, measured_batches=batches,
-                scenes_per_s=batches * batch_size / seconds)
+    return _row(
+        "loader",
+        f"{workers}workers-{where}",
+        [seconds / batches],
+        1,
+        "batches",
+        batch=batch_size,
+        max_context=max_context,
+        measured_batches=batches,
+        scenes_per_s=batches * batch_size / seconds,
+    )
 
 
 def write_deepmind_files(src: Path, name: str, files: int, records_per_file: int, distinct: int = 4) -> None:
@@ -137,8 +161,13 @@ def write_deepmind_files(src: Path, name: str, files: int, records_per_file: int
     info = DEEPMIND_DATASETS[name]
     scenes, cameras = sample_scenes("rooms", 0, "train", 0, distinct)
     images = render(scenes, torch.from_numpy(cameras), image_size=info.image_size).numpy()
-    records = [scene_record([jpeg(images[i, t % images.shape[1]]) for t in range(info.num_views)],
-                            np.resize(cameras[i], (info.num_views, 5))) for i in range(distinct)]
+    records = [
+        scene_record(
+            [jpeg(images[i, t % images.shape[1]]) for t in range(info.num_views)],
+            np.resize(cameras[i], (info.num_views, 5)),
+        )
+        for i in range(distinct)
+    ]
     folder = src / name / "train"
     folder.mkdir(parents=True, exist_ok=True)
     for f in range(files):
@@ -185,9 +214,19 @@ def bench_convert(src: Path, name: str, worker_counts, repeats: int, tensorflow:
                     seconds = time.perf_counter() - start
                     records = report["train"]["scenes"]
             times[provider, workers].append(seconds)
-    return [_row("convert", f"{name}-{provider}-{w}proc", t, records, "records", workers=w,
-                 frame_size=DEEPMIND_DATASETS[name].image_size, reader=provider)
-            for (provider, w), t in times.items()]
+    return [
+        _row(
+            "convert",
+            f"{name}-{provider}-{w}proc",
+            t,
+            records,
+            "records",
+            workers=w,
+            frame_size=DEEPMIND_DATASETS[name].image_size,
+            reader=provider,
+        )
+        for (provider, w), t in times.items()
+    ]
 
 
 # Files and records per file of the convert group's synthetic sets: about a second of work each.
@@ -210,8 +249,10 @@ def convert_rows(smoke: bool = False, log=print, tensorflow: str | None = None) 
                 files, per_file = 2, 2
             write_deepmind_files(src, name, files, per_file, distinct=1 if smoke else 4)
             rows.append(bench_decode(src, name, repeats=2 if smoke else 5))
-            log(f"  decode_scene {name} ({DEEPMIND_DATASETS[name].image_size} px), 1 process:"
-                f" {rows[-1]['records_per_s']:.1f} records/s")
+            log(
+                f"  decode_scene {name} ({DEEPMIND_DATASETS[name].image_size} px), 1 process:"
+                f" {rows[-1]['records_per_s']:.1f} records/s"
+            )
             measured = bench_convert(src, name, worker_counts, repeats=1 if smoke else 5, tensorflow=tensorflow)
             rows += measured
             for r in measured:
@@ -220,8 +261,9 @@ def convert_rows(smoke: bool = False, log=print, tensorflow: str | None = None) 
     return rows
 
 
-def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=GROUPS,
-              tensorflow: str | None = None) -> list[dict]:
+def data_rows(
+    smoke: bool = False, log=print, scenes: int | None = None, groups=GROUPS, tensorflow: str | None = None
+) -> list[dict]:
     rows = []
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     if "render" in groups:
@@ -238,17 +280,23 @@ def data_rows(smoke: bool = False, log=print, scenes: int | None = None, groups=
             make = bench_make(root, "rooms", n)
             if "make" in groups:
                 rows.append(make)
-                log(f"  make rooms, {n} scenes, {make['workers']} processes: {make['images_per_s']:.0f} images/s"
-                    f" (20,000 scenes would take {200_000 / make['images_per_s'] / 60:.1f} min)")
+                log(
+                    f"  make rooms, {n} scenes, {make['workers']} processes: {make['images_per_s']:.0f} images/s"
+                    f" (20,000 scenes would take {200_000 / make['images_per_s'] / 60:.1f} min)"
+                )
             if "loader" in groups:
                 for workers in (0, 1, 2):
                     rows.append(bench_loader(root, workers, batches=50 if smoke else 300))
-                    log(f"  loader B=36 K=9, {workers} worker threads: {rows[-1]['batches_per_s']:.0f} batches/s"
-                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)")
+                    log(
+                        f"  loader B=36 K=9, {workers} worker threads: {rows[-1]['batches_per_s']:.0f} batches/s"
+                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)"
+                    )
                 if gpu is not None:
                     rows.append(bench_loader(root, 2, batches=50 if smoke else 300, device=gpu))
-                    log(f"  loader B=36 K=9 + to_model_inputs on the GPU: {rows[-1]['batches_per_s']:.0f} batches/s"
-                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)")
+                    log(
+                        f"  loader B=36 K=9 + to_model_inputs on the GPU: {rows[-1]['batches_per_s']:.0f} batches/s"
+                        f" ({rows[-1]['scenes_per_s']:.0f} scenes/s)"
+                    )
     if "convert" in groups:
         rows += convert_rows(smoke, log, tensorflow)
     return rows
@@ -259,8 +307,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--scenes", type=int, help="scenes for the `make` measurement (default 2000)")
     parser.add_argument("--only", choices=GROUPS, action="append", help="run only this group (repeatable)")
-    parser.add_argument("--tensorflow", metavar="PYTHON",
-                        help="an interpreter with TensorFlow: the convert group times tf.data on the same files")
+    parser.add_argument(
+        "--tensorflow",
+        metavar="PYTHON",
+        help="an interpreter with TensorFlow: the convert group times tf.data on the same files",
+    )
     args = parser.parse_args(argv)
     print(f"data bench: {default_workers()} cores, torch {torch.__version__}")
     data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS, tensorflow=args.tensorflow)

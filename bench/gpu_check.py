@@ -70,8 +70,13 @@ FIRST_BENCH, OTHER_BENCH = ["train_step"], ["kernels", "conv_cell", "representat
 # plan's group.
 GROUP_PRESETS = {"train_step": ["small", "paper-tower"], "compile": ["paper-tower"]}
 GROUP_PROVIDERS = {
-    "train_step": ["reference-eager", "reference-cudagraph", "gqn_fast-eager", "gqn_fast-fused-cells-eager",
-                   "gqn_fast-cudagraph"],
+    "train_step": [
+        "reference-eager",
+        "reference-cudagraph",
+        "gqn_fast-eager",
+        "gqn_fast-fused-cells-eager",
+        "gqn_fast-cudagraph",
+    ],
     "compile": ["reference-compile", "gqn_fast-compile"],
 }
 GROUP_RUNS = {"compile": "train_step"}  # bench/run.py's group for a group of this script
@@ -85,8 +90,11 @@ def group_args(group: str) -> list[str]:
     """bench/run.py's arguments for a group on the GPU (none: its defaults)."""
     if group not in GROUP_PRESETS:
         return []
-    return [arg for preset in GROUP_PRESETS[group] for arg in ("--preset", preset)] + ["--batch", "36"] \
+    return (
+        [arg for preset in GROUP_PRESETS[group] for arg in ("--preset", preset)]
+        + ["--batch", "36"]
         + _providers(GROUP_PROVIDERS[group])
+    )
 
 
 # `python -m gqn_fast`, as a user runs the command.
@@ -97,10 +105,38 @@ MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed"
 # The train run: the built-in rooms, small preset, B = 36, for a minute of steps (the fastest
 # mode the command offers: graphed, the default on one GPU); without a GPU, three CPU steps.
 TRAIN_RUN_ARGS = {
-    True: ["--preset", "small", "--batch", "36", "--steps", "10000000", "--max-minutes", "1", "--log-every", "50",
-           "--checkpoint-every", "10000000", "--image-every", "10000000"],
-    False: ["--preset", "small", "--batch", "4", "--steps", "3", "--builtin-scenes", "16", "--log-every", "1",
-            "--device", "cpu", "--workers", "0"],
+    True: [
+        "--preset",
+        "small",
+        "--batch",
+        "36",
+        "--steps",
+        "10000000",
+        "--max-minutes",
+        "1",
+        "--log-every",
+        "50",
+        "--checkpoint-every",
+        "10000000",
+        "--image-every",
+        "10000000",
+    ],
+    False: [
+        "--preset",
+        "small",
+        "--batch",
+        "4",
+        "--steps",
+        "3",
+        "--builtin-scenes",
+        "16",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ],
 }
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
 PROFILE_PRESETS = ["small", "paper-tower"]
@@ -133,8 +169,14 @@ def run_logged(command, log: Path, timeout: float, env=None) -> tuple[int | None
         out.write("$ " + " ".join(str(c) for c in command) + "\n")
         out.flush()
         try:
-            proc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})}, timeout=timeout)
+            proc = subprocess.run(
+                command,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                timeout=timeout,
+            )
             code = proc.returncode
         except subprocess.TimeoutExpired:
             out.write(f"\n*** killed: still running after {timeout:.0f} s ***\n")
@@ -158,7 +200,17 @@ def install(out: Path, clock: Clock) -> tuple[str, bool]:
     if importlib.util.find_spec("gqn_fast") is not None and importlib.util.find_spec("gqn_fast.kernels") is not None:
         (out / "install.log").write_text("gqn_fast is importable: nothing to install\n")
         return "already installed", True
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(ROOT)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-e",
+        str(ROOT),
+    ]
     code, took = run_logged(command, out / "install.log", clock.limit(CAPS["install"]))
     importlib.invalidate_caches()
     return f"pip install -e . exit {code} in {took:.0f} s", code == 0
@@ -182,23 +234,29 @@ def environment(out: Path, clock: Clock, budgets: dict) -> tuple[str, bool]:
     )
     lines = [f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"]
     try:
-        found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                               timeout=clock.limit(CAPS["environment"]))
+        found = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=clock.limit(CAPS["environment"])
+        )
         info = json.loads(found.stdout) if found.returncode == 0 else {"probe failed": found.stderr[-500:]}
     except (subprocess.TimeoutExpired, json.JSONDecodeError) as error:
         info = {"probe failed": repr(error)}
     lines += [f"{k}: {v}" for k, v in info.items()]
-    query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+    query = (
+        "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+    )
     try:
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
-                             text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True, timeout=20
+        )
         lines += ["nvidia-smi:", smi.stdout.strip() or smi.stderr.strip()]
     except (OSError, subprocess.TimeoutExpired) as error:
         lines.append(f"nvidia-smi: not available ({error.__class__.__name__})")
     lines += ["budgets:"] + [f"  {k}: {v}" for k, v in budgets.items()]
     (out / "environment.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-    return ", ".join(f"{k}={info[k]}" for k in ("gpu", "torch", "triton", "python") if k in info), "probe failed" not in info
+    return ", ".join(
+        f"{k}={info[k]}" for k in ("gpu", "torch", "triton", "python") if k in info
+    ), "probe failed" not in info
 
 
 def test_workers() -> int:
@@ -234,8 +292,10 @@ def cuda_tests(out: Path, clock: Clock, gpu: bool, name: str, select: str, cap: 
     code, took = run_logged(command, log, clock.limit(cap), env)
     if code is None:
         failed = failures_reported(log)
-        return (f"timed out after {took:.0f} s with {len(failed)} failures reported so far (see {log.name}; "
-                f"the junit file is not written)" + "".join(f"\n    FAILED {test}" for test in failed[:15])), False
+        return (
+            f"timed out after {took:.0f} s with {len(failed)} failures reported so far (see {log.name}; "
+            f"the junit file is not written)" + "".join(f"\n    FAILED {test}" for test in failed[:15])
+        ), False
     if not gpu:
         collected = [line for line in log.read_text().splitlines() if "::" in line]
         return f"{len(collected)} CUDA tests collected, not run (no GPU); exit {code}", code == 0 and len(collected) > 0
@@ -271,12 +331,21 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
                 providers = _providers(name for g in timed for name in GROUP_PROVIDERS[g])
             folder = out / "bench" / "smoke" / "-".join(timed)
             command = [sys.executable, script, "--smoke", *only, *providers, "--out", str(folder)]
-            code, took = run_logged(command, out / f"bench_smoke_{'-'.join(timed)}.log", clock.limit(CAPS["bench"]), env)
-            ok, state, rows = code == 0, f"--smoke (no GPU) of {', '.join(timed)}: exit {code} in {took:.0f} s", _rows(folder)
+            code, took = run_logged(
+                command, out / f"bench_smoke_{'-'.join(timed)}.log", clock.limit(CAPS["bench"]), env
+            )
+            ok, state, rows = (
+                code == 0,
+                f"--smoke (no GPU) of {', '.join(timed)}: exit {code} in {took:.0f} s",
+                _rows(folder),
+            )
         if "profile" in groups:
             command = [sys.executable, profiler, "--smoke", "--out", str(out / "bench" / "profile" / "smoke")]
             profile_code, _ = run_logged(command, out / "bench_profile.log", clock.limit(CAPS["bench"]), env)
-            ok, state = ok and profile_code == 0, "; ".join(filter(None, [state, f"profile --smoke exit {profile_code}"]))
+            ok, state = (
+                ok and profile_code == 0,
+                "; ".join(filter(None, [state, f"profile --smoke exit {profile_code}"])),
+            )
         return state, ok, rows
     lines, rows, ok = [], [], True
     for group in groups:
@@ -294,8 +363,16 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
                 lines.append(f"profile {preset}: {state}")
                 ok = ok and code == 0
             continue
-        command = [sys.executable, script, "--quick", "--only", GROUP_RUNS.get(group, group), *group_args(group),
-                   "--out", str(folder)]
+        command = [
+            sys.executable,
+            script,
+            "--quick",
+            "--only",
+            GROUP_RUNS.get(group, group),
+            *group_args(group),
+            "--out",
+            str(folder),
+        ]
         code, took = run_logged(command, out / f"bench_{group}.log", limit, env)
         state = f"killed after {took:.0f} s (budget)" if code is None else f"exit {code} in {took:.0f} s"
         lines.append(f"{group}: {state}")
@@ -327,8 +404,20 @@ def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | No
 # The model in the box: a small-preset run on the GPU beside the other CUDA tests (which mostly
 # compile on the CPU), for the minutes they take, then exported in fp16 (a few MB).
 BOX_RUN_ARGS = {
-    True: ["--preset", "small", "--batch", "36", "--steps", "10000000", "--log-every", "500",
-           "--checkpoint-every", "5000", "--image-every", "5000"],
+    True: [
+        "--preset",
+        "small",
+        "--batch",
+        "36",
+        "--steps",
+        "10000000",
+        "--log-every",
+        "500",
+        "--checkpoint-every",
+        "5000",
+        "--image-every",
+        "5000",
+    ],
     False: TRAIN_RUN_ARGS[False],
 }
 
@@ -366,12 +455,22 @@ def tests_beside_a_training_run(out: Path, clock: Clock, gpu: bool) -> tuple[str
 def end_to_end(rows: list[dict], rate: float | None) -> str | None:
     """The train run's rate against the bench's graphed step alone (small preset, B = 36, fp32):
     below 1 by what the loader and the host add."""
-    step = [r for r in rows if r.get("workload") == "train_step" and r.get("provider") == "gqn_fast-cudagraph"
-            and r.get("preset") == "small" and r.get("batch") == 36 and r.get("precision") == "fp32" and "median_ms" in r]
+    step = [
+        r
+        for r in rows
+        if r.get("workload") == "train_step"
+        and r.get("provider") == "gqn_fast-cudagraph"
+        and r.get("preset") == "small"
+        and r.get("batch") == 36
+        and r.get("precision") == "fp32"
+        and "median_ms" in r
+    ]
     if rate is None or not step:
         return None
     bench_rate = 1000.0 / step[0]["median_ms"]
-    return f"gqn-fast train {rate:.1f} steps/s against the bench's graphed step {bench_rate:.1f}: {rate / bench_rate:.2f}"
+    return (
+        f"gqn-fast train {rate:.1f} steps/s against the bench's graphed step {bench_rate:.1f}: {rate / bench_rate:.2f}"
+    )
 
 
 def _without_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -411,8 +510,12 @@ def headline(rows: list[dict], limit: int = 14) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for every log and result")
-    parser.add_argument("--plan", choices=["first", "second"], default="first",
-                        help="first: the session's long call; second: torch.compile, a short call after it")
+    parser.add_argument(
+        "--plan",
+        choices=["first", "second"],
+        default="first",
+        help="first: the session's long call; second: torch.compile, a short call after it",
+    )
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together (default 540)")
     parser.add_argument("--tar", type=Path, help="also pack the folder into this .tar.gz")
     parser.add_argument("--bench-only", choices=GROUPS, action="append", help="bench only this group (repeatable)")
@@ -441,6 +544,7 @@ def main(argv=None) -> int:
             state, ok, measured = bench(out, clock, gpu, selected(groups))
             rows.extend(measured)
             return state, ok
+
         return part
 
     def train_part():

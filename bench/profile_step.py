@@ -99,8 +99,9 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     model = MODEL_CLASSES[args.model](config).to(device)
-    step = make_train_step(model, make_optimizer(model, device), scene_batches(batch, device), args.precision,
-                           device, None, False, False)
+    step = make_train_step(
+        model, make_optimizer(model, device), scene_batches(batch, device), args.precision, device, None, False, False
+    )
     for _ in range(3):  # warm: autotuning, caches, the optimizer's state
         step()
     times = step_times(step, device, args.repeats)
@@ -110,9 +111,14 @@ def main(argv=None) -> int:
         figures, tables = {"profile_error": f"{type(error).__name__}: {error}"}, f"profiler failed: {error!r}\n"
     counts = count_training_step(on_gpu_branches(MODEL_CLASSES[args.model], config), batch)
     summary = {
-        "preset": name.split("-B")[0], "batch": batch, "precision": args.precision, "model": args.model,
+        "preset": name.split("-B")[0],
+        "batch": batch,
+        "precision": args.precision,
+        "model": args.model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        **times, **figures, "op_count": counts,
+        **times,
+        **figures,
+        "op_count": counts,
     }
     if "device_busy_ms" in summary:
         # Above 1: the device waits on the host; a CUDA graph (bench's gqn_fast-cudagraph) removes it.

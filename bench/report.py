@@ -18,6 +18,7 @@ REFERENCE = {"model": "reference-eager", "kernel": "eager", "representation": "e
 def add_speedups(rows: list[dict]) -> None:
     """speedup = baseline time / this time, against the reference in eager mode (models) or the
     eager PyTorch math (kernels), at the same workload, size, mode and precision."""
+
     def key(r):
         return (r["workload"], r.get("preset"), r.get("batch"), r.get("precision"), r.get("mode"))
 
@@ -50,12 +51,31 @@ def _fmt(value, digits=3):
 
 
 COLUMNS = [
-    ("workload", "workload"), ("preset", "preset"), ("batch", "B"), ("precision", "precision"),
-    ("mode", "mode"), ("provider", "provider"), ("median_ms", "median ms"), ("p20_ms", "p20"),
-    ("p80_ms", "p80"), ("speedup", "speedup"), ("vs_unfused", "vs unfused"), ("TFLOPs", "TFLOP/s"), ("GBps", "GB/s"),
-    ("share_of_copy_bw", "of copy BW"), ("share_of_matmul", "of matmul"), ("share_of_peak", "of peak"),
-    ("images_per_s", "images/s"), ("batches_per_s", "batches/s"), ("peak_bytes", "peak MiB"), ("peak_vs_reference", "peak vs ref"), ("saved_bytes", "saved MiB"), ("compile_s", "compile s"),
-    ("ops_per_step", "ops/step"), ("views_per_step", "views/step"), ("autograd_nodes", "autograd nodes"),
+    ("workload", "workload"),
+    ("preset", "preset"),
+    ("batch", "B"),
+    ("precision", "precision"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("median_ms", "median ms"),
+    ("p20_ms", "p20"),
+    ("p80_ms", "p80"),
+    ("speedup", "speedup"),
+    ("vs_unfused", "vs unfused"),
+    ("TFLOPs", "TFLOP/s"),
+    ("GBps", "GB/s"),
+    ("share_of_copy_bw", "of copy BW"),
+    ("share_of_matmul", "of matmul"),
+    ("share_of_peak", "of peak"),
+    ("images_per_s", "images/s"),
+    ("batches_per_s", "batches/s"),
+    ("peak_bytes", "peak MiB"),
+    ("peak_vs_reference", "peak vs ref"),
+    ("saved_bytes", "saved MiB"),
+    ("compile_s", "compile s"),
+    ("ops_per_step", "ops/step"),
+    ("views_per_step", "views/step"),
+    ("autograd_nodes", "autograd nodes"),
     ("error", "error"),
 ]
 
@@ -76,9 +96,12 @@ def markdown_table(rows: list[dict]) -> str:
 def plot_speedups(rows: list[dict], path: Path) -> None:
     """Training-step speedup over the eager reference, per provider and batch size."""
     steps = [r for r in rows if r["workload"] == "train_step" and "speedup" in r]
-    fig, axes = plt.subplots(1, max(1, len({(r["preset"], r["precision"]) for r in steps})),
-                             figsize=(6 * max(1, len({(r["preset"], r["precision"]) for r in steps})), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        max(1, len({(r["preset"], r["precision"]) for r in steps})),
+        figsize=(6 * max(1, len({(r["preset"], r["precision"]) for r in steps})), 4),
+        squeeze=False,
+    )
     for ax, (preset, precision) in zip(axes[0], sorted({(r["preset"], r["precision"]) for r in steps})):
         subset = [r for r in steps if r["preset"] == preset and r["precision"] == precision]
         batches = sorted({r["batch"] for r in subset})

@@ -36,15 +36,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         commit += "+uncommitted changes" if changed else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/run.py " + " ".join(sys.argv[1:]),
@@ -64,7 +72,10 @@ def environment(device: torch.device) -> dict:
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True).stdout.strip()
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             pass
     return env
@@ -88,22 +99,36 @@ def model_cases(device: torch.device, full: bool, presets=None, batches=None) ->
     paper_batches = [4, 36] if device.type == "cuda" or full else [4]
     cases = [("small", MODEL_PRESETS["small"], 36 if device.type == "cuda" else 8)]
     cases += [(label, config, b) for label, config in MODEL_PRESETS.items() if label != "small" for b in paper_batches]
-    return [case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)]
+    return [
+        case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)
+    ]
 
 
 def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, presets=None, batches=None) -> dict:
     """Which sizes each group runs at."""
     tiny = GQNConfig(representation="tower", L=2, z_dim=2, hidden=8, canvas=8, r_dim=16)
     if smoke:
-        return dict(cases=[("tiny", tiny, 2)], precisions=["fp32"],
-                    kernel_sizes=[2], kernel_dtypes=[torch.float32], repeats=2,
-                    representation=(tiny, 2), cell_batches=[2])
+        return dict(
+            cases=[("tiny", tiny, 2)],
+            precisions=["fp32"],
+            kernel_sizes=[2],
+            kernel_dtypes=[torch.float32],
+            repeats=2,
+            representation=(tiny, 2),
+            cell_batches=[2],
+        )
     if device.type != "cuda":
         # A CPU runs the model comparisons only: the kernels are written for GPUs. A paper
         # step takes seconds here: few repeats, each provider's turns interleaved.
-        return dict(cases=model_cases(device, full, presets, batches), precisions=["fp32"], kernel_sizes=[],
-                    kernel_dtypes=[], repeats=3 if quick else 5,
-                    representation=(GQNConfig.preset("small"), 8), cell_batches=[])
+        return dict(
+            cases=model_cases(device, full, presets, batches),
+            precisions=["fp32"],
+            kernel_sizes=[],
+            kernel_dtypes=[],
+            repeats=3 if quick else 5,
+            representation=(GQNConfig.preset("small"), 8),
+            cell_batches=[],
+        )
     paper = GQNConfig.preset("paper")
     return dict(
         cases=model_cases(device, full, presets, batches),
@@ -122,17 +147,31 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, in seconds (CI)")
     parser.add_argument("--full", action="store_true", help="on a CPU, the paper preset at B = 36 too")
-    parser.add_argument("--preset", choices=list(MODEL_PRESETS), action="append",
-                        help="whole-model comparisons of this preset only (repeatable)")
-    parser.add_argument("--batch", type=int, action="append",
-                        help="whole-model comparisons at this batch size only (repeatable)")
-    parser.add_argument("--threads", type=int,
-                        help="torch's CPU threads (default: its own choice); 1 measures a shared, oversubscribed "
-                             "machine fairly, where spinning thread pools slow each other down")
-    parser.add_argument("--provider", action="append",
-                        help="whole-model comparisons with this provider only, e.g. gqn_fast-eager (repeatable)")
-    parser.add_argument("--repeats", type=int,
-                        help="timed calls per provider and size (default: 5 on a CPU, 3 with --quick; 30 on a GPU, 10 with --quick)")
+    parser.add_argument(
+        "--preset",
+        choices=list(MODEL_PRESETS),
+        action="append",
+        help="whole-model comparisons of this preset only (repeatable)",
+    )
+    parser.add_argument(
+        "--batch", type=int, action="append", help="whole-model comparisons at this batch size only (repeatable)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: its own choice); 1 measures a shared, oversubscribed "
+        "machine fairly, where spinning thread pools slow each other down",
+    )
+    parser.add_argument(
+        "--provider",
+        action="append",
+        help="whole-model comparisons with this provider only, e.g. gqn_fast-eager (repeatable)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed calls per provider and size (default: 5 on a CPU, 3 with --quick; 30 on a GPU, 10 with --quick)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<device>)")
     args = parser.parse_args(argv)
 
@@ -159,9 +198,15 @@ def main(argv=None) -> int:
     results = ROOT / "bench" / "results"
     # A smoke run's tiny sizes never land where the committed results are (git ignores smoke/).
     out = args.out or (results / "smoke" / name if args.smoke else results / name)
-    if args.smoke and out.resolve().is_relative_to(results.resolve()) and not out.resolve().is_relative_to((results / "smoke").resolve()):
-        parser.error(f"--smoke: --out {args.out} is among the committed results in {results}; "
-                     f"write a smoke run elsewhere (default {results / 'smoke' / name})")
+    if (
+        args.smoke
+        and out.resolve().is_relative_to(results.resolve())
+        and not out.resolve().is_relative_to((results / "smoke").resolve())
+    ):
+        parser.error(
+            f"--smoke: --out {args.out} is among the committed results in {results}; "
+            f"write a smoke run elsewhere (default {results / 'smoke' / name})"
+        )
 
     def save(rows: list[dict], final: bool) -> list:
         """Rates and speedups filled in, then results.json and results.md written (the plots too
@@ -177,30 +222,40 @@ def main(argv=None) -> int:
     if "kernels" in groups:
         if sizes["kernel_sizes"]:
             log("kernels:")
-            rows += workloads.kernel_rows(device, sizes["kernel_dtypes"], sizes["kernel_sizes"],
-                                          args.smoke, sizes["repeats"], limits["copy_GBps"], log)
+            rows += workloads.kernel_rows(
+                device,
+                sizes["kernel_dtypes"],
+                sizes["kernel_sizes"],
+                args.smoke,
+                sizes["repeats"],
+                limits["copy_GBps"],
+                log,
+            )
             save(rows, final=False)
         else:
             log("kernels: skipped, the kernel microbenchmarks need a CUDA GPU (use --smoke to check the plumbing)")
     if "conv_cell" in groups:
         if sizes["cell_batches"]:
             log("one ConvLSTM cell (5x5 conv + gates), fused and unfused:")
-            rows += workloads.conv_cell_rows(device, sizes["kernel_dtypes"], sizes["cell_batches"], args.smoke,
-                                             sizes["repeats"], limits, log)
+            rows += workloads.conv_cell_rows(
+                device, sizes["kernel_dtypes"], sizes["cell_batches"], args.smoke, sizes["repeats"], limits, log
+            )
             save(rows, final=False)
         else:
             log("conv_cell: skipped, the fused cell is a GPU kernel (use --smoke to check the plumbing)")
     if "train_step" in groups:
         log("training step and generation:")
         for case in sizes["cases"]:  # results written after each: a run killed at its time limit keeps them
-            rows += workloads.model_rows([case], sizes["precisions"], device,
-                                         args.smoke, args.quick, sizes["repeats"], log, args.provider)
+            rows += workloads.model_rows(
+                [case], sizes["precisions"], device, args.smoke, args.quick, sizes["repeats"], log, args.provider
+            )
             save(rows, final=False)
     if "representation" in groups:
         log("representation net:")
         config, batch = sizes["representation"]
-        rows += workloads.representation_rows(config, batch, sizes["precisions"], device,
-                                              args.smoke, sizes["repeats"], log)
+        rows += workloads.representation_rows(
+            config, batch, sizes["precisions"], device, args.smoke, sizes["repeats"], log
+        )
         save(rows, final=False)
     if "convlstm" in groups:
         log("gqn_fast.nn.ConvLSTM against the plain ConvLSTM it replaces (CPU: scaled-down sizes):")

@@ -30,18 +30,28 @@ def main() -> int:
     def decode(record):
         example = tf.io.parse_single_example(record, features)
         jpegs = tf.sparse.to_dense(example["frames"])
-        images = tf.map_fn(lambda j: tf.io.decode_jpeg(j, channels=3, dct_method="INTEGER_ACCURATE"), jpegs,
-                           fn_output_signature=tf.uint8)
-        images = tf.cond(tf.shape(images)[1] == 64, lambda: images,
-                         lambda: tf.cast(tf.round(tf.image.resize(images, (64, 64), method="area")), tf.uint8))
+        images = tf.map_fn(
+            lambda j: tf.io.decode_jpeg(j, channels=3, dct_method="INTEGER_ACCURATE"),
+            jpegs,
+            fn_output_signature=tf.uint8,
+        )
+        images = tf.cond(
+            tf.shape(images)[1] == 64,
+            lambda: images,
+            lambda: tf.cast(tf.round(tf.image.resize(images, (64, 64), method="area")), tf.uint8),
+        )
         cameras = tf.reshape(tf.sparse.to_dense(example["cameras"]), (-1, 5))
         return images, cameras
 
     options = tf.data.Options()  # tf.data's own thread pool has a thread per core unless told
     options.threading.private_threadpool_size = workers
     options.threading.max_intra_op_parallelism = 1
-    dataset = (tf.data.TFRecordDataset(files, num_parallel_reads=workers)
-               .map(decode, num_parallel_calls=workers).prefetch(2).with_options(options))
+    dataset = (
+        tf.data.TFRecordDataset(files, num_parallel_reads=workers)
+        .map(decode, num_parallel_calls=workers)
+        .prefetch(2)
+        .with_options(options)
+    )
     records = sum(1 for _ in dataset.as_numpy_iterator())  # warm-up: the file pages, the graph
     seconds = []
     for _ in range(repeats):

@@ -97,8 +97,11 @@ def model_providers(device: torch.device, smoke: bool, quick: bool, only=None) -
         # The fused conv + gates cells in the whole step (the default is cuDNN's conv, then the
         # gate kernel), with cuDNN's or the fused cells' Triton backward convs.
         Provider("gqn_fast-fused-cells-eager", "gqn_fast", choices=(("fused_cells", True),)),
-        Provider("gqn_fast-fused-cells-triton-bwd-eager", "gqn_fast",
-                 choices=(("fused_cells", True), ("backward_convs", "triton"))),
+        Provider(
+            "gqn_fast-fused-cells-triton-bwd-eager",
+            "gqn_fast",
+            choices=(("fused_cells", True), ("backward_convs", "triton")),
+        ),
         Provider("gqn_fast-compile", "gqn_fast", "default"),
         Provider("gqn_fast-cudagraph", "gqn_fast", cuda_graph=True),
         # The fair baseline for what the algebra and the kernels add: a user can graph the reference too.
@@ -158,7 +161,11 @@ def make_train_step(model, optimizer, batches, precision, device, compile_mode, 
 
 
 def make_generate(model, batches, precision, device, compile_mode, smoke):
-    generate = model.generate if compile_mode is None else compile_fn(model.generate, compile_mode, smoke, compile_options(model))
+    generate = (
+        model.generate
+        if compile_mode is None
+        else compile_fn(model.generate, compile_mode, smoke, compile_options(model))
+    )
     cycle = itertools.cycle(batches)
 
     def run():
@@ -227,8 +234,14 @@ def _peak_rss_child(spec: dict) -> None:
     """eager_peak_memory's process on a CPU: one model and workload, built, called once, then
     measured (peak RSS over the RSS before the call)."""
     limit_malloc_caching()
-    fn = _eager_workload(spec["model"], GQNConfig.from_dict(spec["config"]), spec["batch"], spec["precision"],
-                         spec["workload"], torch.device("cpu"))
+    fn = _eager_workload(
+        spec["model"],
+        GQNConfig.from_dict(spec["config"]),
+        spec["batch"],
+        spec["precision"],
+        spec["workload"],
+        torch.device("cpu"),
+    )
     fn()
     print(json.dumps(peak_rss_bytes(fn)))
 
@@ -277,8 +290,14 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                 name, mode, graph = provider.name, provider.compile_mode, provider.cuda_graph
                 if graph and workload == "generate":
                     continue
-                row = dict(workload=workload, provider=name, preset=preset, batch=batch, precision=precision,
-                           mode="fwd+bwd+adam" if workload == "train_step" else "fwd")
+                row = dict(
+                    workload=workload,
+                    provider=name,
+                    preset=preset,
+                    batch=batch,
+                    precision=precision,
+                    mode="fwd+bwd+adam" if workload == "train_step" else "fwd",
+                )
                 if name in errors:
                     rows.append(dict(row, error=errors[name]))
                     continue
@@ -298,9 +317,14 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     continue
                 timing = timings[name]
                 row.update(
-                    median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                    peak_bytes=peak, saved_bytes=saved, compile_s=compile_s[name],
-                    flops=flops[workload], TFLOPs=flops[workload] / timing.median_ms / 1e9,
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    peak_bytes=peak,
+                    saved_bytes=saved,
+                    compile_s=compile_s[name],
+                    flops=flops[workload],
+                    TFLOPs=flops[workload] / timing.median_ms / 1e9,
                 )
                 if workload == "train_step" and mode is None and not graph:
                     # What an eager step asks of the host (bench/op_count.py: counted on the meta
@@ -309,8 +333,11 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                         model = on_gpu_branches(provider.model_class, config, **dict(provider.choices))
                         host_ops[name] = count_training_step(model, batch)
                     counts = host_ops[name]
-                    row.update(ops_per_step=counts["ops"] + counts["custom ops"], views_per_step=counts["views"],
-                               autograd_nodes=counts["autograd nodes"])
+                    row.update(
+                        ops_per_step=counts["ops"] + counts["custom ops"],
+                        views_per_step=counts["views"],
+                        autograd_nodes=counts["autograd nodes"],
+                    )
                 memory = "" if peak is None else f", peak {peak / 2**20:.0f} MiB"
                 log(f"  {workload} {preset} B={batch} {precision} {name}: {timing.median_ms:.1f} ms{memory}")
                 rows.append(row)
@@ -339,11 +366,22 @@ def representation_rows(config, batch, precisions, device, smoke, repeats, log):
                 net(x, v).sum().backward()
             flops = counter.get_total_flops()
             log(f"  representation {config.representation} {precision} {name}: {timing.median_ms:.3f} ms")
-            rows.append(dict(workload="representation", provider=name, preset=config.representation,
-                             batch=batch, precision=precision, mode="fwd+bwd",
-                             median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                             compile_s=compile_s, flops=flops,
-                             TFLOPs=flops / timing.median_ms / 1e9))
+            rows.append(
+                dict(
+                    workload="representation",
+                    provider=name,
+                    preset=config.representation,
+                    batch=batch,
+                    precision=precision,
+                    mode="fwd+bwd",
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    compile_s=compile_s,
+                    flops=flops,
+                    TFLOPs=flops / timing.median_ms / 1e9,
+                )
+            )
     return rows
 
 
@@ -376,20 +414,37 @@ def kernel_cases(device, dtype, sizes):
         n = B * 128 * 16 * 16  # H = 128 on the 16x16 grid
         # fwd reads preact (4n) and c, writes h and c_new; bwd reads preact, c and two grads,
         # writes grad_preact (4n) and grad_c.
-        yield ("lstm_gates", B, eager_gates, kernels.lstm_gates,
-               lambda B=B: (randn(B, 512, 16, 16), randn(B, 128, 16, 16)),
-               7 * n * elt, 12 * n * elt)
+        yield (
+            "lstm_gates",
+            B,
+            eager_gates,
+            kernels.lstm_gates,
+            lambda B=B: (randn(B, 512, 16, 16), randn(B, 128, 16, 16)),
+            7 * n * elt,
+            12 * n * elt,
+        )
         m = B * 3 * 16 * 16  # z_dim = 3
         # fwd reads 5 tensors, writes z; bwd reads 5 and grad_z, writes 4 grads.
-        yield ("posterior_sample_kl", B, eager_sample_kl, kernels.posterior_sample_kl,
-               lambda B=B: tuple(randn(B, 3, 16, 16, grad=i < 4) for i in range(5)),
-               6 * m * elt, 10 * m * elt)
+        yield (
+            "posterior_sample_kl",
+            B,
+            eager_sample_kl,
+            kernels.posterior_sample_kl,
+            lambda B=B: tuple(randn(B, 3, 16, 16, grad=i < 4) for i in range(5)),
+            6 * m * elt,
+            10 * m * elt,
+        )
         p = B * 3 * 64 * 64
         # fwd reads x and logits; bwd reads both again and writes grad_logits.
-        yield ("pixel_nll", B, lambda x, logits: eager_nll(x, logits, 0.7),
-               lambda x, logits: kernels.pixel_nll(x, logits, 0.7),
-               lambda B=B: (torch.rand(B, 3, 64, 64, device=device, dtype=dtype), randn(B, 3, 64, 64)),
-               2 * p * elt, 3 * p * elt)
+        yield (
+            "pixel_nll",
+            B,
+            lambda x, logits: eager_nll(x, logits, 0.7),
+            lambda x, logits: kernels.pixel_nll(x, logits, 0.7),
+            lambda B=B: (torch.rand(B, 3, 64, 64, device=device, dtype=dtype), randn(B, 3, 64, 64)),
+            2 * p * elt,
+            3 * p * elt,
+        )
 
 
 def kernel_rows(device, dtypes, sizes, smoke, repeats, copy_GBps, log):
@@ -415,16 +470,36 @@ def kernel_rows(device, dtypes, sizes, smoke, repeats, copy_GBps, log):
                         timing = time_fn(run, device, repeats=repeats)
                     except Exception as error:
                         log(f"  {op} B={B} {name} {mode}: FAILED {type(error).__name__}: {error}")
-                        rows.append(dict(workload=op, provider=name, mode=mode, batch=B,
-                                         precision=str(dtype).split(".")[-1], error=str(error)))
+                        rows.append(
+                            dict(
+                                workload=op,
+                                provider=name,
+                                mode=mode,
+                                batch=B,
+                                precision=str(dtype).split(".")[-1],
+                                error=str(error),
+                            )
+                        )
                         continue
                     moved = fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0)
                     gbps = moved / timing.median_ms / 1e6
                     log(f"  {op} B={B} {str(dtype)[6:]} {name} {mode}: {timing.median_ms:.4f} ms, {gbps:.0f} GB/s")
-                    rows.append(dict(workload=op, provider=name, mode=mode, batch=B,
-                                     precision=str(dtype).split(".")[-1], median_ms=timing.median_ms,
-                                     p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, bytes=moved, GBps=gbps,
-                                     share_of_copy_bw=gbps / copy_GBps, compile_s=compile_s))
+                    rows.append(
+                        dict(
+                            workload=op,
+                            provider=name,
+                            mode=mode,
+                            batch=B,
+                            precision=str(dtype).split(".")[-1],
+                            median_ms=timing.median_ms,
+                            p20_ms=timing.p20_ms,
+                            p80_ms=timing.p80_ms,
+                            bytes=moved,
+                            GBps=gbps,
+                            share_of_copy_bw=gbps / copy_GBps,
+                            compile_s=compile_s,
+                        )
+                    )
     return rows
 
 
@@ -445,8 +520,9 @@ def fused_cell(backward_convs, gates_in_one_dot=False):
     """kernels.conv_lstm_cell with the given backward convs and forward GEMM shape."""
 
     def cell(x, weight, constant, c):
-        return kernels.conv_lstm_cell(x, weight, constant, c, backward_convs=backward_convs,
-                                      gates_in_one_dot=gates_in_one_dot)
+        return kernels.conv_lstm_cell(
+            x, weight, constant, c, backward_convs=backward_convs, gates_in_one_dot=gates_in_one_dot
+        )
 
     return cell
 
@@ -507,8 +583,15 @@ def conv_cell_rows(device, dtypes, batches, smoke, repeats, peaks, log):
                 continue
             flops = conv_flops * (3 if mode == "fwd+bwd" else 1)  # backward: input and weight grads
             tflops = flops / timing.median_ms / 1e9
-            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, flops=flops,
-                       TFLOPs=tflops, compile_s=compile_s, share_of_peak=tflops / peak if peak else None)
+            row.update(
+                median_ms=timing.median_ms,
+                p20_ms=timing.p20_ms,
+                p80_ms=timing.p80_ms,
+                flops=flops,
+                TFLOPs=tflops,
+                compile_s=compile_s,
+                share_of_peak=tflops / peak if peak else None,
+            )
             log(f"  {label}: {timing.median_ms:.4f} ms, {tflops:.1f} TFLOP/s")
             rows.append(row)
     return rows
@@ -539,7 +622,9 @@ class PlainConvLSTM(torch.nn.Module):
     def __init__(self, input_dim, hidden_dim, kernel_size, num_layers):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * num_layers
-        self.cell_list = torch.nn.ModuleList(PlainConvLSTMCell(dims[i], dims[i + 1], kernel_size) for i in range(num_layers))
+        self.cell_list = torch.nn.ModuleList(
+            PlainConvLSTMCell(dims[i], dims[i + 1], kernel_size) for i in range(num_layers)
+        )
 
     def forward(self, x):
         for cell in self.cell_list:
@@ -595,6 +680,7 @@ def convlstm_rows(device, smoke, repeats, log):
                             model(next(cycle))
                     else:
                         model(next(cycle)).mean().backward()
+
                 return run
 
             fns, compile_s, errors = {}, {}, {}

@@ -85,8 +85,13 @@ def features(model, r: torch.Tensor) -> torch.Tensor:
 
 def predict_from_representation(model, r, query_v, samples: int, generator) -> torch.Tensor:
     """[samples, B, 3, 64, 64] drawn by `generate_from` from r [B, r_dim, 16, 16] (z from the prior)."""
-    return draw_samples(model, query_v, samples, generator,
-                        lambda repeat, noise: model.generate_from(repeat(untiled(model, r)), repeat(query_v), noise=noise))
+    return draw_samples(
+        model,
+        query_v,
+        samples,
+        generator,
+        lambda repeat, noise: model.generate_from(repeat(untiled(model, r)), repeat(query_v), noise=noise),
+    )
 
 
 @torch.no_grad()
@@ -133,11 +138,18 @@ def tsne_2d(points: torch.Tensor, seed: int) -> np.ndarray:
     TSNE = require_sklearn()
     n = points.shape[0]
     perplexity = float(min(30, max(2, (n - 1) / 3)))  # sklearn needs perplexity < n
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points.double().numpy())
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        points.double().numpy()
+    )
 
 
-PANEL_TITLES = {"object_count": "object count", "object0.shape": "first object's shape",
-                "object0.colour": "first object's colour", "wall_colour": "wall colour", "floor_colour": "floor colour"}
+PANEL_TITLES = {
+    "object_count": "object count",
+    "object0.shape": "first object's shape",
+    "object0.colour": "first object's colour",
+    "wall_colour": "wall colour",
+    "floor_colour": "floor colour",
+}
 
 
 def plot_tsne(xy: np.ndarray, scene_ids: np.ndarray, labels: list[dict] | None, path, title: str) -> None:
@@ -186,7 +198,11 @@ def run_tsne(ns: argparse.Namespace) -> int:
     scenes = builtin_test_scenes(manifest, 0, n)
     labels = [scene_labels(s) for s in scenes] if scenes is not None else None
     result = {
-        "checkpoint": str(ns.checkpoint), "step": model_file.step, "scenes": n, "subsets": ns.subsets, "views": ns.views,
+        "checkpoint": str(ns.checkpoint),
+        "step": model_file.step,
+        "scenes": n,
+        "subsets": ns.subsets,
+        "views": ns.views,
         "nearest_neighbour_accuracy": {
             "about": "leave-one-out: share of subsets whose nearest other subset comes from the same scene",
             "r": nearest_neighbour_accuracy(r, scene_ids),
@@ -201,11 +217,18 @@ def run_tsne(ns: argparse.Namespace) -> int:
     out = output_folder(ns.out, ns.checkpoint, "analyze-tsne", model_file.step)
     (out / "tsne.json").write_text(json.dumps(result, indent=1))
     acc = result["nearest_neighbour_accuracy"]
-    plot_tsne(xy, scene_ids.numpy(), labels, out / "tsne.png",
-              f"t-SNE of r: {n} test scenes x {ns.subsets} subsets of {ns.views} views, step {model_file.step}; "
-              f"nearest-neighbour scene accuracy r {acc['r']:.2f}, pixels {acc['pixels']:.2f}, chance {acc['chance']:.2f}")
-    print(f"nearest-neighbour scene accuracy: r {acc['r']:.3f}, raw pixels {acc['pixels']:.3f}, "
-          f"chance {acc['chance']:.3f}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}")
+    plot_tsne(
+        xy,
+        scene_ids.numpy(),
+        labels,
+        out / "tsne.png",
+        f"t-SNE of r: {n} test scenes x {ns.subsets} subsets of {ns.views} views, step {model_file.step}; "
+        f"nearest-neighbour scene accuracy r {acc['r']:.2f}, pixels {acc['pixels']:.2f}, chance {acc['chance']:.2f}",
+    )
+    print(
+        f"nearest-neighbour scene accuracy: r {acc['r']:.3f}, raw pixels {acc['pixels']:.3f}, "
+        f"chance {acc['chance']:.3f}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}"
+    )
     return 0
 
 
@@ -240,11 +263,17 @@ def with_wall_colour(scene: Scene, colour) -> Scene:
 
 # property -> (the edit, the label it changes, values to swap between)
 PROPERTIES = {
-    "object-colour": (with_object_colour, "object0.colour",
-                      [(0.9, 0.15, 0.15), (0.15, 0.35, 0.9), (0.2, 0.8, 0.25), (0.95, 0.85, 0.2)]),
+    "object-colour": (
+        with_object_colour,
+        "object0.colour",
+        [(0.9, 0.15, 0.15), (0.15, 0.35, 0.9), (0.2, 0.8, 0.25), (0.95, 0.85, 0.2)],
+    ),
     "shape": (with_shape, "object0.shape", ["sphere", "box", "cylinder"]),
-    "wall-colour": (with_wall_colour, "wall_colour",
-                    [(0.85, 0.5, 0.5), (0.5, 0.6, 0.9), (0.55, 0.85, 0.55), (0.9, 0.85, 0.5)]),
+    "wall-colour": (
+        with_wall_colour,
+        "wall_colour",
+        [(0.85, 0.5, 0.5), (0.5, 0.6, 0.9), (0.55, 0.85, 0.55), (0.9, 0.85, 0.5)],
+    ),
 }
 
 
@@ -266,7 +295,9 @@ def algebra_triples(prop: str, count: int, seed: int):
     for t in range(count):
         old, new = values[t % len(values)], values[(t + 1) % len(values)]
         X, Y = bases[2 * t], bases[2 * t + 1]
-        quads.append(((edit(X, new), edit(X, old), edit(Y, old), edit(Y, new)), (cams[2 * t], cams[2 * t + 1]), (old, new)))
+        quads.append(
+            ((edit(X, new), edit(X, old), edit(Y, old), edit(Y, new)), (cams[2 * t], cams[2 * t + 1]), (old, new))
+        )
     return quads
 
 
@@ -288,7 +319,12 @@ def algebra(model, prop: str, count: int, context: int, queries: int, samples: i
         qv = v[3, context : context + queries]
         truth, unedited = x[3, context : context + queries], x[2, context : context + queries]
         changed = (truth != unedited).any(dim=1, keepdim=True).expand_as(truth)  # pixels the edit changes
-        methods = {"r(A) - r(B) + r(C)": r_a - r_b + r_c, "r(C) alone": r_c, "r(A) alone": r_a, "r(D), the true context": r_d}
+        methods = {
+            "r(A) - r(B) + r(C)": r_a - r_b + r_c,
+            "r(C) alone": r_c,
+            "r(A) alone": r_a,
+            "r(D), the true context": r_d,
+        }
         predictions, errors = {}, {}
         for name, rep in methods.items():
             pred = predict_from_representation(model, rep.expand(qv.shape[0], -1, -1, -1), qv, samples, g).mean(0)
@@ -300,8 +336,14 @@ def algebra(model, prop: str, count: int, context: int, queries: int, samples: i
         # The picture shows the context view and the query view where the edit shows most.
         k = int((x[0, :context] != x[1, :context]).sum(dim=(1, 2, 3)).argmax())
         q = int(changed[:, 0].sum(dim=(1, 2)).argmax())
-        results.append({"change": change, "errors": errors, "changed_pixels": int(changed[:, 0].sum()),
-                        "picture": list(x[:3, k]) + [None, truth[q]] + [p[q] for p in predictions.values()]})
+        results.append(
+            {
+                "change": change,
+                "errors": errors,
+                "changed_pixels": int(changed[:, 0].sum()),
+                "picture": list(x[:3, k]) + [None, truth[q]] + [p[q] for p in predictions.values()],
+            }
+        )
     return results
 
 
@@ -319,8 +361,16 @@ def run_algebra(ns: argparse.Namespace) -> int:
 
     T = get_family("rooms").num_views
     check_int("--context", ns.context, 1, T - ns.queries, f" (a room has {T} views, {ns.queries} of them queries)")
-    report, rows = {"checkpoint": str(ns.checkpoint), "step": model_file.step, "context_views": ns.context,
-                    "samples": ns.samples, "properties": {}}, []
+    report, rows = (
+        {
+            "checkpoint": str(ns.checkpoint),
+            "step": model_file.step,
+            "context_views": ns.context,
+            "samples": ns.samples,
+            "properties": {},
+        },
+        [],
+    )
     for prop in properties:
         triples = algebra(model, prop, ns.triples, ns.context, ns.queries, ns.samples, ns.seed, device)
         methods = list(triples[0]["errors"])
@@ -330,9 +380,17 @@ def run_algebra(ns: argparse.Namespace) -> int:
                 values = [t["errors"][name][key] for t in triples if t["errors"][name][key] is not None]
                 summary.setdefault(name, {})[key] = float(np.mean(values)) if values else None
         report["properties"][prop] = {
-            "label": PROPERTIES[prop][1], "mean": summary,
-            "triples": [{"old": t["change"][0], "new": t["change"][1], "changed_pixels": t["changed_pixels"],
-                         "errors": t["errors"]} for t in triples],
+            "label": PROPERTIES[prop][1],
+            "mean": summary,
+            "triples": [
+                {
+                    "old": t["change"][0],
+                    "new": t["change"][1],
+                    "changed_pixels": t["changed_pixels"],
+                    "errors": t["errors"],
+                }
+                for t in triples
+            ],
         }
         rows += [t["picture"] for t in triples]
     out = output_folder(ns.out, ns.checkpoint, "analyze-algebra", model_file.step)
@@ -344,7 +402,9 @@ def run_algebra(ns: argparse.Namespace) -> int:
     for prop, entry in report["properties"].items():
         errors = ", ".join(f"{name} {e['mse']:.4f}" for name, e in entry["mean"].items())
         print(f"{prop}: MSE against the true render of D: {errors}")
-    print(f"wrote {out / 'algebra.json'} and {out / 'algebra.png'} (columns: {', '.join(c for c in report['grid_columns'] if c)})")
+    print(
+        f"wrote {out / 'algebra.json'} and {out / 'algebra.png'} (columns: {', '.join(c for c in report['grid_columns'] if c)})"
+    )
     return 0
 
 
@@ -368,7 +428,9 @@ def composition_group(scene: Scene, holdout: str) -> str:
 
 
 @torch.no_grad()
-def composition(model, images, cameras, scenes: list[Scene], holdout: str, context: int, samples: int, seed: int, device):
+def composition(
+    model, images, cameras, scenes: list[Scene], holdout: str, context: int, samples: int, seed: int, device
+):
     """Per test scene: its group, query view, prediction errors (whole image and the objects' pixels)."""
     from gqn_fast.data.camera import FOV_DEGREES
     from gqn_fast.data.render import render
@@ -386,9 +448,16 @@ def composition(model, images, cameras, scenes: list[Scene], holdout: str, conte
         room = room[0, 0].permute(2, 0, 1).to(device).float() / 255
         mask = (room != qx).any(dim=0)
         objects = (pred.mean(0)[0] - qx)[:, mask].pow(2).mean().item() if mask.any() else None
-        rows.append({"scene": i, "group": composition_group(scene, holdout), "mse_mean_of_k": mean_of_k.item(),
-                     "mse_best_of_k": best_of_k.item(), "mse_object_pixels": objects,
-                     "pictures": list(cx) + [None, qx, pred.mean(0)[0]]})
+        rows.append(
+            {
+                "scene": i,
+                "group": composition_group(scene, holdout),
+                "mse_mean_of_k": mean_of_k.item(),
+                "mse_best_of_k": best_of_k.item(),
+                "mse_object_pixels": objects,
+                "pictures": list(cx) + [None, qx, pred.mean(0)[0]],
+            }
+        )
     return rows
 
 
@@ -400,24 +469,35 @@ def run_composition(ns: argparse.Namespace) -> int:
     device, model, model_file, images, cameras, manifest = open_checkpoint(ns)
     holdout = (manifest.get("generator") or {}).get("holdout")
     if holdout is None:
-        raise UsageError("--data: composition needs a dataset with a held-out combination, "
-                         "made by `gqn-fast data make rooms --holdout red-boxes` (and a model trained on it)")
+        raise UsageError(
+            "--data: composition needs a dataset with a held-out combination, "
+            "made by `gqn-fast data make rooms --holdout red-boxes` (and a model trained on it)"
+        )
     T = images.shape[1]
     check_int("--context", ns.context, 1, T - 1, f" (the data has {T} views a scene)")
     n = min(ns.scenes, images.shape[0])
-    rows = composition(model, images, cameras, builtin_test_scenes(manifest, 0, n), holdout, ns.context,
-                       ns.samples, ns.seed, device)
+    rows = composition(
+        model, images, cameras, builtin_test_scenes(manifest, 0, n), holdout, ns.context, ns.samples, ns.seed, device
+    )
     groups = {}
     for name in ("held-out", "red, not a box", "box, not red", "neither"):
         members = [r for r in rows if r["group"] == name]
         mean = lambda key: float(np.mean([r[key] for r in members if r[key] is not None])) if members else None
-        groups[name] = {"scenes": len(members), "mse_mean_of_k": mean("mse_mean_of_k"),
-                        "mse_best_of_k": mean("mse_best_of_k"), "mse_object_pixels": mean("mse_object_pixels")}
+        groups[name] = {
+            "scenes": len(members),
+            "mse_mean_of_k": mean("mse_mean_of_k"),
+            "mse_best_of_k": mean("mse_best_of_k"),
+            "mse_object_pixels": mean("mse_object_pixels"),
+        }
     report = {
-        "checkpoint": str(ns.checkpoint), "step": model_file.step, "holdout": holdout, "scenes": n,
-        "context_views": ns.context, "samples": ns.samples,
+        "checkpoint": str(ns.checkpoint),
+        "step": model_file.step,
+        "holdout": holdout,
+        "scenes": n,
+        "context_views": ns.context,
+        "samples": ns.samples,
         "about": "prediction error (generate, mean of k prior samples) on test scenes; the training split never "
-                 "showed the held-out combination",
+        "showed the held-out combination",
         "groups": groups,
         "per_scene": [{k: v for k, v in r.items() if k != "pictures"} for r in rows],
     }
@@ -429,12 +509,16 @@ def run_composition(ns: argparse.Namespace) -> int:
     save_grid([r["pictures"] for r in picked], out / "composition.png", captions=captions)
     for name, group in groups.items():
         if group["scenes"]:
-            print(f"{name}: {group['scenes']} scenes, MSE {group['mse_mean_of_k']:.5f}, "
-                  f"on the objects' pixels {group['mse_object_pixels']}")
+            print(
+                f"{name}: {group['scenes']} scenes, MSE {group['mse_mean_of_k']:.5f}, "
+                f"on the objects' pixels {group['mse_object_pixels']}"
+            )
         else:
             print(f"{name}: no test scene")
-    print(f"wrote {out / 'composition.json'} and {out / 'composition.png'} "
-          f"(rows: up to {ns.show} scenes per group in the order above; context views, truth, mean prediction)")
+    print(
+        f"wrote {out / 'composition.json'} and {out / 'composition.png'} "
+        f"(rows: up to {ns.show} scenes per group in the order above; context views, truth, mean prediction)"
+    )
     return 0
 
 

@@ -19,8 +19,11 @@ from gqn_fast.train_settings import CHOICES, RESULT_SETTINGS, TrainArgs
 
 
 def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("checkpoint", help="a published model (model.safetensors or its folder, from `gqn-fast export`) "
-                                      "or a training checkpoint (runs/NAME/checkpoints/step-*.pt)")
+    p.add_argument(
+        "checkpoint",
+        help="a published model (model.safetensors or its folder, from `gqn-fast export`) "
+        "or a training checkpoint (runs/NAME/checkpoints/step-*.pt)",
+    )
     p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (views, prior samples)")
     p.add_argument("--out", help=out_help)
@@ -40,8 +43,11 @@ def register_data(subparsers) -> None:
     make.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     make.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
     make.add_argument("--device", help="render on this torch device, e.g. cuda (default: the CPU)")
-    make.add_argument("--holdout", choices=sorted(HOLDOUTS),
-                      help="a combination the train split never shows (rooms only), for compositionality tests")
+    make.add_argument(
+        "--holdout",
+        choices=sorted(HOLDOUTS),
+        help="a combination the train split never shows (rooms only), for compositionality tests",
+    )
     make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(run="gqn_fast.data.commands:_make")
@@ -70,59 +76,114 @@ def register_train(subparsers) -> None:
     defaults = TrainArgs()
     p = subparsers.add_parser("train", help="train a GQN (on the built-in rooms set unless --data)")
     p.add_argument("--data", help="dataset folder (default: the built-in rooms set, generated on first use)")
-    p.add_argument("--builtin-scenes", type=int, default=defaults.builtin_scenes,
-                   help="size of the built-in rooms set used without --data (made once, then cached)")
-    p.add_argument("--preset", choices=CHOICES["preset"], default=defaults.preset,
-                   help="model size: small (trains on a CPU) or paper (Eslami et al. 2018)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="train until this step (counted from the run's start)")
+    p.add_argument(
+        "--builtin-scenes",
+        type=int,
+        default=defaults.builtin_scenes,
+        help="size of the built-in rooms set used without --data (made once, then cached)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=CHOICES["preset"],
+        default=defaults.preset,
+        help="model size: small (trains on a CPU) or paper (Eslami et al. 2018)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=defaults.steps, help="train until this step (counted from the run's start)"
+    )
     p.add_argument("--batch", type=int, default=defaults.batch, help="scenes per step (per process)")
-    p.add_argument("--sigma-steps", type=int, default=defaults.sigma_steps,
-                   help="steps over which the pixel sigma anneals from 2.0 to 0.7 (the paper: 200000; "
-                        "a short run learns little at sigma 2)")
-    p.add_argument("--max-context", type=int, default=defaults.max_context,
-                   help="context views per scene drawn from 1..K (K at most T - 1)")
+    p.add_argument(
+        "--sigma-steps",
+        type=int,
+        default=defaults.sigma_steps,
+        help="steps over which the pixel sigma anneals from 2.0 to 0.7 (the paper: 200000; "
+        "a short run learns little at sigma 2)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=defaults.max_context,
+        help="context views per scene drawn from 1..K (K at most T - 1)",
+    )
     p.add_argument("--impl", choices=CHOICES["impl"], default=defaults.impl, help="model implementation")
-    p.add_argument("--precision", choices=CHOICES["precision"], default=defaults.precision,
-                   help="bf16: autocast the convolutions (on a GPU)")
+    p.add_argument(
+        "--precision",
+        choices=CHOICES["precision"],
+        default=defaults.precision,
+        help="bf16: autocast the convolutions (on a GPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default=defaults.out, help="run folder: checkpoints, metrics, pictures")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's last checkpoint (refused if it has none, or if a "
-                        "setting that changes the result differs from the run's)")
-    p.add_argument("--allow-change", default=defaults.allow_change, metavar="SETTINGS",
-                   help=f"with --resume: settings allowed to differ from the run's, comma-separated, "
-                        f"of {', '.join(RESULT_SETTINGS)}")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint (refused if it has none, or if a "
+        "setting that changes the result differs from the run's)",
+    )
+    p.add_argument(
+        "--allow-change",
+        default=defaults.allow_change,
+        metavar="SETTINGS",
+        help=f"with --resume: settings allowed to differ from the run's, comma-separated, "
+        f"of {', '.join(RESULT_SETTINGS)}",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seeds the weights, the batches and the latents")
-    p.add_argument("--workers", type=int, default=defaults.workers,
-                   help="data loader threads gathering batches ahead (0: in the training loop)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="data loader threads gathering batches ahead (0: in the training loop)",
+    )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
     p.add_argument("--image-every", type=int, default=defaults.image_every, help="steps between progress pictures")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
-    p.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
-                   help="stop at the first step boundary after this many minutes of training, with a "
-                        "checkpoint and a picture (a time-limited machine); --resume continues")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run each step eagerly on a GPU (by default one CUDA device replays it from CUDA graphs)")
-    p.add_argument("--threads", type=int, default=defaults.threads,
-                   help="CPU threads for torch (default: one per core, the fastest on an idle machine; "
-                        "on a machine other jobs share, 1: two threads spin against the other job)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=defaults.max_minutes,
+        help="stop at the first step boundary after this many minutes of training, with a "
+        "checkpoint and a picture (a time-limited machine); --resume continues",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run each step eagerly on a GPU (by default one CUDA device replays it from CUDA graphs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="CPU threads for torch (default: one per core, the fastest on an idle machine; "
+        "on a machine other jobs share, 1: two threads spin against the other job)",
+    )
     p.set_defaults(run="gqn_fast.train:run_command")
 
 
 def register_evaluate(subparsers) -> None:
-    p = subparsers.add_parser("export", help="a checkpoint as a published model (.safetensors): parameters, config, "
-                                             "step and dataset, no optimizer state and no pickled code")
+    p = subparsers.add_parser(
+        "export",
+        help="a checkpoint as a published model (.safetensors): parameters, config, "
+        "step and dataset, no optimizer state and no pickled code",
+    )
     p.add_argument("checkpoint")
     p.add_argument("out", help="a .safetensors file to write, or a model folder (then OUT/model.safetensors)")
     p.add_argument("--half", action="store_true", help="store the parameters in fp16 (they load into fp32 models)")
-    p.add_argument("--keep-data-path", action="store_true",
-                   help="keep the training data's local path instead of naming a built-in set by its generator")
+    p.add_argument(
+        "--keep-data-path",
+        action="store_true",
+        help="keep the training data's local path instead of naming a built-in set by its generator",
+    )
     p.set_defaults(run="gqn_fast.evaluate:run_export")
 
-    p = subparsers.add_parser("eval", help="test-set ELBO terms and prediction error against the number of context views")
-    add_common_arguments(p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])")
+    p = subparsers.add_parser(
+        "eval", help="test-set ELBO terms and prediction error against the number of context views"
+    )
+    add_common_arguments(
+        p, "folder for metrics.json and context_curve.png (default: a new folder <run>/eval/step-N[-i])"
+    )
     p.add_argument("--scenes", type=int, default=1000, help="test scenes to use at most")
     p.add_argument("--max-context", type=int, help="K: the curve covers 1..K views (default: T - 1)")
     p.add_argument("--samples", type=int, default=4, help="k: prior samples per query for the prediction error")
@@ -139,10 +200,14 @@ def register_evaluate(subparsers) -> None:
 
 
 def register_analyze(subparsers) -> None:
-    analyze = subparsers.add_parser("analyze", help="what the scene representation r holds: t-SNE, scene algebra, composition")
+    analyze = subparsers.add_parser(
+        "analyze", help="what the scene representation r holds: t-SNE, scene algebra, composition"
+    )
     commands = analyze.add_subparsers(dest="analysis", required=True)
 
-    p = commands.add_parser("tsne", help="t-SNE of r over scenes and view subsets; nearest-neighbour scene accuracy of r vs pixels")
+    p = commands.add_parser(
+        "tsne", help="t-SNE of r over scenes and view subsets; nearest-neighbour scene accuracy of r vs pixels"
+    )
     add_common_arguments(p, "folder for tsne.json and tsne.png (default: a new folder <run>/analyze-tsne/step-N[-i])")
     p.add_argument("--scenes", type=int, default=50, help="test scenes")
     p.add_argument("--subsets", type=int, default=5, help="random subsets of views per scene")
@@ -150,7 +215,9 @@ def register_analyze(subparsers) -> None:
     p.set_defaults(run="gqn_fast.analyze:run_tsne")
 
     p = commands.add_parser("algebra", help="r(A) - r(B) + r(C) on built-in rooms that differ in one property")
-    add_common_arguments(p, "folder for algebra.json and algebra.png (default: a new folder <run>/analyze-algebra/step-N[-i])")
+    add_common_arguments(
+        p, "folder for algebra.json and algebra.png (default: a new folder <run>/analyze-algebra/step-N[-i])"
+    )
     p.add_argument("--properties", nargs="+", choices=ALGEBRA_PROPERTIES, help="properties to change (default: all)")
     p.add_argument("--triples", type=int, default=4, help="scene triples per property")
     p.add_argument("--context", type=int, default=5, help="context views of A, B and C")
@@ -158,9 +225,13 @@ def register_analyze(subparsers) -> None:
     p.add_argument("--samples", type=int, default=4, help="prior samples averaged per prediction")
     p.set_defaults(run="gqn_fast.analyze:run_algebra")
 
-    p = commands.add_parser("composition", help="prediction error on test scenes with the combination the training split held out")
-    add_common_arguments(p, "folder for composition.json and composition.png "
-                            "(default: a new folder <run>/analyze-composition/step-N[-i])")
+    p = commands.add_parser(
+        "composition", help="prediction error on test scenes with the combination the training split held out"
+    )
+    add_common_arguments(
+        p,
+        "folder for composition.json and composition.png (default: a new folder <run>/analyze-composition/step-N[-i])",
+    )
     p.add_argument("--scenes", type=int, default=500, help="test scenes to use at most")
     p.add_argument("--context", type=int, default=5, help="context views per scene")
     p.add_argument("--samples", type=int, default=4, help="prior samples per query (MSE of their mean)")

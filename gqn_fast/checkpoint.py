@@ -70,8 +70,13 @@ def rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
@@ -83,8 +88,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state, python_state = state["numpy"], state["python"]
     if isinstance(numpy_state, dict):
-        np.random.set_state((numpy_state["kind"], np.array(numpy_state["keys"], np.uint32), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                np.array(numpy_state["keys"], np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
     else:  # format version 1: NumPy's own tuple
         np.random.set_state(numpy_state)
     if isinstance(python_state, dict):
@@ -130,8 +142,12 @@ def _numpy_array_globals() -> list:
     restricted unpickler)."""
     core = getattr(np, "_core", None) or np.core
     reconstruct = core.multiarray._reconstruct
-    allowed = [np.ndarray, np.dtype, (reconstruct, "numpy.core.multiarray._reconstruct"),
-               (reconstruct, "numpy._core.multiarray._reconstruct")]
+    allowed = [
+        np.ndarray,
+        np.dtype,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
     dtype_class = getattr(getattr(np, "dtypes", None), "UInt32DType", None)  # pickled with NumPy >= 1.25
     if dtype_class is not None:
         allowed.append(dtype_class)
@@ -161,14 +177,18 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain values, which "
-                              f"cannot be opened without running code from the file ({_refusal(error)})") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain values, which "
+            f"cannot be opened without running code from the file ({_refusal(error)})"
+        ) from None
     except Exception as error:  # torch raises several types for a damaged zip
         raise CheckpointError(f"{path}: a damaged checkpoint (truncated?): {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
         version = state.get("version") if isinstance(state, dict) else None
-        raise CheckpointError(f"{path}: not a gqn-fast checkpoint of format version {' or '.join(map(str, READABLE_VERSIONS))}"
-                              + (f" (version {version!r})" if version is not None else ""))
+        raise CheckpointError(
+            f"{path}: not a gqn-fast checkpoint of format version {' or '.join(map(str, READABLE_VERSIONS))}"
+            + (f" (version {version!r})" if version is not None else "")
+        )
     _expect(path, state, {"step": int, "model": dict, "config": dict})
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
         raise CheckpointError(f"{path}: model: expected a mapping of parameter names to tensors")
@@ -191,8 +211,9 @@ def _expect(path: Path, state: dict, kinds: dict, prefix: str = "") -> None:
             raise CheckpointError(f"{path}: not a complete gqn-fast checkpoint: no {prefix}{key!r}")
         value = state[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"{path}: {prefix}{key}: expected {getattr(kind, '__name__', kind)}, "
-                                  f"got {type(value).__name__}")
+            raise CheckpointError(
+                f"{path}: {prefix}{key}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+            )
 
 
 def check_compatible(state: dict, config: GQNConfig, path: Path) -> None:

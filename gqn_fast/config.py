@@ -35,9 +35,7 @@ class GQNConfig:
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
-            raise ValueError(
-                f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}"
-            )
+            raise ValueError(f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}")
         for name in ("L", "z_dim", "hidden", "canvas", "r_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -79,6 +77,12 @@ PRESETS = {
     "small": GQNConfig(
         # Shared cores: the constant inputs' conv work is then done once instead of L times,
         # which is where the fast path gains most on a CPU (GQN_SPEC.md, the fast path).
-        representation="tower", L=6, z_dim=3, hidden=32, canvas=32, r_dim=64, share_cores=True
+        representation="tower",
+        L=6,
+        z_dim=3,
+        hidden=32,
+        canvas=32,
+        r_dim=64,
+        share_cores=True,
     ),
 }

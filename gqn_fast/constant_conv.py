@@ -64,9 +64,7 @@ def constant_conv(v: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor
     and any strides (a piece of a split weight is read in place); returns [B, O, n, n], no bias.
     """
     if v.dim() != 2 or weight.dim() != 4 or v.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"v, weight: expected [B, C] and [O, C, K, K], got {list(v.shape)} and {list(weight.shape)}"
-        )
+        raise ValueError(f"v, weight: expected [B, C] and [O, C, K, K], got {list(v.shape)} and {list(weight.shape)}")
     out_channels, _, k, _ = weight.shape
     if k % 2 == 0 or weight.shape[3] != k:
         raise ValueError(f"weight: expected an odd square kernel, got {list(weight.shape)}")

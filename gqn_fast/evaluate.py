@@ -52,7 +52,9 @@ def data_folder(model_file: ModelFile, data: str | None) -> Path:
     if "folder" in model_file.dataset:
         return Path(model_file.dataset["folder"])
     builtin = model_file.dataset["builtin"]
-    return builtin_dataset(builtin["family"], scenes=builtin["scenes"], seed=builtin["seed"], holdout=builtin["holdout"])
+    return builtin_dataset(
+        builtin["family"], scenes=builtin["scenes"], seed=builtin["seed"], holdout=builtin["holdout"]
+    )
 
 
 def scene_views(images: np.ndarray, cameras: np.ndarray, index: int, device):
@@ -82,8 +84,13 @@ def predict(model, context_x, context_v, query_v, samples: int, generator: torch
     Takes no query image, so a prediction cannot depend on one. The noise comes from
     `generator` (on the CPU), never the global RNG, so evaluating leaves training's RNG alone.
     """
-    return draw_samples(model, query_v, samples, generator,
-                        lambda repeat, noise: model.generate(repeat(context_x), repeat(context_v), repeat(query_v), noise=noise))
+    return draw_samples(
+        model,
+        query_v,
+        samples,
+        generator,
+        lambda repeat, noise: model.generate(repeat(context_x), repeat(context_v), repeat(query_v), noise=noise),
+    )
 
 
 def draw_samples(model, query_v, samples: int, generator: torch.Generator, draw) -> torch.Tensor:
@@ -104,8 +111,9 @@ def prediction_errors(predictions: torch.Tensor, query_x: torch.Tensor) -> tuple
 
 
 @torch.no_grad()
-def evaluate(model, images, cameras, sigma: float, max_context: int, scenes: int, batch: int, samples: int,
-             seed: int, device):
+def evaluate(
+    model, images, cameras, sigma: float, max_context: int, scenes: int, batch: int, samples: int, seed: int, device
+):
     """Reconstruction (ELBO terms) and prediction (generate) errors for every M in 1..max_context.
 
     Each scene's query and view order are drawn once from `seed`, so every M sees the same
@@ -143,19 +151,31 @@ def evaluate(model, images, cameras, sigma: float, max_context: int, scenes: int
     for M, total in sums.items():
         mean = {key: value / n for key, value in total.items()}
         loss = mean["nll"] + mean["kl"]
-        curve.append({
-            "context_views": M,
-            "reconstruction": {
-                "neg_elbo_nats": loss, "bits_per_dim": bits_per_dim(loss), "kl_nats": mean["kl"],
-                "nll_nats": mean["nll"], "nll_above_floor": mean["nll"] - nll_floor(sigma), "mse": mean["mse"],
-            },
-            "prediction": {"mse_mean_of_k": mean["mse_mean_of_k"], "mse_best_of_k": mean["mse_best_of_k"]},
-        })
+        curve.append(
+            {
+                "context_views": M,
+                "reconstruction": {
+                    "neg_elbo_nats": loss,
+                    "bits_per_dim": bits_per_dim(loss),
+                    "kl_nats": mean["kl"],
+                    "nll_nats": mean["nll"],
+                    "nll_above_floor": mean["nll"] - nll_floor(sigma),
+                    "mse": mean["mse"],
+                },
+                "prediction": {"mse_mean_of_k": mean["mse_mean_of_k"], "mse_best_of_k": mean["mse_best_of_k"]},
+            }
+        )
     top = curve[-1]
     return {
-        "scenes": n, "sigma": sigma, "context_views": max_context, "prediction_samples": samples, "seed": seed,
+        "scenes": n,
+        "sigma": sigma,
+        "context_views": max_context,
+        "prediction_samples": samples,
+        "seed": seed,
         "about": {"reconstruction": RECONSTRUCTION, "prediction": PREDICTION},
-        "reconstruction": top["reconstruction"], "prediction": top["prediction"], "curve": curve,
+        "reconstruction": top["reconstruction"],
+        "prediction": top["prediction"],
+        "curve": curve,
     }
 
 
@@ -174,7 +194,13 @@ def plot_curve(metrics: dict, path: Path) -> None:
     left.set_title("prediction (generate; never sees the query)", fontsize=10)
     left.set_ylabel("MSE against the unseen query view")
     left.legend()
-    right.plot(Ms, [c["reconstruction"]["nll_above_floor"] for c in curve], "o-", color="tab:green", label="NLL above the sigma floor")
+    right.plot(
+        Ms,
+        [c["reconstruction"]["nll_above_floor"] for c in curve],
+        "o-",
+        color="tab:green",
+        label="NLL above the sigma floor",
+    )
     right.plot(Ms, [c["reconstruction"]["kl_nats"] for c in curve], "s--", color="tab:red", label="KL")
     right.set_title("reconstruction (ELBO terms; the posterior sees the query)", fontsize=10)
     right.set_ylabel("nats per image")
@@ -216,8 +242,10 @@ def sample(model, images, cameras, out: Path, scenes: int, samples: int, context
         zeros = torch.zeros(c.L, 1, c.z_dim, GRID_SIZE, GRID_SIZE, device=device)
         mean = model.generate(cx, cv, qv, noise=zeros)[0]  # z at the prior's mean
         draws = list(predict(model, cx, cv, qv, samples, g)[:, 0]) if samples else []
-        captions = [[f"context {k + 1}" for k in range(cx.shape[1])],
-                    ["target", "z = 0 (prior mean)"] + [f"prior sample {k + 1}" for k in range(len(draws))]]
+        captions = [
+            [f"context {k + 1}" for k in range(cx.shape[1])],
+            ["target", "z = 0 (prior mean)"] + [f"prior sample {k + 1}" for k in range(len(draws))],
+        ]
         written.append(save_grid([list(cx[0]), [qx, mean] + draws], out / f"scene-{i:04d}.png", captions=captions))
         qv_path = transform_viewpoint(fly_around(camera.cpu().float(), frames).to(device))
         frames_out = []
@@ -284,7 +312,11 @@ def run_eval(ns: argparse.Namespace) -> int:
     check_int("--samples", ns.samples, 1)
     device, model, model_file, images, cameras, _ = open_checkpoint(ns)
     T = images.shape[1]
-    K = T - 1 if ns.max_context is None else check_int("--max-context", ns.max_context, 1, T - 1, f" (the data has {T} views a scene)")
+    K = (
+        T - 1
+        if ns.max_context is None
+        else check_int("--max-context", ns.max_context, 1, T - 1, f" (the data has {T} views a scene)")
+    )
     sigma = pixel_sigma_of(model_file)
     metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.samples, ns.seed, device)
     metrics["checkpoint"], metrics["step"] = str(ns.checkpoint), model_file.step
@@ -333,8 +365,10 @@ def run_export(ns) -> int:
         try:
             _, _, manifest = open_split(Path(folder) / "test")
         except (FileNotFoundError, ValueError) as error:
-            raise UsageError(f"{folder}: the training data cannot be read to name it ({error}); "
-                             "pass --keep-data-path to keep the path as it is") from error
+            raise UsageError(
+                f"{folder}: the training data cannot be read to name it ({error}); "
+                "pass --keep-data-path to keep the path as it is"
+            ) from error
         generator = manifest.get("generator") or {}
         if "family" in generator:
             # The set regenerated is of the run's --builtin-scenes: its test split is the first of the folder's.

@@ -18,7 +18,7 @@ def _check_tensor(name: str, t, ndim: int, tail: tuple, what: str) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() != ndim or tuple(t.shape[ndim - len(tail):]) != tail:
+    if t.dim() != ndim or tuple(t.shape[ndim - len(tail) :]) != tail:
         raise ValueError(f"{name}: expected shape {what}, got {_shape(t)}")
 
 
@@ -84,13 +84,10 @@ def check_context(context_x, context_v, dtype: torch.dtype | None = None) -> Non
         raise ValueError("context_x: expected at least one context view (M >= 1), got M = 0")
     if context_x.shape[:2] != context_v.shape[:2]:
         raise ValueError(
-            f"context_v: expected [B, M] = {list(context_x.shape[:2])} as in context_x, "
-            f"got {list(context_v.shape[:2])}"
+            f"context_v: expected [B, M] = {list(context_x.shape[:2])} as in context_x, got {list(context_v.shape[:2])}"
         )
     if context_v.device != context_x.device:
-        raise ValueError(
-            f"context_v: expected device {context_x.device} as context_x, got {context_v.device}"
-        )
+        raise ValueError(f"context_v: expected device {context_x.device} as context_x, got {context_v.device}")
     _check_values("context_x", context_x, unit_range=True)
     _check_values("context_v", context_v, unit_range=False)
 
@@ -108,9 +105,7 @@ def check_query(context_x, query_v, query_x=None, dtype: torch.dtype | None = No
     for name, t in pairs:
         _check_dtype(name, t, dtype)
         if t.shape[0] != batch:
-            raise ValueError(
-                f"{name}: expected batch size {batch} as in context_x, got {t.shape[0]}"
-            )
+            raise ValueError(f"{name}: expected batch size {batch} as in context_x, got {t.shape[0]}")
         if t.device != context_x.device:
             raise ValueError(f"{name}: expected device {context_x.device}, got {t.device}")
     _check_values("query_v", query_v, unit_range=False)
@@ -158,4 +153,6 @@ def check_representation(r, query_v, r_dim: int, grid: int, vector: bool, dtype:
     _check_values("r", r, unit_range=False)
     _check_values("query_v", query_v, unit_range=False)
     if vector and not torch.compiler.is_compiling() and not torch.equal(r, r[:, :, :1, :1].expand_as(r)):
-        raise ValueError("r: expected one vector per scene, tiled (pool and pyramid); got one that varies over the grid")
+        raise ValueError(
+            "r: expected one vector per scene, tiled (pool and pyramid); got one that varies over the grid"
+        )

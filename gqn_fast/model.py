@@ -217,7 +217,8 @@ class SceneInput:
         r_weight = pieces[("r",)]
         # In place: sums into a fresh output whose op's backward does not read it.
         return F.conv2d(self.r_map, r_weight, padding=r_weight.shape[-1] // 2).add_(
-            constant_conv(self.vector, pieces[("v_q",)], GRID_SIZE))
+            constant_conv(self.vector, pieces[("v_q",)], GRID_SIZE)
+        )
 
 
 class CorePieces(NamedTuple):
@@ -283,7 +284,9 @@ class CanvasView:
         self.up_columns = [u.weight.flatten(1).t() for u in up]
         # a_l + sum_{j<l} m_lj = a_l + (D_l summed over its taps) . (sum_{j<l} t_j), per view
         drawn_bias = torch.stack([u.bias for u in up[:-1]]).cumsum(0) if len(up) > 1 else []
-        self.biases = [None] + [(d.weight.sum(dim=(2, 3)) @ b + d.bias).view(1, -1, 1, 1) for d, b in zip(down[1:], drawn_bias)]
+        self.biases = [None] + [
+            (d.weight.sum(dim=(2, 3)) @ b + d.bias).view(1, -1, 1, 1) for d, b in zip(down[1:], drawn_bias)
+        ]
         self.pending = None  # [B, C' x steps to come, 16, 16]: their shares of the states drawn so far
 
     def take(self) -> torch.Tensor:
@@ -330,14 +333,24 @@ class GQN(reference.GQN):
         meta tensors).
     """
 
-    def __init__(self, config=None, *, fused_cells: bool = False, backward_convs: str = "aten",
-                 gates_in_one_dot: bool = False, cpu_core_layout: str = "auto", custom_ops: str = "auto"):
+    def __init__(
+        self,
+        config=None,
+        *,
+        fused_cells: bool = False,
+        backward_convs: str = "aten",
+        gates_in_one_dot: bool = False,
+        cpu_core_layout: str = "auto",
+        custom_ops: str = "auto",
+    ):
         from gqn_fast.kernels.conv_cell import BACKWARD_CONVS
 
         super().__init__(config)
-        for name, value, allowed in (("backward_convs", backward_convs, BACKWARD_CONVS),
-                                     ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
-                                     ("custom_ops", custom_ops, CUSTOM_OPS)):
+        for name, value, allowed in (
+            ("backward_convs", backward_convs, BACKWARD_CONVS),
+            ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
+            ("custom_ops", custom_ops, CUSTOM_OPS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         for name, value in (("fused_cells", fused_cells), ("gates_in_one_dot", gates_in_one_dot)):
@@ -443,7 +456,7 @@ class GQN(reference.GQN):
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
         up = [(core.upsample_h.weight, core.upsample_h.bias) for core in self.generator_cores]
         if self.config.share_cores:
-            (up_w, up_b), = up
+            ((up_w, up_b),) = up
             weight, bias = observation_after_upsample(self.observation.weight, up_w, up_b)
             h = states[0]
             for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
@@ -488,8 +501,14 @@ class GQN(reference.GQN):
         """
         if self.fused_cells:
             dtype = _conv_dtype(weight)
-            return conv_lstm_cell(x.to(dtype), weight.to(dtype), constant, c, backward_convs=self.backward_convs,
-                                  gates_in_one_dot=self.gates_in_one_dot)
+            return conv_lstm_cell(
+                x.to(dtype),
+                weight.to(dtype),
+                constant,
+                c,
+                backward_convs=self.backward_convs,
+                gates_in_one_dot=self.gates_in_one_dot,
+            )
         preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
         if self.config.share_cores:
             # The constant lives through all L steps anyway: the gate kernel reads it in its own
@@ -573,8 +592,9 @@ class GQN(reference.GQN):
             z = mu_p + F.softplus(s_p) * eps
             if whole_cells:
                 h = self._zeros(B, query_v) if h_g is None else h_g
-                h_g, c_g = self._whole_cell(self.generator_cores[step], c_g, v_q=tile(query_v, GRID_SIZE),
-                                            r=scene.r_map, z=z, h_g=h)
+                h_g, c_g = self._whole_cell(
+                    self.generator_cores[step], c_g, v_q=tile(query_v, GRID_SIZE), r=scene.r_map, z=z, h_g=h
+                )
             else:
                 h_g, c_g = self._generator_step(next(cells).generator, z, h_g, c_g)
             states.append(h_g)

@@ -54,8 +54,14 @@ def dataset_description(train: dict) -> dict:
     if train.get("data"):
         return {"folder": str(train["data"])}
     builtin = train.get("builtin") or {}  # files exported before the safetensors format named it here
-    return {"builtin": {"family": builtin.get("family", "rooms"), "seed": builtin.get("seed", 0),
-                        "holdout": builtin.get("holdout"), "scenes": train.get("builtin_scenes", TrainArgs.builtin_scenes)}}
+    return {
+        "builtin": {
+            "family": builtin.get("family", "rooms"),
+            "seed": builtin.get("seed", 0),
+            "holdout": builtin.get("holdout"),
+            "scenes": train.get("builtin_scenes", TrainArgs.builtin_scenes),
+        }
+    }
 
 
 def read_model_file(path) -> ModelFile:
@@ -74,8 +80,10 @@ def read_model_file(path) -> ModelFile:
         return _from_checkpoint(path)
     if len(head) > SAFETENSORS_MAGIC_OFFSET and head[SAFETENSORS_MAGIC_OFFSET:] == b"{":
         return _from_safetensors(path)
-    raise CheckpointError(f"{path}: not a gqn-fast model (a .safetensors file from `gqn-fast export`) "
-                          "nor a training checkpoint (a PyTorch zip file from `gqn-fast train`)")
+    raise CheckpointError(
+        f"{path}: not a gqn-fast model (a .safetensors file from `gqn-fast export`) "
+        "nor a training checkpoint (a PyTorch zip file from `gqn-fast train`)"
+    )
 
 
 def _from_checkpoint(path: Path) -> ModelFile:
@@ -94,16 +102,21 @@ def _from_safetensors(path: Path) -> ModelFile:
     except Exception as error:  # the Rust reader's SafetensorError, or an OSError
         raise CheckpointError(f"{path}: a damaged .safetensors file (truncated?): {error}") from None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: a .safetensors file, but not a gqn-fast model (its metadata has no "
-                              f"format {FORMAT!r}; a model from elsewhere needs its config to be rebuilt)")
+        raise CheckpointError(
+            f"{path}: a .safetensors file, but not a gqn-fast model (its metadata has no "
+            f"format {FORMAT!r}; a model from elsewhere needs its config to be rebuilt)"
+        )
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path}: gqn-fast model format {metadata.get('format_version')!r}, this version "
-                              f"reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: gqn-fast model format {metadata.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+        )
     unknown = sorted(set(metadata) - set(METADATA_KEYS))
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if unknown or missing:
-        raise CheckpointError(f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
-                              f"{' and ' if unknown and missing else ''}{'unknown ' + str(unknown) if unknown else ''}")
+        raise CheckpointError(
+            f"{path}: metadata keys {'missing ' + str(missing) if missing else ''}"
+            f"{' and ' if unknown and missing else ''}{'unknown ' + str(unknown) if unknown else ''}"
+        )
     values = {}
     for key in ("config", "step", "dataset", "training"):
         try:
@@ -134,11 +147,16 @@ def _check_dataset(path: Path, dataset) -> None:
         return
     builtin = dataset.get("builtin") if isinstance(dataset, dict) and set(dataset) == {"builtin"} else None
     types = {"family": (str,), "seed": (int,), "holdout": (str, type(None)), "scenes": (int,)}
-    if (isinstance(builtin, dict) and set(builtin) == set(types)
-            and all(isinstance(builtin[k], t) and not isinstance(builtin[k], bool) for k, t in types.items())):
+    if (
+        isinstance(builtin, dict)
+        and set(builtin) == set(types)
+        and all(isinstance(builtin[k], t) and not isinstance(builtin[k], bool) for k, t in types.items())
+    ):
         return
-    raise CheckpointError(f"{path}: dataset: expected {{\"folder\": path}} or {{\"builtin\": {{family, seed, holdout, "
-                          f"scenes}}}}, got {json.dumps(dataset)[:200]}")
+    raise CheckpointError(
+        f'{path}: dataset: expected {{"folder": path}} or {{"builtin": {{family, seed, holdout, '
+        f"scenes}}}}, got {json.dumps(dataset)[:200]}"
+    )
 
 
 def _check_training(path: Path, training) -> None:
@@ -157,16 +175,19 @@ def _check_params(path: Path, config: GQNConfig, params) -> None:
     """Names, shapes and dtypes as the model the config builds has them; every value finite."""
     from gqn_fast.model import GQN
 
-    if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in params.items()):
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()
+    ):
         raise CheckpointError(f"{path}: the parameters: expected a mapping of names to tensors")
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         expected = GQN(config).state_dict()
     missing, unexpected = sorted(expected.keys() - params.keys()), sorted(params.keys() - expected.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{path}: the parameters do not fit its config: "
-                              f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), "
-                              f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+        raise CheckpointError(
+            f"{path}: the parameters do not fit its config: "
+            f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+        )
     for name, want in expected.items():
         got = params[name]
         if got.shape != want.shape:
@@ -182,11 +203,18 @@ def write_published(path, model_file: ModelFile, half: bool = False) -> Path:
     from safetensors.torch import save
 
     path = Path(path)
-    tensors = {name: (t.half() if half and t.is_floating_point() else t).detach().cpu().contiguous().clone()
-               for name, t in model_file.params.items()}
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "config": json.dumps(model_file.config.to_dict()), "step": json.dumps(model_file.step),
-                "dataset": json.dumps(model_file.dataset), "training": json.dumps(model_file.training)}
+    tensors = {
+        name: (t.half() if half and t.is_floating_point() else t).detach().cpu().contiguous().clone()
+        for name, t in model_file.params.items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(model_file.config.to_dict()),
+        "step": json.dumps(model_file.step),
+        "dataset": json.dumps(model_file.dataset),
+        "training": json.dumps(model_file.training),
+    }
     atomic_write_bytes(save(tensors, metadata=metadata), path)
     return path
 

@@ -200,15 +200,20 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temporaries(self.ckpt_dir):
                 tqdm.write(f"removed {stale}, left by a checkpoint write that was killed")
-            write_json_atomic(self.out / "config.json", {"model": self.config.to_dict(), "train": dataclasses.asdict(self.args)})
+            write_json_atomic(
+                self.out / "config.json", {"model": self.config.to_dict(), "train": dataclasses.asdict(self.args)}
+            )
             self.writer = MetricsWriter(self.out, start_step=self.position.step)
             if self.resumed_from is not None:
                 tqdm.write(f"resumed from {self.resumed_from} at step {self.position.step}")
-        self.progress = tqdm(total=self.args.steps, initial=self.position.step, disable=not self.main,
-                             dynamic_ncols=True, desc="train")
+        self.progress = tqdm(
+            total=self.args.steps, initial=self.position.step, disable=not self.main, dynamic_ncols=True, desc="train"
+        )
         mode = self.train_step.mode
         if self.main and self.device.type == "cuda" and mode != "graphed":
-            tqdm.write(f"training eagerly on {self.device} ({mode_reason(self.args, self.world)}): each step waits on Python")
+            tqdm.write(
+                f"training eagerly on {self.device} ({mode_reason(self.args, self.world)}): each step waits on Python"
+            )
 
     def close(self) -> None:
         if self.progress is not None:
@@ -287,24 +292,47 @@ class Run:
         warning = contention.observe(rate)
         if warning and self.main:
             tqdm.write(warning)
-        record = dict(step=step, loss=loss, nll=nll, kl=kl, nll_above_floor=nll - nll_floor(sigma),
-                      bits_per_dim=bits_per_dim(loss), sigma=sigma, lr=self.learning_rate(step - 1),
-                      steps_per_s=rate, epoch=self.position.epoch)
+        record = dict(
+            step=step,
+            loss=loss,
+            nll=nll,
+            kl=kl,
+            nll_above_floor=nll - nll_floor(sigma),
+            bits_per_dim=bits_per_dim(loss),
+            sigma=sigma,
+            lr=self.learning_rate(step - 1),
+            steps_per_s=rate,
+            epoch=self.position.epoch,
+        )
         if self.main:
             self.writer.write(record)
-            self.progress.set_postfix(loss=f"{loss:.0f}", bpd=f"{record['bits_per_dim']:.3f}", kl=f"{kl:.1f}",
-                                      nll_above_floor=f"{record['nll_above_floor']:.0f}", steps_s=f"{rate:.2f}")
+            self.progress.set_postfix(
+                loss=f"{loss:.0f}",
+                bpd=f"{record['bits_per_dim']:.3f}",
+                kl=f"{kl:.1f}",
+                nll_above_floor=f"{record['nll_above_floor']:.0f}",
+                steps_s=f"{rate:.2f}",
+            )
         self.window.restart()
 
     def checkpoint(self) -> None:
         """A checkpoint of the last step boundary (rank 0 writes it; every rank waits for it)."""
         position = self.position
         if self.main:
-            save_checkpoint(self.ckpt_dir, position.step, dict(
-                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.boundary_rng,
-                data=dict(epoch=position.epoch, batch=position.batch), config=self.config.to_dict(),
-                train=dataclasses.asdict(self.args), window=self.window.saved(),
-            ), keep=self.args.keep)
+            save_checkpoint(
+                self.ckpt_dir,
+                position.step,
+                dict(
+                    model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    rng=self.boundary_rng,
+                    data=dict(epoch=position.epoch, batch=position.batch),
+                    config=self.config.to_dict(),
+                    train=dataclasses.asdict(self.args),
+                    window=self.window.saved(),
+                ),
+                keep=self.args.keep,
+            )
         self.saved_step = position.step
         if self.world > 1:
             dist.barrier()
@@ -362,9 +390,7 @@ def setup(args: TrainArgs) -> Run:
 
     existing = list_checkpoints(ckpt_dir)
     if existing and not args.resume:
-        raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or another --out"
-        )
+        raise CheckpointError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or another --out")
     if args.resume and not existing:
         raise UsageError(
             f"--resume: {ckpt_dir} holds no checkpoint to resume from; leave out --resume to start a new run there"
@@ -386,8 +412,7 @@ def setup(args: TrainArgs) -> Run:
     if args.batch > dataset.num_scenes // world:  # DistributedSampler's share with drop_last
         per = f" per process ({world} processes)" if world > 1 else ""
         raise UsageError(
-            f"--batch: {args.batch} is more than the {dataset.num_scenes // world} training scenes{per} "
-            f"of {data_root}"
+            f"--batch: {args.batch} is more than the {dataset.num_scenes // world} training scenes{per} of {data_root}"
         )
 
     torch.manual_seed(args.seed)
@@ -412,16 +437,29 @@ def setup(args: TrainArgs) -> Run:
         elbo = torch.compile(elbo, options=compile_options(model))
 
     loader = make_loader(
-        dataset, "train", batch_size=args.batch, max_context=args.max_context, seed=args.seed,
-        num_workers=args.workers, distributed=world > 1,
+        dataset,
+        "train",
+        batch_size=args.batch,
+        max_context=args.max_context,
+        seed=args.seed,
+        num_workers=args.workers,
+        distributed=world > 1,
     )
     # An allowed change of --batch or --data can leave the old position past the epoch's end.
     loader.set_epoch(position.epoch, start_batch=min(position.batch, len(loader)))
 
     return Run(
-        args=args, config=config, device=device, world=world, main=rank == 0, model=model, optimizer=optimizer,
-        train_step=TrainStep(model, optimizer, device, args.precision, mode, elbo=elbo), loader=loader,
-        position=position, window=LogWindow(device, (state or {}).get("window")),
+        args=args,
+        config=config,
+        device=device,
+        world=world,
+        main=rank == 0,
+        model=model,
+        optimizer=optimizer,
+        train_step=TrainStep(model, optimizer, device, args.precision, mode, elbo=elbo),
+        loader=loader,
+        position=position,
+        window=LogWindow(device, (state or {}).get("window")),
         resumed_from=existing[-1] if state is not None else None,
         saved_step=position.step if state is not None else None,
     )
@@ -481,9 +519,11 @@ class ContentionWatch:
         if self.said or steps_per_s * self.slower > self.best:
             return None
         self.said = True
-        return (f"steps are {self.best / steps_per_s:.1f}x slower than this run's best ({steps_per_s:.2f} against "
-                f"{self.best:.2f} steps/s): another process may be using the cores, which makes torch's "
-                f"{self.threads} threads wait on each other; --threads 1 avoids that (stop, then --resume --threads 1)")
+        return (
+            f"steps are {self.best / steps_per_s:.1f}x slower than this run's best ({steps_per_s:.2f} against "
+            f"{self.best:.2f} steps/s): another process may be using the cores, which makes torch's "
+            f"{self.threads} threads wait on each other; --threads 1 avoids that (stop, then --resume --threads 1)"
+        )
 
 
 class MetricsWriter:
@@ -550,8 +590,10 @@ def run_command(ns: argparse.Namespace) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = Path(args.out)
             last = list_checkpoints(out / "checkpoints")
-            print(f"wrote {out}: checkpoints {last[-1].name if last else '(none)'} in {out / 'checkpoints'}, "
-                  f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}")
+            print(
+                f"wrote {out}: checkpoints {last[-1].name if last else '(none)'} in {out / 'checkpoints'}, "
+                f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}"
+            )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -61,8 +61,17 @@ CHOICES = {"preset": ("small", "paper"), "impl": ("fast", "reference"), "precisi
 
 def check_args(args: TrainArgs) -> None:
     """UsageError naming the first argument that cannot be used."""
-    for name in ("steps", "batch", "sigma_steps", "builtin_scenes", "max_context", "log_every",
-                 "image_every", "checkpoint_every", "keep"):
+    for name in (
+        "steps",
+        "batch",
+        "sigma_steps",
+        "builtin_scenes",
+        "max_context",
+        "log_every",
+        "image_every",
+        "checkpoint_every",
+        "keep",
+    ):
         check_count(f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("seed", "workers"):
         check_count(f"--{name}", getattr(args, name), 0)
@@ -72,12 +81,15 @@ def check_args(args: TrainArgs) -> None:
     if args.threads is not None:
         check_count("--threads", args.threads)
     minutes = args.max_minutes
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
-                                or not math.isfinite(minutes) or minutes <= 0):
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes) or minutes <= 0
+    ):
         raise UsageError(f"--max-minutes: expected a positive number of minutes, got {minutes!r}")
     unknown = sorted(set(allowed_changes(args)) - set(RESULT_SETTINGS))
     if unknown:
-        raise UsageError(f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}")
+        raise UsageError(
+            f"--allow-change: unknown setting {', '.join(unknown)}; the settings are {', '.join(RESULT_SETTINGS)}"
+        )
 
 
 def allowed_changes(args: TrainArgs) -> list[str]:

@@ -35,10 +35,12 @@ def make_optimizer(model: torch.nn.Module, device: torch.device, lr: float, grap
     with its learning rate a tensor that TrainStep updates in place. On the CPU it is float64,
     which gives the same parameters as a Python float (tested); in a CUDA graph it is a device
     tensor and the update `capturable`."""
-    lr_tensor = torch.tensor(lr, dtype=torch.float64 if not graphed else torch.float32,
-                             device=device if graphed else "cpu")
-    return torch.optim.Adam(model.parameters(), lr=lr_tensor, betas=(0.9, 0.999), eps=1e-8, fused=True,
-                            capturable=graphed)
+    lr_tensor = torch.tensor(
+        lr, dtype=torch.float64 if not graphed else torch.float32, device=device if graphed else "cpu"
+    )
+    return torch.optim.Adam(
+        model.parameters(), lr=lr_tensor, betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=graphed
+    )
 
 
 class TrainStep:
@@ -102,8 +104,11 @@ class TrainStep:
 
     def _forward_backward_update(self, context_x, context_v, query_x, query_v):
         # No cast cache in a graph: a cached cast made at capture would be replayed stale.
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=self.mode != "graphed")
-                    if self.precision == "bf16" else nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=self.mode != "graphed")
+            if self.precision == "bf16"
+            else nullcontext()
+        )
         with autocast, values_trusted():  # the loader's batches are valid by construction
             result = self.elbo(context_x, context_v, query_x, query_v, sigma=self.sigma)
         # Kept allocated in the static modes: a graph's gradients live at fixed addresses.
@@ -111,8 +116,9 @@ class TrainStep:
         result.loss.backward()
         self.updating = True
         self.optimizer.step()
-        metrics = torch.stack([result.loss.detach().float(), result.nll.detach().mean().float(),
-                               result.kl.detach().sum(1).mean().float()])
+        metrics = torch.stack(
+            [result.loss.detach().float(), result.nll.detach().mean().float(), result.kl.detach().sum(1).mean().float()]
+        )
         return metrics, result.mean.detach()
 
 

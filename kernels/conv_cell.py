@@ -66,6 +66,7 @@ def _check_backward_convs(backward_convs: str) -> None:
     if backward_convs not in BACKWARD_CONVS:
         raise ValueError(f"backward_convs: expected one of {BACKWARD_CONVS}, got {backward_convs!r}")
 
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels. Every tensor is [batch, channel, row, column] with arbitrary strides
 # (contiguous, channels_last, slices, expanded batch), addressed in int64.
@@ -143,8 +144,9 @@ def _conv_lstm_cell_forward_kernel(
         k0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE_X
         kx = tap % KSIZE_X
-        x_pixels, inside = _shifted_pixels(b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width,
-                                           x_sb, x_sy, x_sx)
+        x_pixels, inside = _shifted_pixels(
+            b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width, x_sb, x_sy, x_sx
+        )
         w_tap = ky * w_sy + kx * w_sx
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < cin
@@ -226,13 +228,16 @@ def _conv_input_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     chunks = tl.cdiv(cout, BLOCK_K)
     # One loop over (tap, channel chunk): Triton software-pipelines innermost loops only.
-    for step in range(KSIZE_Y * KSIZE_X * ((cout + BLOCK_K - 1) // BLOCK_K)):  # constexpr bound: see _INTERPRETER_CONFIG
+    for step in range(
+        KSIZE_Y * KSIZE_X * ((cout + BLOCK_K - 1) // BLOCK_K)
+    ):  # constexpr bound: see _INTERPRETER_CONFIG
         tap = step // chunks
         n0 = (step % chunks) * BLOCK_K
         ky = tap // KSIZE_X
         kx = tap % KSIZE_X
-        grad_pixels, inside = _shifted_pixels(b, y, x, m_ok, KSIZE_Y // 2 - ky, KSIZE_X // 2 - kx, height, width,
-                                              grad_sb, grad_sy, grad_sx)
+        grad_pixels, inside = _shifted_pixels(
+            b, y, x, m_ok, KSIZE_Y // 2 - ky, KSIZE_X // 2 - kx, height, width, grad_sb, grad_sy, grad_sx
+        )
         w_tap = w_ptr + ky * w_sy + kx * w_sx + ci.to(tl.int64)[None, :] * w_sc
         n = n0 + tl.arange(0, BLOCK_K)
         n_ok = n < cout
@@ -280,8 +285,9 @@ def _conv_weight_grad_kernel(
         grad_pixels = b * grad_sb + y.to(tl.int64) * grad_sy + x.to(tl.int64) * grad_sx
         grad_t = tl.load(grad_ptr + grad_pixels[None, :] + n.to(tl.int64)[:, None] * grad_sc,
                          mask=n_ok[:, None] & m_ok[None, :], other=0.0)  # fmt: skip
-        x_pixels, inside = _shifted_pixels(b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width,
-                                           x_sb, x_sy, x_sx)
+        x_pixels, inside = _shifted_pixels(
+            b, y, x, m_ok, ky - KSIZE_Y // 2, kx - KSIZE_X // 2, height, width, x_sb, x_sy, x_sx
+        )
         xt = tl.load(x_ptr + x_pixels[:, None] + ci.to(tl.int64)[None, :] * x_sc,
                      mask=inside[:, None] & ci_ok[None, :], other=0.0)  # fmt: skip
         if UPCAST:
@@ -375,7 +381,9 @@ def _check_inputs(x, weight, constant, c) -> None:
         if tensor.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (as x), got {tensor.device}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected dtype {x.dtype} (as x: the GEMM's operands share one dtype), got {weight.dtype}")
+        raise TypeError(
+            f"weight: expected dtype {x.dtype} (as x: the GEMM's operands share one dtype), got {weight.dtype}"
+        )
     out_channels, in_channels, kh, kw = weight.shape
     if out_channels % 4 != 0:
         raise ValueError(f"weight: expected 4*H output channels (gates i, f, g, o), got {out_channels}")
@@ -451,7 +459,9 @@ def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool, gates_in_o
 def conv_lstm_cell_backward(x, weight, preact, c, grad_h, grad_c_new, backward_convs: str):
     """(grad_x, grad_weight, grad_preact, grad_c); grad_preact (fp32) is also the constant's gradient."""
     _check_backward_convs(backward_convs)
-    grad_preact, grad_c = lstm_gates_backward(preact, c.to(preact.dtype), grad_h.to(preact.dtype), grad_c_new.to(preact.dtype))
+    grad_preact, grad_c = lstm_gates_backward(
+        preact, c.to(preact.dtype), grad_h.to(preact.dtype), grad_c_new.to(preact.dtype)
+    )
     # The convolutions' operands are x's dtype (what autocast gives cuDNN), accumulated in fp32.
     grad_operand = grad_preact.to(x.dtype)
     if backward_convs == "aten" or not _kernels_apply(x):
@@ -471,7 +481,19 @@ def _conv_backward_triton(grad, x, weight):
     dot = _dot_settings()
     if grad_x.numel() > 0:
         grid = lambda meta: (triton.cdiv(batch * height * width, meta["BLOCK_M"]), triton.cdiv(cin, meta["BLOCK_N"]))  # noqa: E731
-        args = (grad, weight, grad_x, batch, cin, cout, height, width, *grad.stride(), *weight.stride(), *grad_x.stride())
+        args = (
+            grad,
+            weight,
+            grad_x,
+            batch,
+            cin,
+            cout,
+            height,
+            width,
+            *grad.stride(),
+            *weight.stride(),
+            *grad_x.stride(),
+        )
         with launch_device(x):
             if interpreter_enabled():
                 config = _INTERPRETER_CONFIG["input_grad"]
@@ -482,8 +504,24 @@ def _conv_backward_triton(grad, x, weight):
         if x.numel() == 0:
             grad_weight.zero_()
         else:
-            grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_N"]), triton.cdiv(cin, meta["BLOCK_C"]), ksizes["KSIZE_Y"] * ksizes["KSIZE_X"])  # noqa: E731
-            args = (grad, x, grad_weight, batch, cin, cout, height, width, *grad.stride(), *x.stride(), *grad_weight.stride())
+            grid = lambda meta: (
+                triton.cdiv(cout, meta["BLOCK_N"]),
+                triton.cdiv(cin, meta["BLOCK_C"]),
+                ksizes["KSIZE_Y"] * ksizes["KSIZE_X"],
+            )  # noqa: E731
+            args = (
+                grad,
+                x,
+                grad_weight,
+                batch,
+                cin,
+                cout,
+                height,
+                width,
+                *grad.stride(),
+                *x.stride(),
+                *grad_weight.stride(),
+            )
             with launch_device(x):
                 if interpreter_enabled():
                     config = _INTERPRETER_CONFIG["weight_grad"]
@@ -519,8 +557,13 @@ def _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact):
 
 @torch.library.triton_op("gqn_fast::conv_lstm_cell", mutates_args=())
 def _conv_lstm_cell_op(
-    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, save_preact: bool,
-    backward_convs: str, gates_in_one_dot: bool,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    constant: torch.Tensor,
+    c: torch.Tensor,
+    save_preact: bool,
+    backward_convs: str,
+    gates_in_one_dot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward_convs(backward_convs)  # here, not at backward time
     return conv_lstm_cell_forward(x, weight, constant, c, save_preact, gates_in_one_dot)
@@ -559,7 +602,12 @@ _conv_lstm_cell_op.register_autograd(_autograd_backward, setup_context=_setup_co
 
 
 def conv_lstm_cell(
-    x: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor, c: torch.Tensor, *, backward_convs: str = "aten",
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    constant: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    backward_convs: str = "aten",
     gates_in_one_dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ConvLSTM cell from its step-varying input: (h, c').

@@ -119,7 +119,9 @@ def _lstm_gates_backward_kernel(
     c_new = f * c + i * g
 
     grad_h = load_tile(grad_h_ptr, b, ch, sp, grad_h_stride_b, grad_h_stride_c, grad_h_stride_s, mask)
-    grad_c_new = load_tile(grad_c_new_ptr, b, ch, sp, grad_c_new_stride_b, grad_c_new_stride_c, grad_c_new_stride_s, mask)
+    grad_c_new = load_tile(
+        grad_c_new_ptr, b, ch, sp, grad_c_new_stride_b, grad_c_new_stride_c, grad_c_new_stride_s, mask
+    )
 
     # Derivatives in the tail-accurate forms: sigmoid(x) sigmoid(-x), 4e/(1+e)^2.
     grad_c_total = grad_c_new + grad_h * tl.sigmoid(a_o) * tanh_derivative(c_new)
@@ -146,8 +148,7 @@ def _check_gates_inputs(preact, c, constant=None) -> None:
     check_min_dim("preact", preact, 2, "[B, 4H, *spatial]")
     if preact.shape[1] % 4 != 0:
         raise ValueError(
-            f"preact: expected 4*H channels on dim 1 (gates i, f, g, o), got {preact.shape[1]}, "
-            "not divisible by 4"
+            f"preact: expected 4*H channels on dim 1 (gates i, f, g, o), got {preact.shape[1]}, not divisible by 4"
         )
     c_shape = (preact.shape[0], preact.shape[1] // 4, *preact.shape[2:])
     # preact and the constant may be narrower than the cell state (a bf16 conv's output beside
@@ -180,7 +181,10 @@ def lstm_gates_forward(
 
 
 def lstm_gates_backward(
-    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor,
+    preact: torch.Tensor,
+    c: torch.Tensor,
+    grad_h: torch.Tensor,
+    grad_c_new: torch.Tensor,
     constant: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_preact, grad_c); grad_preact is also the constant's gradient."""
@@ -257,7 +261,10 @@ def _lstm_gates_op(
 
 @torch.library.triton_op("gqn_fast::lstm_gates_backward", mutates_args=())
 def _lstm_gates_backward_op(
-    preact: torch.Tensor, c: torch.Tensor, grad_h: torch.Tensor, grad_c_new: torch.Tensor,
+    preact: torch.Tensor,
+    c: torch.Tensor,
+    grad_h: torch.Tensor,
+    grad_c_new: torch.Tensor,
     constant: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return lstm_gates_backward(preact, c, grad_h, grad_c_new, constant)
@@ -279,9 +286,7 @@ def _lstm_gates_autograd_backward(ctx, grad_h, grad_c_new):
     return grad_preact, grad_c, None if constant is None else grad_preact.to(constant.dtype)
 
 
-_lstm_gates_op.register_autograd(
-    _lstm_gates_autograd_backward, setup_context=_lstm_gates_setup_context
-)
+_lstm_gates_op.register_autograd(_lstm_gates_autograd_backward, setup_context=_lstm_gates_setup_context)
 
 
 def lstm_gates(

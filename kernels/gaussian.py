@@ -66,7 +66,9 @@ def _variance_mismatch(sigma_q, sigma_p):
     u = (sigma_q - sigma_p) * (sigma_q + sigma_p) / (sigma_p * sigma_p)
     v = u / (2.0 + u)
     v2 = v * v
-    series = 1 / 3 + v2 * (1 / 5 + v2 * (1 / 7 + v2 * (1 / 9 + v2 * (1 / 11 + v2 * (1 / 13 + v2 * (1 / 15 + v2 / 17))))))
+    series = 1 / 3 + v2 * (
+        1 / 5 + v2 * (1 / 7 + v2 * (1 / 9 + v2 * (1 / 11 + v2 * (1 / 13 + v2 * (1 / 15 + v2 / 17)))))
+    )
     near = u * v - 2.0 * v * v2 * series
     far = u - 2.0 * tl.log(sigma_q / sigma_p)
     return u, tl.where(tl.abs(u) < 0.5, near, far)
@@ -337,7 +339,9 @@ def _variance_mismatch_torch(sigma_q, sigma_p):
     u = (sigma_q - sigma_p) * (sigma_q + sigma_p) / (sigma_p * sigma_p)
     v = u / (2.0 + u)
     v2 = v * v
-    series = 1 / 3 + v2 * (1 / 5 + v2 * (1 / 7 + v2 * (1 / 9 + v2 * (1 / 11 + v2 * (1 / 13 + v2 * (1 / 15 + v2 / 17))))))
+    series = 1 / 3 + v2 * (
+        1 / 5 + v2 * (1 / 7 + v2 * (1 / 9 + v2 * (1 / 11 + v2 * (1 / 13 + v2 * (1 / 15 + v2 / 17)))))
+    )
     near = u * v - 2.0 * v * v2 * series
     far = u - 2.0 * torch.log(sigma_q / sigma_p)
     return u, torch.where(u.abs() < 0.5, near, far)
@@ -399,7 +403,9 @@ def _elementwise_kl_forward_torch(mu_q, sigma_q, mu_p, sigma_p):
 def _elementwise_kl_backward_torch(mu_q, sigma_q, mu_p, sigma_p, grad_kl):
     dtype = compute_dtype(mu_q.dtype)
     mu_q_c, sigma_q_c, mu_p_c, sigma_p_c, grad_kl = (t.to(dtype) for t in (mu_q, sigma_q, mu_p, sigma_p, grad_kl))
-    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas_torch(mu_q_c - mu_p_c, sigma_q_c, sigma_p_c, grad_kl)
+    grad_mu_q, grad_sigma_q, grad_sigma_p = _kl_gradients_of_sigmas_torch(
+        mu_q_c - mu_p_c, sigma_q_c, sigma_p_c, grad_kl
+    )
     return [g.to(mu_q.dtype) for g in (grad_mu_q, grad_sigma_q, -grad_mu_q, grad_sigma_p)]
 
 
@@ -451,7 +457,9 @@ def _save_inputs(ctx, inputs, output):
 def _posterior_sample_kl_autograd_backward(ctx, grad_z, grad_kl):
     mu_q, s_q, mu_p, s_p, eps = ctx.saved_tensors
     grad_z = torch.zeros_like(mu_q) if grad_z is None else grad_z
-    grad_kl = torch.zeros(mu_q.shape[0], dtype=compute_dtype(mu_q.dtype), device=mu_q.device) if grad_kl is None else grad_kl
+    grad_kl = (
+        torch.zeros(mu_q.shape[0], dtype=compute_dtype(mu_q.dtype), device=mu_q.device) if grad_kl is None else grad_kl
+    )
     return tuple(_posterior_sample_kl_backward_op(mu_q, s_q, mu_p, s_p, eps, grad_z, grad_kl))
 
 
@@ -460,7 +468,9 @@ def _posterior_kl_autograd_backward(ctx, grad_kl):
 
 
 @torch.library.triton_op("gqn_fast::elementwise_gaussian_kl_from_sigma", mutates_args=())
-def _elementwise_kl_op(mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor) -> torch.Tensor:
+def _elementwise_kl_op(
+    mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor
+) -> torch.Tensor:
     return elementwise_kl_forward(mu_q, sigma_q, mu_p, sigma_p)
 
 

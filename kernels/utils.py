@@ -215,7 +215,6 @@ def tile_shape(channels: int, space: int, channels_contiguous: bool, max_tile: i
     return block_c, block_s
 
 
-
 def launch_shape(view3d: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     """(grid, BLOCK_C, BLOCK_S) of the elementwise kernels over a [B, C, S] view: one program
     per (space tile, channel tile, sample), so per-sample sums are partial sums per program."""
@@ -223,6 +222,7 @@ def launch_shape(view3d: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     block_c, block_s = tile_shape(channels, space, channels_contiguous(view3d))
     grid = (triton.cdiv(space, block_s), triton.cdiv(channels, block_c), batch)
     return grid, block_c, block_s
+
 
 def empty_partial_sums(view3d: torch.Tensor, grid) -> torch.Tensor:
     """The [B, tiles] buffer in which each program on `grid` (launch_shape's) writes its share of

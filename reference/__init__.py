@@ -7,6 +7,16 @@ from gqn_fast.reference.representation import NETS, Pool, Pyramid, Tower
 from gqn_fast.reference.viewpoint import transform_viewpoint
 
 __all__ = [
-    "ConvLSTMCell", "ELBO", "GQN", "GeneratorCore", "InferenceCore", "NETS", "Pool",
-    "Pyramid", "Tower", "gaussian_kl", "gaussian_nll", "transform_viewpoint",
+    "ConvLSTMCell",
+    "ELBO",
+    "GQN",
+    "GeneratorCore",
+    "InferenceCore",
+    "NETS",
+    "Pool",
+    "Pyramid",
+    "Tower",
+    "gaussian_kl",
+    "gaussian_nll",
+    "transform_viewpoint",
 ]

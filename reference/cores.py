@@ -13,9 +13,7 @@ class ConvLSTMCell(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int, kernel_size: int = 5):
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels + hidden, 4 * hidden, kernel_size, padding=kernel_size // 2
-        )
+        self.conv = nn.Conv2d(in_channels + hidden, 4 * hidden, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         i, f, g, o = self.conv(torch.cat([x, h], dim=1)).chunk(4, dim=1)

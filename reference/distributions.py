@@ -7,11 +7,7 @@ import torch
 
 def gaussian_kl(mu_q, sigma_q, mu_p, sigma_p) -> torch.Tensor:
     """KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) per element."""
-    return (
-        torch.log(sigma_p / sigma_q)
-        + (sigma_q**2 + (mu_q - mu_p) ** 2) / (2 * sigma_p**2)
-        - 0.5
-    )
+    return torch.log(sigma_p / sigma_q) + (sigma_q**2 + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
 
 
 def gaussian_nll(x, mean, sigma) -> torch.Tensor:

@@ -52,9 +52,7 @@ class GQN(nn.Module):
         c, v = config, VIEWPOINT_DIM
         self.representation = NETS[c.representation](c.r_dim, v)
         n_cores = 1 if c.share_cores else c.L
-        self.inference_cores = nn.ModuleList(
-            InferenceCore(v, c.r_dim, c.hidden, c.canvas) for _ in range(n_cores)
-        )
+        self.inference_cores = nn.ModuleList(InferenceCore(v, c.r_dim, c.hidden, c.canvas) for _ in range(n_cores))
         self.generator_cores = nn.ModuleList(
             GeneratorCore(v, c.r_dim, c.z_dim, c.hidden, c.canvas) for _ in range(n_cores)
         )

@@ -152,8 +152,10 @@ def finite(tree):
 def test_tsne_command(run):
     pytest.importorskip("sklearn", reason="t-SNE needs the [analysis] extra (in [test]; absent on the GPU image)")
     data, ckpt = run
-    assert cli.main(["analyze", "tsne", str(ckpt), "--scenes", "8", "--subsets", "3", "--views", "2",
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(["analyze", "tsne", str(ckpt), "--scenes", "8", "--subsets", "3", "--views", "2", "--device", "cpu"])
+        == 0
+    )
     out = ckpt.parent.parent / "analyze-tsne" / "step-00000007"
     result = json.loads((out / "tsne.json").read_text())
     assert finite(result)
@@ -177,8 +179,26 @@ def test_tsne_without_scikit_learn_names_the_extra(run, monkeypatch, capsys):
 
 def test_algebra_command(run):
     _, ckpt = run
-    assert cli.main(["analyze", "algebra", str(ckpt), "--triples", "1", "--context", "2", "--queries", "2",
-                     "--samples", "1", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "analyze",
+                "algebra",
+                str(ckpt),
+                "--triples",
+                "1",
+                "--context",
+                "2",
+                "--queries",
+                "2",
+                "--samples",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = ckpt.parent.parent / "analyze-algebra" / "step-00000007"
     report = json.loads((out / "algebra.json").read_text())
     assert set(report["properties"]) == set(analyze.PROPERTIES)
@@ -196,8 +216,12 @@ def test_algebra_command(run):
 
 def test_composition_command(run):
     _, ckpt = run
-    assert cli.main(["analyze", "composition", str(ckpt), "--context", "2", "--samples", "2", "--show", "1",
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["analyze", "composition", str(ckpt), "--context", "2", "--samples", "2", "--show", "1", "--device", "cpu"]
+        )
+        == 0
+    )
     out = ckpt.parent.parent / "analyze-composition" / "step-00000007"
     report = json.loads((out / "composition.json").read_text())
     groups = report["groups"]
@@ -223,13 +247,16 @@ def test_composition_refuses_data_without_a_holdout(tmp_path, capsys):
     assert not (tmp_path / "run" / "analyze-composition").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["tsne", "--scenes", "1"], "--scenes: expected an int >= 2, got 1"),
-    (["tsne", "--views", "11"], "--views: expected an int from 1 to 10"),
-    (["algebra", "--triples", "0"], "--triples: expected an int >= 1, got 0"),
-    (["algebra", "--context", "9", "--queries", "2"], "--context: expected an int from 1 to 8"),
-    (["composition", "--context", "10"], "--context: expected an int from 1 to 9"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tsne", "--scenes", "1"], "--scenes: expected an int >= 2, got 1"),
+        (["tsne", "--views", "11"], "--views: expected an int from 1 to 10"),
+        (["algebra", "--triples", "0"], "--triples: expected an int >= 1, got 0"),
+        (["algebra", "--context", "9", "--queries", "2"], "--context: expected an int from 1 to 8"),
+        (["composition", "--context", "10"], "--context: expected an int from 1 to 9"),
+    ],
+)
 def test_bad_arguments_get_one_line(run, capsys, argv, message):
     _, ckpt = run
     assert cli.main(["analyze", argv[0], str(ckpt), "--device", "cpu", *argv[1:]]) == 1

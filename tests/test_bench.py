@@ -14,7 +14,9 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -25,11 +27,26 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     rows = results["rows"]
     assert not [r for r in rows if "error" in r]
     workloads = {r["workload"] for r in rows}
-    assert {"lstm_gates", "posterior_sample_kl", "pixel_nll", "train_step", "generate",
-            "representation", "render", "loader", "conv_lstm_cell_generator", "conv_lstm_cell_inference"} <= workloads
+    assert {
+        "lstm_gates",
+        "posterior_sample_kl",
+        "pixel_nll",
+        "train_step",
+        "generate",
+        "representation",
+        "render",
+        "loader",
+        "conv_lstm_cell_generator",
+        "conv_lstm_cell_inference",
+    } <= workloads
     cell_providers = {r["provider"] for r in rows if r["workload"] == "conv_lstm_cell_inference"}
-    assert {"eager", "cudnn+gate-kernel", "gqn_fast-fused-aten-bwd", "gqn_fast-fused-triton-bwd",
-            "gqn_fast-fused-one-dot-aten-bwd"} <= cell_providers
+    assert {
+        "eager",
+        "cudnn+gate-kernel",
+        "gqn_fast-fused-aten-bwd",
+        "gqn_fast-fused-triton-bwd",
+        "gqn_fast-fused-one-dot-aten-bwd",
+    } <= cell_providers
     providers = {r["provider"] for r in rows if r["workload"] == "train_step"}
     assert {"reference-eager", "reference-compile", "gqn_fast-eager", "gqn_fast-compile"} <= providers
     for r in rows:
@@ -59,14 +76,37 @@ def test_merged_runs_keep_each_rows_commit(tmp_path):
     import report
 
     env = {"device": "cpu (x86_64, 1 threads)", "torch": "2.13"}
-    row = {"workload": "train_step", "preset": "small", "batch": 8, "precision": "fp32", "mode": "fwd+bwd+adam",
-           "median_ms": 100.0, "p20_ms": 90.0, "p80_ms": 110.0, "peak_bytes": 1000}
+    row = {
+        "workload": "train_step",
+        "preset": "small",
+        "batch": 8,
+        "precision": "fp32",
+        "mode": "fwd+bwd+adam",
+        "median_ms": 100.0,
+        "p20_ms": 90.0,
+        "p80_ms": 110.0,
+        "peak_bytes": 1000,
+    }
     for name, commit, preset, fast_ms in [("a", "abc", "small", 50.0), ("b", "def", "paper-pool", 25.0)]:
-        rows = [dict(row, preset=preset, provider="reference-eager"),
-                dict(row, preset=preset, provider="gqn_fast-eager", median_ms=fast_ms, p20_ms=fast_ms, p80_ms=fast_ms)]
-        report.write(tmp_path / name, dict(env, commit=commit, date=name, command=f"run {name}"), {"copy_GBps": 1.0}, rows)
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "merged"),
-                          str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+        rows = [
+            dict(row, preset=preset, provider="reference-eager"),
+            dict(row, preset=preset, provider="gqn_fast-eager", median_ms=fast_ms, p20_ms=fast_ms, p80_ms=fast_ms),
+        ]
+        report.write(
+            tmp_path / name, dict(env, commit=commit, date=name, command=f"run {name}"), {"copy_GBps": 1.0}, rows
+        )
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "report.py"),
+            "--out",
+            str(tmp_path / "merged"),
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["environment"]["commit"] == "abc; def" and merged["environment"]["command"] == "run a; run b"
@@ -75,15 +115,27 @@ def test_merged_runs_keep_each_rows_commit(tmp_path):
     assert speedups[("paper-pool", "gqn_fast-eager")] == (4.0, "def")
     other = dict(env, device="NVIDIA H100", commit="x", date="c")
     report.write(tmp_path / "c", other, {"copy_GBps": 1.0}, [dict(row, provider="reference-eager")])
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "m2"),
-                          str(tmp_path / "a"), str(tmp_path / "c")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "report.py"),
+            "--out",
+            str(tmp_path / "m2"),
+            str(tmp_path / "a"),
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0 and "expected one device" in run.stderr
 
 
 def test_repeats_must_be_positive(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--repeats", "0", "--out", str(tmp_path / "r")],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 2 and "--repeats: expected a positive number, got 0" in run.stderr
     assert not (tmp_path / "r").exists()
@@ -94,7 +146,9 @@ def test_smoke_never_writes_among_the_committed_results(tmp_path):
     before = (committed / "results.json").read_bytes()
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--only", "data", "--out", str(committed)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 2 and "among the committed results" in run.stderr
     assert (committed / "results.json").read_bytes() == before

@@ -21,16 +21,29 @@ def dataset(tmp_path_factory):
     from gqn_fast.data.builtin import make_dataset
 
     # 11 train scenes of T = 10 views.
-    return make_dataset(tmp_path_factory.mktemp("data") / "rooms", "rooms", scenes=12, seed=3, workers=1,
-                        progress=False)
+    return make_dataset(
+        tmp_path_factory.mktemp("data") / "rooms", "rooms", scenes=12, seed=3, workers=1, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
     """A run folder of one step: config.json, metrics.jsonl and a checkpoint."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    train(TrainArgs(data=str(dataset), preset="small", steps=1, batch=2, max_context=2, out=str(out),
-                    log_every=1, image_every=100, checkpoint_every=1, device="cpu"))
+    train(
+        TrainArgs(
+            data=str(dataset),
+            preset="small",
+            steps=1,
+            batch=2,
+            max_context=2,
+            out=str(out),
+            log_every=1,
+            image_every=100,
+            checkpoint_every=1,
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -54,8 +67,22 @@ def assert_one_line_error(capsys, argv, *fragments):
 
 
 def train_argv(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--steps", "2", "--batch", "2", "--max-context", "2",
-            "--device", "cpu", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--max-context",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _rewrite_manifest(split, **changes):
@@ -75,8 +102,10 @@ def _truncate(path):
         (lambda d: shutil.rmtree(d), ["no such dataset folder"]),
         (lambda d: _truncate(d / "train" / "images.npy"), ["train/images.npy", "truncated"]),
         (lambda d: _rewrite_manifest(d / "train", num_scenes=20), ["train/manifest.json", "(20, 10)"]),
-        (lambda d: np.save(d / "train" / "cameras.npy", np.load(d / "train" / "cameras.npy")[..., :4]),
-         ["train/cameras.npy", "(N, T, 5)"]),
+        (
+            lambda d: np.save(d / "train" / "cameras.npy", np.load(d / "train" / "cameras.npy")[..., :4]),
+            ["train/cameras.npy", "(N, T, 5)"],
+        ),
     ],
 )
 def test_train_on_a_damaged_dataset(dataset, tmp_path, capsys, damage, names):
@@ -100,12 +129,22 @@ def test_train_arguments_the_dataset_cannot_serve(dataset, tmp_path, capsys, ext
     assert not out.exists()
 
 
-COUNTS = ["--steps", "--batch", "--sigma-steps", "--builtin-scenes", "--max-context", "--log-every",
-          "--image-every", "--checkpoint-every", "--keep"]
+COUNTS = [
+    "--steps",
+    "--batch",
+    "--sigma-steps",
+    "--builtin-scenes",
+    "--max-context",
+    "--log-every",
+    "--image-every",
+    "--checkpoint-every",
+    "--keep",
+]
 
 
-@pytest.mark.parametrize("flag, value", [(flag, "0") for flag in COUNTS] + [("--steps", "-3"), ("--workers", "-1"),
-                                                                          ("--seed", "-1")])
+@pytest.mark.parametrize(
+    "flag, value", [(flag, "0") for flag in COUNTS] + [("--steps", "-3"), ("--workers", "-1"), ("--seed", "-1")]
+)
 def test_train_refuses_non_positive_counts(dataset, run, capsys, flag, value):
     before = snapshot(run)
     assert_one_line_error(capsys, train_argv(dataset, run, "--resume", flag, value), flag, value)
@@ -118,11 +157,20 @@ def _other_data(dataset, tmp_path):
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("batch", "3"), ("seed", "5"), ("sigma-steps", "100"), ("max-context", "3"), ("preset", "paper"),
-     ("precision", "bf16"), ("impl", "reference"), ("data", None)],
+    [
+        ("batch", "3"),
+        ("seed", "5"),
+        ("sigma-steps", "100"),
+        ("max-context", "3"),
+        ("preset", "paper"),
+        ("precision", "bf16"),
+        ("impl", "reference"),
+        ("data", None),
+    ],
 )
-def test_resume_with_another_setting_is_refused_before_anything_is_written(dataset, run, tmp_path, capsys,
-                                                                             setting, value):
+def test_resume_with_another_setting_is_refused_before_anything_is_written(
+    dataset, run, tmp_path, capsys, setting, value
+):
     before = snapshot(run)
     argv = train_argv(dataset, run, "--resume")
     if setting == "data":
@@ -137,10 +185,15 @@ def test_resume_with_another_setting_is_refused_before_anything_is_written(datas
 
 def test_an_allowed_change_resumes(dataset, run, tmp_path, capsys):
     out = shutil.copytree(run, tmp_path / "run")
-    assert_one_line_error(capsys, train_argv(dataset, out, "--resume", "--batch", "3", "--allow-change", "batchs"),
-                          "--allow-change: unknown setting batchs")
-    assert cli.main(train_argv(dataset, out, "--resume", "--batch", "3", "--seed", "4",
-                               "--allow-change", "batch,seed")) == 0
+    assert_one_line_error(
+        capsys,
+        train_argv(dataset, out, "--resume", "--batch", "3", "--allow-change", "batchs"),
+        "--allow-change: unknown setting batchs",
+    )
+    assert (
+        cli.main(train_argv(dataset, out, "--resume", "--batch", "3", "--seed", "4", "--allow-change", "batch,seed"))
+        == 0
+    )
     state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
     assert state["step"] == 2 and state["train"]["batch"] == 3 and state["train"]["seed"] == 4
     assert json.loads((out / "config.json").read_text())["train"]["batch"] == 3
@@ -148,8 +201,9 @@ def test_an_allowed_change_resumes(dataset, run, tmp_path, capsys):
 
 def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert_one_line_error(capsys, train_argv(dataset, out, "--resume"), "--resume:", "holds no checkpoint",
-                          "leave out --resume")
+    assert_one_line_error(
+        capsys, train_argv(dataset, out, "--resume"), "--resume:", "holds no checkpoint", "leave out --resume"
+    )
     assert not out.exists()
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run killed before its first checkpoint
@@ -159,18 +213,24 @@ def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path, capsys):
 
 
 def test_a_real_process_exits_1_without_a_traceback(dataset, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gqn_fast", *train_argv(dataset, tmp_path / "run", "--keep", "0")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "gqn_fast", *train_argv(dataset, tmp_path / "run", "--keep", "0")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == "gqn-fast train: error: --keep: expected a positive int, got 0"
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("argv, shown", [
-    (["train"], ["(default: 2000)", "(default: small)", "(default: 0)", "loader threads"]),
-    (["data", "make"], ["(default: 0)"]),
-    (["data", "convert-deepmind"], ["(default: ['train', 'test'])"]),
-])
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["train"], ["(default: 2000)", "(default: small)", "(default: 0)", "loader threads"]),
+        (["data", "make"], ["(default: 0)"]),
+        (["data", "convert-deepmind"], ["(default: ['train', 'test'])"]),
+    ],
+)
 def test_help_shows_the_defaults(capsys, argv, shown):
     with pytest.raises(SystemExit) as exit:
         cli.main([*argv, "--help"])
@@ -182,7 +242,9 @@ def test_help_shows_the_defaults(capsys, argv, shown):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only torch says; with a GPU the device exists")
-@pytest.mark.parametrize("argv", [["train", "--steps", "1"], ["eval", "nothing.pt"], ["data", "make", "rooms", "--scenes", "4"]])
+@pytest.mark.parametrize(
+    "argv", [["train", "--steps", "1"], ["eval", "nothing.pt"], ["data", "make", "rooms", "--scenes", "4"]]
+)
 def test_a_cuda_device_without_cuda_is_one_line(dataset, tmp_path, capsys, argv):
     extra = ["--out", str(tmp_path / "out")] + (["--data", str(dataset)] if argv[0] == "train" else [])
     assert cli.main([*argv, *extra, "--device", "cuda"]) == 1
@@ -241,13 +303,21 @@ def test_one_error_type_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     from gqn_fast.data.format import DatasetFormatError
     from gqn_fast.data.tfrecord import CorruptRecordError
 
-    for cls, base in ((errors.UsageError, ValueError), (CheckpointError, RuntimeError),
-                      (DatasetFormatError, ValueError), (CorruptRecordError, ValueError),
-                      (train.TrainingDiverged, RuntimeError)):
+    for cls, base in (
+        (errors.UsageError, ValueError),
+        (CheckpointError, RuntimeError),
+        (DatasetFormatError, ValueError),
+        (CorruptRecordError, ValueError),
+        (train.TrainingDiverged, RuntimeError),
+    ):
         assert issubclass(cls, errors.UserError) and issubclass(cls, base), cls
     tree = ast.parse(Path(errors.__file__).read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                and "gqn_fast" in (getattr(n, "module", None) or "") + " ".join(a.name for a in n.names)]
+    assert not [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        and "gqn_fast" in (getattr(n, "module", None) or "") + " ".join(a.name for a in n.names)
+    ]
 
     def bug(ns):
         raise ValueError("an internal mistake")

@@ -71,9 +71,7 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: constant_conv(a, b, 4), (v, weight))
 
 
-@pytest.mark.parametrize(
-    "v_shape,w_shape", [((2, 3), (4, 2, 5, 5)), ((2, 3, 1), (4, 3, 5, 5)), ((2, 3), (4, 3, 4, 4))]
-)
+@pytest.mark.parametrize("v_shape,w_shape", [((2, 3), (4, 2, 5, 5)), ((2, 3, 1), (4, 3, 5, 5)), ((2, 3), (4, 3, 4, 4))])
 def test_bad_shapes_are_named(v_shape, w_shape):
     with pytest.raises(ValueError, match="v, weight|weight"):
         constant_conv(torch.zeros(v_shape), torch.zeros(w_shape), 16)

@@ -93,12 +93,16 @@ def test_crc32c_and_its_mask():
 
 
 def test_parse_example_reads_every_list_type():
-    features = parse_example(example({
-        "frames": [b"\xff\xd8one", b"two"],
-        "cameras": np.array([1.5, -2.25, 3.0], np.float32),
-        "loose": ("unpacked", [0.5, -1.0]),
-        "ids": ("int64", [3, -7, 2**40]),
-    }))
+    features = parse_example(
+        example(
+            {
+                "frames": [b"\xff\xd8one", b"two"],
+                "cameras": np.array([1.5, -2.25, 3.0], np.float32),
+                "loose": ("unpacked", [0.5, -1.0]),
+                "ids": ("int64", [3, -7, 2**40]),
+            }
+        )
+    )
     assert features["frames"] == [b"\xff\xd8one", b"two"]
     np.testing.assert_array_equal(features["cameras"], [1.5, -2.25, 3.0])
     assert features["cameras"].dtype == np.float32
@@ -139,14 +143,24 @@ def test_count_records_reads_the_framing_as_scan_records_does(tmp_path):
     path = _records_file(tmp_path, payloads)
     raw = path.read_bytes()
     second = 12 + 5 + 4
-    cases = {"whole": raw, "truncated": raw[: len(raw) - 3], "a bad payload": raw[: second + 12] + b"S" + raw[second + 13 :],
-             "a bad length": raw[:second] + b"\x0e" + raw[second + 1 :], "empty": b"", "a short header": raw[:7]}
+    cases = {
+        "whole": raw,
+        "truncated": raw[: len(raw) - 3],
+        "a bad payload": raw[: second + 12] + b"S" + raw[second + 13 :],
+        "a bad length": raw[:second] + b"\x0e" + raw[second + 1 :],
+        "empty": b"",
+        "a short header": raw[:7],
+    }
     expected = {"whole": 3, "truncated": 2, "a bad payload": 3, "a bad length": 1, "empty": 0, "a short header": 0}
     for case, data in cases.items():
         path.write_bytes(data)
         items = list(scan_records(path))
         # scan_records ends with the broken frame, if any; a bad payload is a record in its frame.
-        broken = bool(items) and isinstance(items[-1][1], CorruptRecordError) and items[-1][1].problem != "data checksum mismatch"
+        broken = (
+            bool(items)
+            and isinstance(items[-1][1], CorruptRecordError)
+            and items[-1][1].problem != "data checksum mismatch"
+        )
         assert deepmind.count_records(path) == expected[case] == len(items) - broken, case
 
 
@@ -172,7 +186,8 @@ def test_a_stopped_conversion_whose_source_grew_starts_the_split_over(tmp_path, 
     assert calls == ["0001-of-2160.tfrecord"] and (tmp_path / "out" / "train" / ".parts" / "plan.json").is_file()
     write_dataset(src / "more", "rooms_ring_camera", "train", [3], seed=32, numbers=[2])
     (src / "more" / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord").replace(
-        src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord")  # another second file, of 3 scenes
+        src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord"
+    )  # another second file, of 3 scenes
     convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=1, progress=False)
     convert_deepmind(src, tmp_path / "clean", "rooms_ring_camera", splits=("train",), workers=1, progress=False)
     assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "clean")
@@ -183,8 +198,9 @@ def test_convert_round_trip_64px_through_the_cli(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     train = write_dataset(src, "rooms_ring_camera", "train", [3, 2], seed=1)
     test = write_dataset(src, "rooms_ring_camera", "test", [2], seed=2)
-    code = main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
-                 "--quiet", "--workers", "2"])
+    code = main(
+        ["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera", "--quiet", "--workers", "2"]
+    )
     assert code == 0
     report = capsys.readouterr().out
     assert "train: 5 scenes from 2 files (the full release has 2160)" in report
@@ -206,8 +222,7 @@ def test_convert_resizes_128px_and_84px_sets(tmp_path):
     src = tmp_path / "src"
     scenes = write_dataset(src, "rooms_free_camera_with_object_rotations", "train", [2], seed=3)
     write_dataset(src, "rooms_free_camera_with_object_rotations", "test", [1], seed=4)
-    convert_deepmind(src, tmp_path / "rooms128", "rooms_free_camera_with_object_rotations", workers=1,
-                     progress=False)
+    convert_deepmind(src, tmp_path / "rooms128", "rooms_free_camera_with_object_rotations", workers=1, progress=False)
     ds = SceneDataset(tmp_path / "rooms128", "train")
     for i, (images, cameras) in enumerate(scenes):
         assert ds[i][0].shape == (10, 64, 64, 3)
@@ -228,9 +243,12 @@ def test_area_resize_against_a_float64_reference():
     rng = np.random.default_rng(9)
     stripes = np.zeros((1, 84, 84, 3), np.uint8)
     stripes[:, :, ::2] = 255  # one-pixel stripes
-    for size, images in ((128, rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)),
-                         (84, rng.integers(0, 256, (4, 84, 84, 3), dtype=np.uint8)),
-                         (84, stripes), (7, rng.integers(0, 256, (2, 7, 7, 1), dtype=np.uint8))):
+    for size, images in (
+        (128, rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)),
+        (84, rng.integers(0, 256, (4, 84, 84, 3), dtype=np.uint8)),
+        (84, stripes),
+        (7, rng.integers(0, 256, (2, 7, 7, 1), dtype=np.uint8)),
+    ):
         target = 64 if size != 7 else 3
         got = area_resize(images, target)
         assert got.shape == (images.shape[0], target, target, images.shape[-1]) and got.dtype == np.uint8
@@ -253,8 +271,12 @@ def test_area_resize_is_the_rounded_float64_area_mean_at_any_size(a, data):
     b = data.draw(st.integers(1, a), label="b")
     kind = data.draw(st.sampled_from(["random", "zeros", "full", "checker"]), label="kind")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    images = {"random": rng.integers(0, 256, (3, a, a, 3)), "zeros": np.zeros((3, a, a, 3)),
-              "full": np.full((3, a, a, 3), 255), "checker": (np.indices((3, a, a, 3)).sum(0) % 2) * 255}[kind]
+    images = {
+        "random": rng.integers(0, 256, (3, a, a, 3)),
+        "zeros": np.zeros((3, a, a, 3)),
+        "full": np.full((3, a, a, 3), 255),
+        "checker": (np.indices((3, a, a, 3)).sum(0) % 2) * 255,
+    }[kind]
     images = images.astype(np.uint8)
     got = area_resize(images, b)
     assert got.shape == (3, b, b, 3) and got.dtype == np.uint8
@@ -271,8 +293,9 @@ def test_files_of_20_and_of_2000_scenes(tmp_path):
     for _ in range(3):
         images = smooth_images(rng, 10, 64)
         cameras = rng.uniform(-3, 3, (10, 5)).astype(np.float32)
-        variants.append((frame_record(example({"frames": [jpeg(x) for x in images], "cameras": cameras.ravel()})),
-                         cameras))
+        variants.append(
+            (frame_record(example({"frames": [jpeg(x) for x in images], "cameras": cameras.ravel()})), cameras)
+        )
     src = tmp_path / "src" / "rooms_ring_camera"
     for split, counts in (("train", [2000, 20]), ("test", [20])):
         (src / split).mkdir(parents=True)
@@ -311,8 +334,20 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
 
     # Run again, skipping: only the unfinished files are converted.
     converted.clear()
-    code = main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
-                 "--skip-corrupt", "--quiet", "--workers", "1"])
+    code = main(
+        [
+            "data",
+            "convert-deepmind",
+            str(src),
+            str(out),
+            "--dataset",
+            "shepard_metzler_5_parts",
+            "--skip-corrupt",
+            "--quiet",
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     assert "001-of-900.tfrecord" not in converted and "002-of-900.tfrecord" in converted
     assert "skipped 002-of-900.tfrecord record 2: truncated" in capsys.readouterr().out
@@ -336,18 +371,37 @@ def test_corrupt_records_raise_or_are_skipped_and_finished_files_are_kept(tmp_pa
 def test_a_record_that_is_no_scene_is_reported(tmp_path, capsys):
     src = tmp_path / "src" / "jaco" / "train"
     src.mkdir(parents=True)
-    good = example({"frames": [jpeg(x) for x in smooth_images(np.random.default_rng(0), 11, 64)],
-                    "cameras": np.zeros(55, np.float32)})
+    good = example(
+        {
+            "frames": [jpeg(x) for x in smooth_images(np.random.default_rng(0), 11, 64)],
+            "cameras": np.zeros(55, np.float32),
+        }
+    )
     few_frames = example({"frames": [jpeg(np.zeros((64, 64, 3), np.uint8))] * 3, "cameras": np.zeros(55, np.float32)})
     not_jpeg = example({"frames": [b"not a jpeg"] * 11, "cameras": np.zeros(55, np.float32)})
     (src / "0001-of-3600.tfrecord").write_bytes(b"".join(frame_record(r) for r in (good, few_frames, not_jpeg)))
     with pytest.raises(CorruptRecordError, match=r"record 1: 'frames': expected 11 JPEG strings, got 3"):
         convert_deepmind(tmp_path / "src", tmp_path / "out", "jaco", splits=("train",), progress=False)
-    assert main(["data", "convert-deepmind", str(tmp_path / "src"), str(tmp_path / "out"), "--dataset", "jaco",
-                 "--splits", "train", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "data",
+                "convert-deepmind",
+                str(tmp_path / "src"),
+                str(tmp_path / "out"),
+                "--dataset",
+                "jaco",
+                "--splits",
+                "train",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "0001-of-3600.tfrecord: record 1" in capsys.readouterr().err
-    report = convert_deepmind(tmp_path / "src", tmp_path / "out", "jaco", splits=("train",), skip_corrupt=True,
-                              progress=False)
+    report = convert_deepmind(
+        tmp_path / "src", tmp_path / "out", "jaco", splits=("train",), skip_corrupt=True, progress=False
+    )
     assert report["train"]["scenes"] == 1
     assert [s[1] for s in report["train"]["skipped"]] == [1, 2]
     assert "frame 0: not a decodable image" in report["train"]["skipped"][1][2]
@@ -361,8 +415,15 @@ def _jpeg_variants():
     rng = np.random.default_rng(30)
     for size in (64, 84, 128):
         noisy = np.clip(smooth_images(rng, 1, size)[0] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
-        for options in ({}, {"subsampling": 1}, {"subsampling": 0}, {"progressive": True}, {"quality": 30},
-                        {"restart_marker_blocks": 2}, {"optimize": True}):
+        for options in (
+            {},
+            {"subsampling": 1},
+            {"subsampling": 0},
+            {"progressive": True},
+            {"quality": 30},
+            {"restart_marker_blocks": 2},
+            {"optimize": True},
+        ):
             yield size, jpeg(noisy, **options)
         yield size, jpeg(noisy[..., 0])  # a grey JPEG
 
@@ -439,8 +500,21 @@ def test_corrupt_record_errors_travel_back_from_worker_processes(tmp_path, capsy
     with pytest.raises(CorruptRecordError, match="record 1: data checksum mismatch") as caught:
         convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=2, progress=False)
     assert caught.value.path == str(bad) and caught.value.index == 1
-    code = main(["data", "convert-deepmind", str(src), str(tmp_path / "out"), "--dataset", "rooms_ring_camera",
-                 "--splits", "train", "--workers", "2", "--quiet"])
+    code = main(
+        [
+            "data",
+            "convert-deepmind",
+            str(src),
+            str(tmp_path / "out"),
+            "--dataset",
+            "rooms_ring_camera",
+            "--splits",
+            "train",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert f"{bad}: record 1: data checksum mismatch" in err
@@ -457,8 +531,23 @@ def test_a_bad_data_checksum_skips_that_record_only(tmp_path, capsys):
     assert all(isinstance(data, bytes) for i, data in items if i != 1)
     with pytest.raises(CorruptRecordError, match="record 1: data checksum mismatch"):
         convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
-                 "--splits", "train", "--skip-corrupt", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert-deepmind",
+                str(src),
+                str(out),
+                "--dataset",
+                "rooms_ring_camera",
+                "--splits",
+                "train",
+                "--skip-corrupt",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "skipped 0001-of-2160.tfrecord record 1: data checksum mismatch" in capsys.readouterr().out
     ds = SceneDataset(out, "train")
     assert len(ds) == 3  # records 0, 2 and 3: reading went on after the bad one
@@ -477,27 +566,41 @@ def test_only_deepmind_file_names_are_read(tmp_path):
     (folder / "notes.tfrecord.txt").write_text("not a record file")
     (folder / "0003-of-2160.tfrecord.bak").write_bytes(first)
     # Names DeepMind never uses for this split: another count, other padding, a number past the count.
-    for stray in ("0001-of-0002.tfrecord", "001-of-240.tfrecord", "1-of-2160.tfrecord", "00001-of-02160.tfrecord",
-                  "0000-of-2160.tfrecord", "2161-of-2160.tfrecord"):
+    for stray in (
+        "0001-of-0002.tfrecord",
+        "001-of-240.tfrecord",
+        "1-of-2160.tfrecord",
+        "00001-of-02160.tfrecord",
+        "0000-of-2160.tfrecord",
+        "2161-of-2160.tfrecord",
+    ):
         (folder / stray).write_bytes(first)
     assert [p.name for p in deepmind.source_files(src, "rooms_ring_camera", "train")] == [
-        "0001-of-2160.tfrecord", "0002-of-2160.tfrecord"]
-    report = convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), skip_corrupt=True,
-                              progress=False)
+        "0001-of-2160.tfrecord",
+        "0002-of-2160.tfrecord",
+    ]
+    report = convert_deepmind(
+        src, tmp_path / "out", "rooms_ring_camera", splits=("train",), skip_corrupt=True, progress=False
+    )
     assert report["train"]["scenes"] == 3 and report["train"]["skipped"] == []
     cameras = np.load(tmp_path / "out" / "train" / "cameras.npy")
     np.testing.assert_array_equal(cameras, np.stack([c for _, c in scenes]))
     # A folder with none of the split's names: the error says which names that split has.
-    for split, expected in (("train", "0001-of-2160.tfrecord .. 2160-of-2160.tfrecord"),
-                            ("test", "001-of-240.tfrecord .. 240-of-240.tfrecord")):
+    for split, expected in (
+        ("train", "0001-of-2160.tfrecord .. 2160-of-2160.tfrecord"),
+        ("test", "001-of-240.tfrecord .. 240-of-240.tfrecord"),
+    ):
         empty = tmp_path / "empty" / "rooms_ring_camera" / split
         empty.mkdir(parents=True)
         (empty / "._0001-of-0001.tfrecord").write_bytes(b"x")
         (empty / "0001-of-0240.tfrecord").write_bytes(first)  # the four-digit name the old converter wanted
-        with pytest.raises(FileNotFoundError, match=f"{empty}: no TFRecord files named like {expected} for the "
-                                                    f"{split} split of rooms_ring_camera"):
-            convert_deepmind(tmp_path / "empty", tmp_path / "out2", "rooms_ring_camera", splits=(split,),
-                             progress=False)
+        with pytest.raises(
+            FileNotFoundError,
+            match=f"{empty}: no TFRecord files named like {expected} for the {split} split of rooms_ring_camera",
+        ):
+            convert_deepmind(
+                tmp_path / "empty", tmp_path / "out2", "rooms_ring_camera", splits=(split,), progress=False
+            )
 
 
 def test_file_names_follow_deepmind_reader_for_every_dataset_and_split():
@@ -523,8 +626,10 @@ def test_every_dataset_converts_under_deepmind_file_names(tmp_path, name, worker
     per_file = 1 if views > 20 else 2  # mazes: 300 views a scene
     train = write_dataset(src, name, "train", [per_file, 1, per_file], seed=20, numbers=[1, 10, train_count])
     test = write_dataset(src, name, "test", [1, 1], seed=21, numbers=[2, 100])
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", name, "--quiet",
-                 "--workers", str(workers)]) == 0
+    assert (
+        main(["data", "convert-deepmind", str(src), str(out), "--dataset", name, "--quiet", "--workers", str(workers)])
+        == 0
+    )
     for split, scenes in (("train", train), ("test", test)):
         ds = SceneDataset(out, split)
         assert len(ds) == len(scenes) and ds.num_views == views
@@ -539,19 +644,24 @@ def test_a_partial_download_converts_and_a_later_larger_one_is_refused(tmp_path,
     src, out = tmp_path / "src", tmp_path / "out"
     write_dataset(src, "shepard_metzler_7_parts", "train", [2, 1, 2], seed=22, numbers=[1, 2, 5])
     write_dataset(src, "shepard_metzler_7_parts", "test", [1], seed=23)
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts",
-                 "--quiet"]) == 0
+    assert (
+        main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts", "--quiet"]) == 0
+    )
     report = capsys.readouterr().out
     assert "train: 5 scenes from 3 files (the full release has 900)" in report
     assert "test: 1 scenes from 1 files (the full release has 100)" in report
     write_dataset(src / "more", "shepard_metzler_7_parts", "train", [1], seed=24, numbers=[3])
     (src / "more" / "shepard_metzler_7_parts" / "train" / "003-of-900.tfrecord").rename(
-        src / "shepard_metzler_7_parts" / "train" / "003-of-900.tfrecord")
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts",
-                 "--quiet"]) == 1
+        src / "shepard_metzler_7_parts" / "train" / "003-of-900.tfrecord"
+    )
+    assert (
+        main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_7_parts", "--quiet"]) == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "converted from 3 files" in err and "now has 4 (1 new, 0 gone, 0 changed in size: 003-of-900.tfrecord)" in err
+    assert (
+        "converted from 3 files" in err and "now has 4 (1 new, 0 gone, 0 changed in size: 003-of-900.tfrecord)" in err
+    )
 
 
 def test_an_empty_file_is_named_and_skipped_only_when_asked(tmp_path, capsys):
@@ -562,13 +672,27 @@ def test_an_empty_file_is_named_and_skipped_only_when_asked(tmp_path, capsys):
     empty.write_bytes(b"")  # a download that failed
     with pytest.raises(CorruptRecordError, match="002-of-900.tfrecord: record 0: the file is empty"):
         convert_deepmind(src, out, "shepard_metzler_5_parts", progress=False)
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
-                 "--quiet"]) == 1
+    assert (
+        main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts", "--quiet"]) == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{empty}: record 0: the file is empty (0 bytes)" in err
     assert not (out / "train" / "manifest.json").exists()
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "shepard_metzler_5_parts",
-                 "--quiet", "--skip-corrupt"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert-deepmind",
+                str(src),
+                str(out),
+                "--dataset",
+                "shepard_metzler_5_parts",
+                "--quiet",
+                "--skip-corrupt",
+            ]
+        )
+        == 0
+    )
     assert "skipped 002-of-900.tfrecord record 0: the file is empty (0 bytes)" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(out / "train" / "cameras.npy"), np.stack([c for _, c in scenes]))
 
@@ -580,11 +704,28 @@ def test_a_finished_split_refuses_a_changed_source(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
     folder = src / "rooms_ring_camera" / "train"
     (folder / "0003-of-2160.tfrecord").write_bytes((folder / "0001-of-2160.tfrecord").read_bytes())
-    with pytest.raises(FileExistsError, match=r"converted from 2 files .* now has 3 \(1 new, 0 gone, 0 changed in "
-                                              r"size: 0003-of-2160.tfrecord\)"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"converted from 2 files .* now has 3 \(1 new, 0 gone, 0 changed in "
+        r"size: 0003-of-2160.tfrecord\)",
+    ):
         convert_deepmind(src, out, "rooms_ring_camera", splits=("train",), progress=False)
-    assert main(["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera",
-                 "--splits", "train", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "data",
+                "convert-deepmind",
+                str(src),
+                str(out),
+                "--dataset",
+                "rooms_ring_camera",
+                "--splits",
+                "train",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.count("\n") == 1
     (folder / "0003-of-2160.tfrecord").unlink()
     with open(folder / "0002-of-2160.tfrecord", "ab") as f:
@@ -599,9 +740,17 @@ class Killed(BaseException):
 
 
 # Every step of a conversion that writes or removes something.
-STEPS = [(deepmind.NpyAppender, "append"), (deepmind.NpyAppender, "close"), (deepmind.SplitWriter, "__init__"),
-         (deepmind.SplitWriter, "write"), (deepmind.SplitWriter, "flush"), (deepmind.SplitWriter, "finish"),
-         (deepmind, "write_json_atomic"), (deepmind, "_remove"), (deepmind, "_replace")]
+STEPS = [
+    (deepmind.NpyAppender, "append"),
+    (deepmind.NpyAppender, "close"),
+    (deepmind.SplitWriter, "__init__"),
+    (deepmind.SplitWriter, "write"),
+    (deepmind.SplitWriter, "flush"),
+    (deepmind.SplitWriter, "finish"),
+    (deepmind, "write_json_atomic"),
+    (deepmind, "_remove"),
+    (deepmind, "_replace"),
+]
 
 
 def _kill_at(monkeypatch, point):
@@ -609,6 +758,7 @@ def _kill_at(monkeypatch, point):
     call of any step, 3, 4 the second, ...; returns the count of points reached."""
     reached = [0]
     for owner, name in STEPS:
+
         def step(*args, _real=getattr(owner, name), **kwargs):  # noqa: B008  (bind this step's function)
             reached[0] += 1
             if reached[0] == point:
@@ -618,6 +768,7 @@ def _kill_at(monkeypatch, point):
             if reached[0] == point:
                 raise Killed
             return result
+
         monkeypatch.setattr(owner, name, step)
     return reached
 
@@ -638,8 +789,7 @@ def test_an_interrupt_at_any_step_resumes_to_the_same_bytes(tmp_path, monkeypatc
     write_dataset(src, "rooms_ring_camera", "test", [1], seed=15)
     bad = src / "rooms_ring_camera" / "train" / "0002-of-2160.tfrecord"
     _corrupt_payload(bad, 0, bad.stat().st_size // 2)  # a skipped record is part of what must come out the same
-    convert = lambda out: convert_deepmind(src, out, "rooms_ring_camera", workers=1, skip_corrupt=True,
-                                           progress=False)
+    convert = lambda out: convert_deepmind(src, out, "rooms_ring_camera", workers=1, skip_corrupt=True, progress=False)
     # fsync and msync guard against power loss, not kills (the page cache outlives a process); and are slow.
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(np.memmap, "flush", lambda self: None)
@@ -659,8 +809,9 @@ def test_an_interrupt_at_any_step_resumes_to_the_same_bytes(tmp_path, monkeypatc
             if (out / split / "manifest.json").exists():
                 got = SceneDataset(out, split)
                 assert got.manifest == clean[f"{split}/manifest.json"], point
-                np.testing.assert_array_equal(np.load(out / split / "images.npy"),
-                                              np.load(tmp_path / "clean" / split / "images.npy"))
+                np.testing.assert_array_equal(
+                    np.load(out / split / "images.npy"), np.load(tmp_path / "clean" / split / "images.npy")
+                )
         convert(out)
         assert _snapshot(out) == clean, f"killed at point {point}"
 

@@ -82,14 +82,26 @@ def _save(path, array):
         (lambda d: (d / "manifest.json").unlink(), "manifest.json", "missing"),
         (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json", "not valid JSON"),
         (lambda d: (d / "images.npy").unlink(), "images.npy", "missing"),
-        (lambda d: _save(d / "images.npy", np.load(d / "images.npy").astype(np.float32)), "images.npy",
-         "expected dtype uint8, got float32"),
-        (lambda d: _save(d / "images.npy", np.load(d / "images.npy")[:, :, :32]), "images.npy",
-         r"expected shape \(N, T, 64, 64, 3\)"),
-        (lambda d: _save(d / "cameras.npy", np.load(d / "cameras.npy").astype(np.float64)), "cameras.npy",
-         "expected dtype float32, got float64"),
-        (lambda d: _save(d / "cameras.npy", np.load(d / "cameras.npy")[..., :4]), "cameras.npy",
-         r"expected shape \(N, T, 5\)"),
+        (
+            lambda d: _save(d / "images.npy", np.load(d / "images.npy").astype(np.float32)),
+            "images.npy",
+            "expected dtype uint8, got float32",
+        ),
+        (
+            lambda d: _save(d / "images.npy", np.load(d / "images.npy")[:, :, :32]),
+            "images.npy",
+            r"expected shape \(N, T, 64, 64, 3\)",
+        ),
+        (
+            lambda d: _save(d / "cameras.npy", np.load(d / "cameras.npy").astype(np.float64)),
+            "cameras.npy",
+            "expected dtype float32, got float64",
+        ),
+        (
+            lambda d: _save(d / "cameras.npy", np.load(d / "cameras.npy")[..., :4]),
+            "cameras.npy",
+            r"expected shape \(N, T, 5\)",
+        ),
         (lambda d: _save(d / "cameras.npy", np.load(d / "cameras.npy")[:5]), "cameras.npy", "disagrees"),
         (lambda d: _save(d / "images.npy", np.load(d / "images.npy")[:5]), "cameras.npy", "disagrees"),
         (lambda d: _rewrite_manifest(d, num_scenes=12), "manifest.json", "num_scenes, num_views"),
@@ -97,8 +109,7 @@ def _save(path, array):
         (lambda d: _truncate(d / "images.npy"), "images.npy", "truncated or corrupt"),
         (lambda d: _append(d / "images.npy", b"\0" * 100), "images.npy", "bytes, but its header.s shape"),
         (lambda d: _nan_camera(d / "cameras.npy", 4), "cameras.npy", "scene 4"),
-        (lambda d: _save(d / "images.npy", np.asfortranarray(np.load(d / "images.npy"))), "images.npy",
-         "Fortran"),
+        (lambda d: _save(d / "images.npy", np.asfortranarray(np.load(d / "images.npy"))), "images.npy", "Fortran"),
     ],
 )
 def test_a_damaged_split_names_the_file_and_the_problem(copy, damage, file, message):
@@ -191,8 +202,25 @@ def test_builtin_dataset_generates_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_cli_make_and_show(tmp_path, capsys):
     out = tmp_path / "sm7"
-    assert main(["data", "make", "shepard_metzler", "--parts", "7", "--scenes", "3", "--out", str(out),
-                 "--seed", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "make",
+                "shepard_metzler",
+                "--parts",
+                "7",
+                "--scenes",
+                "3",
+                "--out",
+                str(out),
+                "--seed",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "train" / "manifest.json").read_text())
     assert manifest["name"] == "shepard_metzler_7" and manifest["num_views"] == 15
     images = np.load(out / "train" / "images.npy")

@@ -133,8 +133,10 @@ def test_resume_mid_epoch_gives_the_uninterrupted_batches(root, workers):
 
 def test_distributed_ranks_split_the_scenes_like_distributed_sampler(root):
     world = 3
-    loaders = [make_loader(root, "train", 2, 4, seed=5, distributed=True, rank=r, world_size=world,
-                           drop_last=False) for r in range(world)]
+    loaders = [
+        make_loader(root, "train", 2, 4, seed=5, distributed=True, rank=r, world_size=world, drop_last=False)
+        for r in range(world)
+    ]
     scenes_by_rank, ms_by_rank = [], []
     for r, loader in enumerate(loaders):
         loader.set_epoch(4)

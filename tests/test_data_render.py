@@ -95,8 +95,7 @@ def test_rendered_object_projects_where_the_camera_maths_says(position, yaw, pit
     assert float(row) == pytest.approx((1 - height) * 32, abs=1e-6)
     # The render puts the sphere there: its pixels' centroid within a pixel, its centre pixel covered.
     radius = 0.04 * depth
-    image = render_one(Scene((Sphere(tuple(centre.tolist()), radius, WHITE),), light=(0.0, 0.0, 1.0)),
-                       camera.tolist())
+    image = render_one(Scene((Sphere(tuple(centre.tolist()), radius, WHITE),), light=(0.0, 0.0, 1.0)), camera.tolist())
     mask = mask_of(image)
     rows, cols = np.nonzero(mask)
     assert len(rows) > 0
@@ -126,8 +125,10 @@ def test_lambertian_shading_of_each_shape():
     cylinder = render_one(Scene((Cylinder((0.0, 0.0, 0.0), 0.5, 1.0, WHITE),), light), front)
     np.testing.assert_allclose(cylinder[32, 32], lit(WHITE, 0.6), atol=1.5)
     # A box turned by 30 degrees: the face seen has normal (-cos 30, -sin 30, 0).
-    turned = render_one(Scene((Box((0.0, 0.0, 0.5), (0.5, 0.5, 0.5), math.radians(30), WHITE),), light),
-                        (-5.0, -1.0, 0.5, math.atan2(1.0, 5.0), 0.0))
+    turned = render_one(
+        Scene((Box((0.0, 0.0, 0.5), (0.5, 0.5, 0.5), math.radians(30), WHITE),), light),
+        (-5.0, -1.0, 0.5, math.atan2(1.0, 5.0), 0.0),
+    )
     np.testing.assert_allclose(turned[32, 32], lit(WHITE, 0.6 * math.cos(math.radians(30))), atol=1)
     # From straight above: the cylinder's top cap, normal +z.
     above = (0.0, 0.0, 5.0, 0.0, -math.pi / 2 + 1e-4)
@@ -162,8 +163,9 @@ def test_room_floor_walls_and_shadow():
     np.testing.assert_allclose(back[32, 32], lit(wall, light[0]), atol=1)
     # A sphere resting at the origin shadows the floor at (-0.5, 0, 0); (-0.5, 2, 0) is lit.
     scene = Scene((Sphere((0.0, 0.0, 0.5), 0.5, WHITE),), light, room=room)
-    camera = look_at(torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64),
-                     torch.tensor([-0.5, 1.0, 0.0], dtype=torch.float64))
+    camera = look_at(
+        torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64), torch.tensor([-0.5, 1.0, 0.0], dtype=torch.float64)
+    )
     image = render_one(scene, camera.tolist())
     for point, expected in (((-0.5, 0.0, 0.0), lit(floor, 0.0)), ((-0.5, 2.0, 0.0), lit(floor, light[2]))):
         row, col, _ = project(torch.tensor(point, dtype=torch.float64), camera, 64)
@@ -231,6 +233,7 @@ def test_shepard_metzler_family(family, parts):
     background = np.round(np.asarray(SM_BACKGROUND) * 255).astype(np.uint8)
     shape_pixels = np.any(images != background, axis=-1)
     assert (shape_pixels.sum(axis=(2, 3)) > 150).all()  # the shape is seen in every view
-    border = np.concatenate([shape_pixels[..., 0, :], shape_pixels[..., -1, :],
-                             shape_pixels[..., :, 0], shape_pixels[..., :, -1]], axis=-1)
+    border = np.concatenate(
+        [shape_pixels[..., 0, :], shape_pixels[..., -1, :], shape_pixels[..., :, 0], shape_pixels[..., :, -1]], axis=-1
+    )
     assert not border.any()  # ... and whole

@@ -30,7 +30,20 @@ def finite_numbers(tree):
 
 def test_eval_writes_reconstruction_and_prediction_curves_to_a_new_folder_each_time(run):
     data, ckpt = run
-    argv = ["eval", str(ckpt), "--scenes", "3", "--max-context", "3", "--samples", "2", "--batch", "2", "--device", "cpu"]
+    argv = [
+        "eval",
+        str(ckpt),
+        "--scenes",
+        "3",
+        "--max-context",
+        "3",
+        "--samples",
+        "2",
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     first = ckpt.parent.parent / "eval" / "step-00000007"
     metrics = json.loads((first / "metrics.json").read_text())
@@ -38,8 +51,14 @@ def test_eval_writes_reconstruction_and_prediction_curves_to_a_new_folder_each_t
     assert [c["context_views"] for c in metrics["curve"]] == [1, 2, 3]
     assert finite_numbers(metrics)
     for point in metrics["curve"]:
-        assert set(point["reconstruction"]) == {"neg_elbo_nats", "bits_per_dim", "kl_nats", "nll_nats",
-                                                "nll_above_floor", "mse"}
+        assert set(point["reconstruction"]) == {
+            "neg_elbo_nats",
+            "bits_per_dim",
+            "kl_nats",
+            "nll_nats",
+            "nll_above_floor",
+            "mse",
+        }
         assert all(0 < value < 1 for value in point["prediction"].values())
     assert metrics["prediction"] == metrics["curve"][-1]["prediction"]
     assert (first / "context_curve.png").stat().st_size > 0
@@ -98,7 +117,20 @@ def test_sample_writes_pictures_to_a_new_folder_each_time(run):
     from PIL import Image
 
     _, ckpt = run
-    argv = ["sample", str(ckpt), "--scenes", "1", "--samples", "2", "--frames", "3", "--context", "2", "--device", "cpu"]
+    argv = [
+        "sample",
+        str(ckpt),
+        "--scenes",
+        "1",
+        "--samples",
+        "2",
+        "--frames",
+        "3",
+        "--context",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     assert cli.main(argv) == 0
     for name in ("step-00000007", "step-00000007-2"):
@@ -110,18 +142,24 @@ def test_sample_writes_pictures_to_a_new_folder_each_time(run):
         assert Image.open(folder / "scene-0000-fly-around.gif").n_frames == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["eval", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
-    (["eval", "--batch", "0"], "--batch: expected an int >= 1, got 0"),
-    (["eval", "--samples", "0"], "--samples: expected an int >= 1, got 0"),
-    (["eval", "--max-context", "10"], "--max-context: expected an int from 1 to 9 (the data has 10 views a scene), got 10"),
-    (["eval", "--max-context", "0"], "--max-context: expected an int from 1 to 9"),
-    (["sample", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
-    (["sample", "--context", "0"], "--context: expected an int >= 1, got 0"),
-    (["sample", "--context", "10"], "--context: expected an int from 1 to 9"),
-    (["sample", "--frames", "0"], "--frames: expected an int >= 1, got 0"),
-    (["sample", "--samples", "-1"], "--samples: expected an int >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
+        (["eval", "--batch", "0"], "--batch: expected an int >= 1, got 0"),
+        (["eval", "--samples", "0"], "--samples: expected an int >= 1, got 0"),
+        (
+            ["eval", "--max-context", "10"],
+            "--max-context: expected an int from 1 to 9 (the data has 10 views a scene), got 10",
+        ),
+        (["eval", "--max-context", "0"], "--max-context: expected an int from 1 to 9"),
+        (["sample", "--scenes", "0"], "--scenes: expected an int >= 1, got 0"),
+        (["sample", "--context", "0"], "--context: expected an int >= 1, got 0"),
+        (["sample", "--context", "10"], "--context: expected an int from 1 to 9"),
+        (["sample", "--frames", "0"], "--frames: expected an int >= 1, got 0"),
+        (["sample", "--samples", "-1"], "--samples: expected an int >= 0, got -1"),
+    ],
+)
 def test_bad_arguments_get_one_line_and_write_nothing(run, tmp_path, capsys, argv, message):
     _, ckpt = run
     out = tmp_path / "out"
@@ -159,8 +197,9 @@ def test_export_publishes_a_half_precision_safetensors_model_that_names_its_buil
         assert all(f.get_tensor(name).dtype == torch.float16 for name in names)
     assert set(metadata) == {"format", "format_version", "config", "step", "dataset", "training"}
     # The local folder is replaced by the built-in set's generator (tiny_run: rooms, seed 3).
-    assert json.loads(metadata["dataset"]) == {"builtin": {"family": "rooms", "seed": 3, "holdout": None,
-                                                           "scenes": 2000}}
+    assert json.loads(metadata["dataset"]) == {
+        "builtin": {"family": "rooms", "seed": 3, "holdout": None, "scenes": 2000}
+    }
     original = load_checkpoint(ckpt)
     assert names == set(original["model"]) and json.loads(metadata["step"]) == 7
     model, model_file = evaluate.load_model(out, torch.device("cpu"))  # the folder stands for its file
@@ -184,10 +223,15 @@ def test_eval_sample_and_analyze_give_the_same_numbers_from_the_export(run, tmp_
     """An fp32 export is the checkpoint's model: the commands' JSON numbers are equal."""
     data, ckpt = run
     assert cli.main(["export", str(ckpt), str(tmp_path / "m.safetensors"), "--keep-data-path"]) == 0
-    commands = {"eval": (["eval"], ["--scenes", "2", "--max-context", "2", "--samples", "1"], "metrics.json"),
-                "sample": (["sample"], ["--scenes", "1", "--samples", "1", "--frames", "2", "--context", "2"], None),
-                "algebra": (["analyze", "algebra"], ["--triples", "1", "--context", "2", "--queries", "1",
-                                                     "--samples", "1", "--properties", "wall-colour"], "algebra.json")}
+    commands = {
+        "eval": (["eval"], ["--scenes", "2", "--max-context", "2", "--samples", "1"], "metrics.json"),
+        "sample": (["sample"], ["--scenes", "1", "--samples", "1", "--frames", "2", "--context", "2"], None),
+        "algebra": (
+            ["analyze", "algebra"],
+            ["--triples", "1", "--context", "2", "--queries", "1", "--samples", "1", "--properties", "wall-colour"],
+            "algebra.json",
+        ),
+    }
     for name, (command, options, result) in commands.items():
         outputs = []
         for source in (ckpt, tmp_path / "m.safetensors"):

@@ -196,8 +196,9 @@ def test_no_weight_sized_tensor_is_allocated_per_step(representation, share_core
     step, a concatenation of weights a larger tensor; the reference's conv backward makes one
     weight gradient per step (and its canvases are that large too at these sizes)."""
     for L in (2, 4):
-        config = GQNConfig(representation=representation, L=L, z_dim=2, hidden=8, canvas=8, r_dim=16,
-                           share_cores=share_cores)
+        config = GQNConfig(
+            representation=representation, L=L, z_dim=2, hidden=8, canvas=8, r_dim=16, share_cores=share_cores
+        )
         counts = {}
         for name, cls in [("fast", GQN), ("reference", ReferenceGQN)]:
             model = cls(config)
@@ -256,7 +257,8 @@ def test_triton_path_matches_reference_under_interpreter(config, batch, seed, fu
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "fused_cells,backward_convs", [(False, "aten"), (True, "aten"), (True, "triton")],
+    "fused_cells,backward_convs",
+    [(False, "aten"), (True, "aten"), (True, "triton")],
     ids=["unfused", "fused-aten-bwd", "fused-triton-bwd"],
 )
 @pytest.mark.parametrize("share_cores", [False, True])
@@ -345,7 +347,9 @@ def test_compile_options_keep_the_models_own_layouts():
     torch._dynamo.reset()
     compiled = torch.compile(fast.elbo, options=compile_options(fast))
     batch, noise = random_scene_batch(2, 1), torch.randn(2, 2, 2, 16, 16)
-    assert_close_rms(compiled(*batch, sigma=0.7, noise=noise).loss, fast.elbo(*batch, sigma=0.7, noise=noise).loss, 1e-6)
+    assert_close_rms(
+        compiled(*batch, sigma=0.7, noise=noise).loss, fast.elbo(*batch, sigma=0.7, noise=noise).loss, 1e-6
+    )
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -379,7 +383,11 @@ def test_canvas_maps_match_the_convs_and_keep_the_layout(channels_last):
 def test_same_seed_same_draws_without_noise(preset):
     """Without `noise`, both models draw the latents' standard normals in the same order and
     layout: under one seed, fast and reference give the same ELBO and the same images."""
-    config = GQNConfig.preset("small") if preset == "small" else GQNConfig(representation="pool", L=3, hidden=8, canvas=8, r_dim=16)
+    config = (
+        GQNConfig.preset("small")
+        if preset == "small"
+        else GQNConfig(representation="pool", L=3, hidden=8, canvas=8, r_dim=16)
+    )
     torch.manual_seed(0)
     oracle = ReferenceGQN(config).double()
     fast = GQN(config).double()
@@ -408,7 +416,9 @@ def test_choices_are_constructor_arguments_of_each_model():
         GQN(config, backward_convs="cudnn")
     with pytest.raises(TypeError, match="fused_cells: expected a bool"):
         GQN(config, fused_cells=1)
-    with pytest.raises(ValueError, match=r"cpu_core_layout: expected one of \('auto', 'channels_last', 'contiguous'\), got 'nhwc'"):
+    with pytest.raises(
+        ValueError, match=r"cpu_core_layout: expected one of \('auto', 'channels_last', 'contiguous'\), got 'nhwc'"
+    ):
         GQN(config, cpu_core_layout="nhwc")
     with pytest.raises(ValueError, match=r"custom_ops: expected one of \('auto', 'always'\), got True"):
         GQN(config, custom_ops=True)

@@ -29,8 +29,16 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert "every part ran to the end" in summary
     # The parts in the order of the first call: the whole model's correctness before any speed.
     parts = [line.split(":")[0] for line in summary.splitlines()[1:] if not line.startswith(" ")]
-    assert parts[:8] == ["install", "environment", "model tests", "bench train_step", "train run", "bench profile",
-                         "other cuda tests", "bench other"], parts
+    assert parts[:8] == [
+        "install",
+        "environment",
+        "model tests",
+        "bench train_step",
+        "train run",
+        "bench profile",
+        "other cuda tests",
+        "bench other",
+    ], parts
     environment = (out / "environment.txt").read_text()
     assert "torch: " in environment and "triton: " in environment and "GQN_FAST_AUTOTUNE_CONFIGS" in environment
     collected = {}
@@ -76,7 +84,9 @@ def test_second_plan_dry_run_compiles_both_models(tmp_path):
     rows = json.loads((out / "bench" / "smoke" / "compile" / "results.json").read_text())["rows"]
     train = {r["provider"] for r in rows if r["workload"] == "train_step"}
     assert train == {"reference-compile", "gqn_fast-compile"}, train
-    assert all(r["compile_s"] > 0 for r in rows if r["workload"] == "train_step") and not [r for r in rows if "error" in r]
+    assert all(r["compile_s"] > 0 for r in rows if r["workload"] == "train_step") and not [
+        r for r in rows if "error" in r
+    ]
 
 
 def test_failures_printed_as_they_happen_are_read_back(tmp_path):
@@ -87,8 +97,10 @@ def test_failures_printed_as_they_happen_are_read_back(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "bench"))
     log = tmp_path / "cuda_tests.log"
-    log.write_text("..F\n=== FAILED tests/test_a.py::test_b[cuda-fp32] (call) ===\nE  AssertionError\n"
-                   "=== FAILED tests/test_c.py::test_d (setup) ===\n.\n")
+    log.write_text(
+        "..F\n=== FAILED tests/test_a.py::test_b[cuda-fp32] (call) ===\nE  AssertionError\n"
+        "=== FAILED tests/test_c.py::test_d (setup) ===\n.\n"
+    )
     assert gpu_check.failures_reported(log) == ["tests/test_a.py::test_b[cuda-fp32]", "tests/test_c.py::test_d"]
     workers = gpu_check.test_workers()
     assert 0 <= workers <= 8

@@ -25,15 +25,23 @@ def test_inputs_of_another_dtype_than_the_model_are_named(model_class, model_dty
     model = model_class(config).to(model_dtype)
     cx, cv, qx, qv = random_scene_batch(2, 2, dtype=model_dtype)
     noise = noise_for(config, 2, model_dtype)
-    wrong = {name: t.to(input_dtype) for name, t in dict(context_x=cx, context_v=cv, query_x=qx, query_v=qv,
-                                                          noise=noise).items()}
+    wrong = {
+        name: t.to(input_dtype)
+        for name, t in dict(context_x=cx, context_v=cv, query_x=qx, query_v=qv, noise=noise).items()
+    }
     expected = f"expected the model's dtype {model_dtype}, got {input_dtype}"
     for name in ("context_x", "context_v", "query_x", "query_v", "noise"):
         given = dict(context_x=cx, context_v=cv, query_x=qx, query_v=qv, noise=noise)
         given[name] = wrong[name]
         with pytest.raises(TypeError, match=f"^{name}: {expected}"):
-            model.elbo(given["context_x"], given["context_v"], given["query_x"], given["query_v"], sigma=0.7,
-                       noise=given["noise"])
+            model.elbo(
+                given["context_x"],
+                given["context_v"],
+                given["query_x"],
+                given["query_v"],
+                sigma=0.7,
+                noise=given["noise"],
+            )
         if name != "query_x":
             with pytest.raises(TypeError, match=f"^{name}: {expected}"):
                 model.generate(given["context_x"], given["context_v"], given["query_v"], noise=given["noise"])
@@ -68,7 +76,7 @@ def test_trusted_values_are_not_read_back_and_shapes_still_checked(model_class):
     model = model_class(tiny_config())
     cx, cv, qx, qv = random_scene_batch(2, 2)
     for trusted, expected in ((False, lambda n: n > 0), (True, lambda n: n == 0)):
-        with HostReads() as counter, (values_trusted() if trusted else contextlib.nullcontext()):
+        with HostReads() as counter, values_trusted() if trusted else contextlib.nullcontext():
             model.elbo(cx, cv, qx, qv, sigma=0.7)
         assert expected(counter.reads), (trusted, counter.reads)
     with pytest.raises(ValueError, match="query_x: contains NaN"):

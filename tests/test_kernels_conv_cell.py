@@ -38,7 +38,10 @@ PRECISIONS = [
 
 def oracle(x, weight, constant, c):
     """The unfused cell in float64: F.conv2d, plus the constant, then the reference gates."""
-    preact = F.conv2d(x.double(), weight.double(), padding=(weight.shape[-2] // 2, weight.shape[-1] // 2)) + constant.double()
+    preact = (
+        F.conv2d(x.double(), weight.double(), padding=(weight.shape[-2] // 2, weight.shape[-1] // 2))
+        + constant.double()
+    )
     i, f, g, o = preact.chunk(4, dim=1)
     c_new = sigmoid64(f) * c.double() + sigmoid64(i) * tanh64(g)
     return sigmoid64(o) * tanh64(c_new), c_new
@@ -92,7 +95,7 @@ def make_inputs(batch, cin, hidden, height, width, ksize, dtype, device, gen, x_
     """x and weight in the operand dtype, constant and c in fp32 (as the fast model calls it);
     ksize an int (square) or (ky, kx)."""
     ky, kx = (ksize, ksize) if isinstance(ksize, int) else ksize
-    randn = lambda *shape, scale=1.0: (torch.randn(shape, generator=gen, dtype=torch.float64) * scale)  # noqa: E731
+    randn = lambda *shape, scale=1.0: torch.randn(shape, generator=gen, dtype=torch.float64) * scale  # noqa: E731
     x = randn(batch, cin, height, width)
     if x_layout == "channels_last":
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -137,7 +140,9 @@ def test_conv_lstm_cell_matches_float64_oracle(
 @pytest.mark.parametrize("device,interpret,dtype,tf32", [p for p in PRECISIONS if p.id != "cpu-interpreter-fp16"])
 @pytest.mark.parametrize("backward_convs", ["aten", "triton"])
 @pytest.mark.parametrize("one_dot", [False, True], ids=["dot-per-gate", "one-dot"])
-def test_conv_lstm_cell_at_gqn_core_shapes(device, interpret, dtype, tf32, backward_convs, one_dot, nan_poison, monkeypatch):
+def test_conv_lstm_cell_at_gqn_core_shapes(
+    device, interpret, dtype, tf32, backward_convs, one_dot, nan_poison, monkeypatch
+):
     """GQN's 5x5 kernel, with more pixels and channels than one tile holds: several pixel,
     hidden and reduction tiles, and masked remainders in each (on the GPU: a core's real
     sizes; on the CPU a 12x12 grid, which the interpreter runs in a tenth of the time); the
@@ -158,13 +163,19 @@ def test_conv_lstm_cell_paths_agree():
     inputs = make_inputs(2, 6, 3, 5, 4, 5, torch.float32, "cpu", gen)
     grads_out = (torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 4, generator=gen))
     results = []
-    for path, backward_convs in ((pytorch_path, "aten"), (contextlib.nullcontext, "aten"), (contextlib.nullcontext, "triton")):
+    for path, backward_convs in (
+        (pytorch_path, "aten"),
+        (contextlib.nullcontext, "aten"),
+        (contextlib.nullcontext, "triton"),
+    ):
         with path():
             outs = conv_lstm_cell(*inputs, backward_convs=backward_convs)
             results.append(outs + torch.autograd.grad(outs, inputs, grads_out))
     # Only fp32 sums in another order differ: an elementwise atol fails the larger weight gradients.
     for other in results[1:]:
-        for name, got, want in zip(("h", "c_new", "grad x", "grad weight", "grad constant", "grad c"), other, results[0]):
+        for name, got, want in zip(
+            ("h", "c_new", "grad x", "grad weight", "grad constant", "grad c"), other, results[0]
+        ):
             assert_close_rms(got, want, 1e-6, name)
 
 
@@ -284,7 +295,9 @@ def test_conv_lstm_cell_rejects_unknown_backward_kernels():
 def test_opcheck(device, interpret, backward_convs):
     select_path(interpret)
     x, weight, constant, c = make_inputs(2, 3, 2, 4, 4, 3, torch.float32, device, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.gqn_fast.conv_lstm_cell.default, (x, weight, constant, c, True, backward_convs, False))
+    torch.library.opcheck(
+        torch.ops.gqn_fast.conv_lstm_cell.default, (x, weight, constant, c, True, backward_convs, False)
+    )
     plain = [t.detach() for t in (x, weight)]
     preact = torch.randn(2, 8, 4, 4, device=device)
     grads = [torch.randn(2, 2, 4, 4, device=device) for _ in range(2)]

@@ -48,7 +48,9 @@ def path_cases(dtypes=None):
                 continue
             marks = [needs_gpu] if device == "cuda" else [on_interpreter] if interpret else []
             cases.append(
-                pytest.param(device, interpret, dtype, marks=marks, id=f"{_path_id(device, interpret)}-{str(dtype)[6:]}")
+                pytest.param(
+                    device, interpret, dtype, marks=marks, id=f"{_path_id(device, interpret)}-{str(dtype)[6:]}"
+                )
             )
     return pytest.mark.parametrize("device,interpret,dtype", cases)
 
@@ -58,7 +60,8 @@ def select_path(interpret: bool) -> None:
     import, and conftest.py sends each test to the process of its mode."""
     assert interpreter_enabled() == interpret, (
         "the interpreter tests run in their own process: TRITON_INTERPRET=1 python -m pytest -m interpreter"
-        if interpret else "this test needs the PyTorch path: run it without TRITON_INTERPRET=1"
+        if interpret
+        else "this test needs the PyTorch path: run it without TRITON_INTERPRET=1"
     )
 
 
@@ -156,7 +159,9 @@ def assert_matches_oracle(out: torch.Tensor, ref: torch.Tensor, name: str) -> No
     ref_rounded = ref.detach().to(out.dtype)
     overflow = torch.isinf(ref_rounded) & torch.isfinite(ref)
     if overflow.any():
-        assert torch.equal(out[overflow], ref_rounded[overflow]), f"{name}: should overflow {out.dtype} as the reference"
+        assert torch.equal(out[overflow], ref_rounded[overflow]), (
+            f"{name}: should overflow {out.dtype} as the reference"
+        )
         out, ref = out[~overflow], ref[~overflow]
         if out.numel() == 0:
             return
@@ -286,10 +291,16 @@ _KERNEL_VARIANTS = [
     (kernel, {**_CONV_GATES, **extra, **tile, "DOT_PRECISION": precision}, element)
     for element, precision in (("bf16", "ieee"), ("fp32", "tf32"))
     for kernel, extra, tile in (
-        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": False},
-         {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
-        (conv_cell._conv_lstm_cell_forward_kernel, {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": True},
-         {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32}),
+        (
+            conv_cell._conv_lstm_cell_forward_kernel,
+            {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": False},
+            {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32},
+        ),
+        (
+            conv_cell._conv_lstm_cell_forward_kernel,
+            {"SAVE_PREACT": True, "GATES_IN_ONE_DOT": True},
+            {"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 32},
+        ),
         (conv_cell._conv_input_grad_kernel, {}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
         (conv_cell._conv_weight_grad_kernel, {}, {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32}),
     )
@@ -301,7 +312,10 @@ _KERNEL_VARIANTS = [
 @pytest.mark.parametrize(
     "kernel,constexprs,element",
     _KERNEL_VARIANTS,
-    ids=[f"{k.fn.__name__}-{e}{sorted((n, v) for n, v in c.items() if not n.startswith('BLOCK'))}" for k, c, e in _KERNEL_VARIANTS],
+    ids=[
+        f"{k.fn.__name__}-{e}{sorted((n, v) for n, v in c.items() if not n.startswith('BLOCK'))}"
+        for k, c, e in _KERNEL_VARIANTS
+    ],
 )
 def test_kernel_compiles_for_sm90(kernel, constexprs, element):
     import triton
@@ -310,7 +324,10 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, element):
 
     # Sizes the conv kernels take as tl.constexpr (their loop bounds): a GQN core's.
     shapes = {"batch": 8, "cin": 384, "cout": 512, "height": 16, "width": 16}
-    constexprs = {**{p.name: shapes[p.name] for p in kernel.params if p.is_constexpr and p.name in shapes}, **constexprs}
+    constexprs = {
+        **{p.name: shapes[p.name] for p in kernel.params if p.is_constexpr and p.name in shapes},
+        **constexprs,
+    }
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
@@ -354,12 +371,22 @@ def test_triton_op_finds_the_kernels():
         pytest.skip("no compiled kernels: Triton is missing, or TRITON_INTERPRET=1 was set at import")
     found = {
         name: {k.fn.__name__ for k in get_triton_kernels_for_op(f"gqn_fast::{name}")}
-        for name in ("lstm_gates", "posterior_sample_kl", "pixel_nll_backward", "conv_lstm_cell", "conv_lstm_cell_backward")
+        for name in (
+            "lstm_gates",
+            "posterior_sample_kl",
+            "pixel_nll_backward",
+            "conv_lstm_cell",
+            "conv_lstm_cell_backward",
+        )
     }
     assert found == {
         "conv_lstm_cell": {"_conv_lstm_cell_forward_kernel"},
         # The gate backward and the two Triton convs (the tuned and interpreted launch the same kernel).
-        "conv_lstm_cell_backward": {"_lstm_gates_backward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"},
+        "conv_lstm_cell_backward": {
+            "_lstm_gates_backward_kernel",
+            "_conv_input_grad_kernel",
+            "_conv_weight_grad_kernel",
+        },
         "lstm_gates": {"_lstm_gates_forward_kernel"},
         "posterior_sample_kl": {"_posterior_kl_forward_kernel"},
         "pixel_nll_backward": {"_pixel_nll_backward_kernel"},
@@ -370,7 +397,12 @@ def test_autotune_budget_bounds_the_configurations(monkeypatch):
     """GQN_FAST_AUTOTUNE_CONFIGS=N keeps the first N configurations: every tile, 3 stages, 4 warps."""
     pytest.importorskip("triton")
     tiles = ((32, 32, 32), (64, 16, 32), (64, 32, 64))
-    tune = lambda: conv_cell._autotuned(conv_cell._conv_lstm_cell_forward_kernel, ("BLOCK_M", "BLOCK_H", "BLOCK_K"), tiles, ("hidden", "GATES_IN_ONE_DOT"))  # noqa: E731
+    tune = lambda: conv_cell._autotuned(
+        conv_cell._conv_lstm_cell_forward_kernel,
+        ("BLOCK_M", "BLOCK_H", "BLOCK_K"),
+        tiles,
+        ("hidden", "GATES_IN_ONE_DOT"),
+    )  # noqa: E731
     monkeypatch.delenv("GQN_FAST_AUTOTUNE_CONFIGS", raising=False)
     assert len(tune().configs) == 3 * len(tiles)
     monkeypatch.setenv("GQN_FAST_AUTOTUNE_CONFIGS", "2")

@@ -193,7 +193,7 @@ def test_lstm_gates_nan_propagates(device, interpret, dtype, nan_poison, where):
     nan[1, 2, 0, 1] = True
     assert torch.isfinite(h[~nan]).all() and torch.isfinite(c_new[~nan]).all()
     grad_preact, grad_c = torch.autograd.grad((h, c_new), (preact, c), (torch.ones_like(h), torch.ones_like(c)))
-    assert torch.isnan(grad_preact[1, 2 :: hidden, 0, 1]).any() and torch.isnan(grad_c[1, 2, 0, 1])
+    assert torch.isnan(grad_preact[1, 2::hidden, 0, 1]).any() and torch.isnan(grad_c[1, 2, 0, 1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,11 +209,23 @@ def _bad_gates_inputs():
         ((p, torch.randn(3, 2, 3, 3)), ValueError, r"c: expected shape"),
         ((p, torch.randn(2, 2, 3, 4)), ValueError, r"c: expected shape"),
         ((torch.randn(8), c), ValueError, r"preact: expected at least 2 dims"),
-        ((p, c.double()), TypeError, r"c: expected dtype float32, float16 or bfloat16 \(as preact is torch.float32.*got torch.float64"),
-        ((p.double(), c), TypeError, r"c: expected dtype torch.float64 \(as preact is torch.float64.*got torch.float32"),
+        (
+            (p, c.double()),
+            TypeError,
+            r"c: expected dtype float32, float16 or bfloat16 \(as preact is torch.float32.*got torch.float64",
+        ),
+        (
+            (p.double(), c),
+            TypeError,
+            r"c: expected dtype torch.float64 \(as preact is torch.float64.*got torch.float32",
+        ),
         ((p.long(), c), TypeError, r"preact: expected a floating-point tensor.*torch.int64"),
         ((p, c.int()), TypeError, r"c: expected a floating-point tensor.*torch.int32"),
-        ((p, c, torch.randn(2, 8, 3)), ValueError, r"constant: expected shape \[2, 8, 3, 3\] \(from preact\), got \[2, 8, 3\]"),
+        (
+            (p, c, torch.randn(2, 8, 3)),
+            ValueError,
+            r"constant: expected shape \[2, 8, 3, 3\] \(from preact\), got \[2, 8, 3\]",
+        ),
         ((p, c, p.double()), TypeError, r"constant: expected dtype float32, float16 or bfloat16 .*got torch.float64"),
     ]
     if torch.cuda.is_available():
@@ -238,6 +250,7 @@ def test_lstm_gates_rejects_bad_input(args, error, match):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's own import
 def test_lstm_gates_compiles_without_graph_break(backend):
     select_path(False)  # eager and compiled: the CPU's PyTorch path
+
     def step(preact, c):
         h, c_new = lstm_gates(preact * 2.0, c)
         h2, _ = lstm_gates(preact, c_new, preact.detach() * 0.5)  # with a constant, twice the graph

@@ -274,6 +274,7 @@ def test_posterior_kl_rejects_bad_input(args, error, match):
 
 def test_posterior_kl_compiles_without_graph_break():
     select_path(False)  # eager and compiled: the CPU's PyTorch path
+
     def loss(mu_q, s_q, mu_p, s_p, eps):
         z, kl = posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
         return z.square().sum() + kl.sum() + 0.5 * posterior_kl(mu_q, s_q, mu_p, s_p).sum()

@@ -60,8 +60,20 @@ def commands(path, data):
         "analyze algebra": ["analyze", "algebra", str(path), "--device", "cpu"],
         "analyze composition": ["analyze", "composition", str(path), "--device", "cpu"],
         "export": ["export", str(path), str(path.parent / "exported.safetensors")],
-        "train --resume": ["train", "--data", str(data), "--out", str(path.parent.parent), "--resume",
-                           "--steps", "9", "--batch", "2", "--device", "cpu"],
+        "train --resume": [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(path.parent.parent),
+            "--resume",
+            "--steps",
+            "9",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+        ],
     }
 
 
@@ -94,17 +106,37 @@ def test_a_version_1_checkpoint_still_loads_and_resumes_exactly(run, tmp_path):
     import random
 
     data, _, _ = run
-    train = ["train", "--data", str(data), "--batch", "2", "--device", "cpu", "--checkpoint-every", "1",
-             "--log-every", "1", "--image-every", "100"]
+    train = [
+        "train",
+        "--data",
+        str(data),
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--image-every",
+        "100",
+    ]
     assert cli.main(train + ["--out", str(tmp_path / "straight"), "--steps", "2"]) == 0
     assert cli.main(train + ["--out", str(tmp_path / "old"), "--steps", "1"]) == 0
     path = tmp_path / "old" / "checkpoints" / "step-00000001.pt"
     state = load_checkpoint(path)
     numpy_state, python_state = state["rng"]["numpy"], state["rng"]["python"]
-    v1_rng = {**state["rng"],
-              "numpy": (numpy_state["kind"], np.array(numpy_state["keys"], np.uint32), numpy_state["pos"],
-                        numpy_state["has_gauss"], numpy_state["cached_gaussian"]),
-              "python": (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])}
+    v1_rng = {
+        **state["rng"],
+        "numpy": (
+            numpy_state["kind"],
+            np.array(numpy_state["keys"], np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        ),
+        "python": (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]),
+    }
     torch.save({**state, "version": 1, "rng": v1_rng}, path)
     loaded = load_checkpoint(path)
     assert loaded["version"] == 1 and isinstance(loaded["rng"]["numpy"][1], np.ndarray)
@@ -152,10 +184,19 @@ def damaged_models(published, folder):
     case("text", b"hello, this is not a model\n", "not a gqn-fast model")
     meta = header["__metadata__"]
     case("no metadata", ({k: v for k, v in header.items() if k != "__metadata__"}, body), "not a gqn-fast model")
-    case("unknown config key", ({**header, "__metadata__": {**meta, "config": json.dumps(
-        {**json.loads(meta["config"]), "dropout": 0.1})}}, body), "config: unknown fields ['dropout']")
-    case("wrong-typed config", ({**header, "__metadata__": {**meta, "config": json.dumps(
-        {**json.loads(meta["config"]), "L": "two"})}}, body), "config: L: expected a positive int")
+    case(
+        "unknown config key",
+        (
+            {**header, "__metadata__": {**meta, "config": json.dumps({**json.loads(meta["config"]), "dropout": 0.1})}},
+            body,
+        ),
+        "config: unknown fields ['dropout']",
+    )
+    case(
+        "wrong-typed config",
+        ({**header, "__metadata__": {**meta, "config": json.dumps({**json.loads(meta["config"]), "L": "two"})}}, body),
+        "config: L: expected a positive int",
+    )
     case("bad step", ({**header, "__metadata__": {**meta, "step": "-3"}}, body), "step: expected a non-negative int")
     case("unknown metadata", ({**header, "__metadata__": {**meta, "notes": "x"}}, body), "unknown ['notes']")
     case("not json", ({**header, "__metadata__": {**meta, "training": "{oops"}}, body), "'training' is not JSON")
@@ -203,8 +244,25 @@ def test_a_checkpoint_missing_a_piece_is_named(run, tmp_path, capsys):
     state = load_checkpoint(ckpt)
     folder = tmp_path / "run" / "checkpoints"
     save_checkpoint(folder, 7, {k: v for k, v in state.items() if k not in ("version", "step", "optimizer")}, keep=1)
-    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--resume", "--steps", "9",
-                     "--batch", "2", "--device", "cpu"]) == 1
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--resume",
+                "--steps",
+                "9",
+                "--batch",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     assert "no 'optimizer'" in capsys.readouterr().err
     broken = {**state, "model": {**state["model"], "extra": "not a tensor"}}
     torch.save(broken, tmp_path / "broken.pt")

@@ -153,7 +153,9 @@ def test_convlstm_matches_plain_module_loaded_from_its_checkpoint(interpret, cas
     loss_ref = sum((t * w).sum() for t, w in zip(returned_ref, weights))
     leaves = [x_ours] + [t for s in states or [] for t in s] + list(ours.parameters())
     leaves_ref = [x64] + ([t for s in states64 for t in s] if states else []) + list(oracle.parameters())
-    names = ["input"] + [f"state {i}" for i in range(2 * layers if states else 0)] + [n for n, _ in ours.named_parameters()]
+    names = (
+        ["input"] + [f"state {i}" for i in range(2 * layers if states else 0)] + [n for n, _ in ours.named_parameters()]
+    )
     grads = torch.autograd.grad(loss, leaves)
     grads_ref = torch.autograd.grad(loss_ref, leaves_ref)
     for name, grad, grad_ref in zip(names, grads, grads_ref):

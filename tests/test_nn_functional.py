@@ -100,7 +100,9 @@ def test_normal_kl_compiles_without_graph_break():
     q_loc, q_log_scale = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
     out, out_ref = compiled(q_loc, q_log_scale), elbo_kl(q_loc, q_log_scale)
     torch.testing.assert_close(out, out_ref)
-    for grad, grad_ref in zip(torch.autograd.grad(out, (q_loc, q_log_scale)), torch.autograd.grad(out_ref, (q_loc, q_log_scale))):
+    for grad, grad_ref in zip(
+        torch.autograd.grad(out, (q_loc, q_log_scale)), torch.autograd.grad(out_ref, (q_loc, q_log_scale))
+    ):
         torch.testing.assert_close(grad, grad_ref)
 
 

@@ -26,9 +26,7 @@ print(json.dumps({
 def test_installed_names_resolve_to_the_source_folders(tmp_path):
     """The installed package (editable in development and CI) maps the folders to gqn_fast.*."""
     # Run from a neutral folder, so the repository root is not on sys.path.
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True)
     found = json.loads(out.stdout)
     assert Path(found["kernels_file"]).resolve().parent.name == "kernels"
     assert Path(found["reference_file"]).resolve().parent.name == "reference"
@@ -38,9 +36,20 @@ def test_installed_names_resolve_to_the_source_folders(tmp_path):
 def test_wheel_holds_only_gqn_fast(tmp_path):
     """`pip install .` installs the wheel built here: its files must all live under gqn_fast/."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("gqn_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -67,7 +76,11 @@ def test_reference_and_config_import_neither_triton_nor_the_fast_model(tmp_path)
 
 
 # The source folders of the installed names (the package-dir mapping of pyproject.toml).
-SOURCE_FOLDERS = {"gqn_fast": ROOT / "gqn_fast", "gqn_fast.kernels": ROOT / "kernels", "gqn_fast.reference": ROOT / "reference"}
+SOURCE_FOLDERS = {
+    "gqn_fast": ROOT / "gqn_fast",
+    "gqn_fast.kernels": ROOT / "kernels",
+    "gqn_fast.reference": ROOT / "reference",
+}
 
 
 def module_imports() -> dict[str, set[str]]:
@@ -106,7 +119,7 @@ def test_no_import_cycle():
     def visit(module, path):
         for target in graph[module]:
             if target in path:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in done:
                 visit(target, path + [target])
         done.add(module)

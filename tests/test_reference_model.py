@@ -141,8 +141,16 @@ def _call_elbo(model, **changes):
 @pytest.mark.parametrize(
     "changes, error, message",
     [
-        (dict(context_x=torch.rand(2, 3, 3, 32, 32)), ValueError, r"context_x: expected shape \[B, M, 3, 64, 64\], got \[2, 3, 3, 32, 32\]"),
-        (dict(context_x=torch.rand(2, 3, 1, 64, 64)), ValueError, r"context_x: expected shape .*got \[2, 3, 1, 64, 64\]"),
+        (
+            dict(context_x=torch.rand(2, 3, 3, 32, 32)),
+            ValueError,
+            r"context_x: expected shape \[B, M, 3, 64, 64\], got \[2, 3, 3, 32, 32\]",
+        ),
+        (
+            dict(context_x=torch.rand(2, 3, 1, 64, 64)),
+            ValueError,
+            r"context_x: expected shape .*got \[2, 3, 1, 64, 64\]",
+        ),
         (dict(context_x=torch.rand(2, 0, 3, 64, 64), context_v=torch.rand(2, 0, 7)), ValueError, r"M >= 1.*M = 0"),
         (dict(query_x=torch.rand(3, 3, 64, 64)), ValueError, r"query_x: expected batch size 2 as in context_x, got 3"),
         (dict(query_v=torch.rand(3, 7)), ValueError, r"query_v: expected batch size 2"),
@@ -153,7 +161,11 @@ def _call_elbo(model, **changes):
         (dict(context_x=-torch.rand(2, 3, 3, 64, 64)), ValueError, r"context_x: expected values in \[0, 1\]"),
         (dict(query_v=torch.full((2, 7), float("nan"))), ValueError, r"query_v: contains NaN"),
         (dict(context_x=torch.full((2, 3, 3, 64, 64), float("nan"))), ValueError, r"context_x: contains NaN"),
-        (dict(query_x=torch.zeros(2, 3, 64, 64, dtype=torch.uint8)), TypeError, r"query_x: expected a floating-point tensor, got dtype torch.uint8"),
+        (
+            dict(query_x=torch.zeros(2, 3, 64, 64, dtype=torch.uint8)),
+            TypeError,
+            r"query_x: expected a floating-point tensor, got dtype torch.uint8",
+        ),
         (dict(query_x=[[0.5]]), TypeError, r"query_x: expected a torch.Tensor, got list"),
         (dict(sigma=0.0), ValueError, r"sigma: expected a positive"),
     ],

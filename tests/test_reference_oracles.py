@@ -61,15 +61,22 @@ def test_viewpoint_order_is_cos_before_sin():
     camera = torch.tensor([[1.0, 2.0, 3.0, yaw, pitch]], dtype=torch.float64)
     v = transform_viewpoint(camera)
     expected = torch.tensor(
-        [[1.0, 2.0, 3.0, torch.cos(torch.tensor(yaw)), torch.sin(torch.tensor(yaw)),
-          torch.cos(torch.tensor(pitch)), torch.sin(torch.tensor(pitch))]],
+        [
+            [
+                1.0,
+                2.0,
+                3.0,
+                torch.cos(torch.tensor(yaw)),
+                torch.sin(torch.tensor(yaw)),
+                torch.cos(torch.tensor(pitch)),
+                torch.sin(torch.tensor(pitch)),
+            ]
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(v, expected)
 
 
 def test_viewpoint_rejects_wrong_width():
-    with pytest.raises(
-        ValueError, match="camera: expected a last dimension of 5"
-    ):
+    with pytest.raises(ValueError, match="camera: expected a last dimension of 5"):
         transform_viewpoint(torch.zeros(2, 7))

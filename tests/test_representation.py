@@ -17,10 +17,14 @@ def r_and_gradients(run, net, x, v, upstream):
     r = run(net, x, v)
     params = list(net.parameters())
     grads = torch.autograd.grad(r, params + [x, v], upstream)
-    return [("r", r)] + [(f"grad {n}", g) for (n, _), g in zip(net.named_parameters(), grads)] + [
-        ("grad x", grads[-2]),
-        ("grad v", grads[-1]),
-    ]
+    return (
+        [("r", r)]
+        + [(f"grad {n}", g) for (n, _), g in zip(net.named_parameters(), grads)]
+        + [
+            ("grad x", grads[-2]),
+            ("grad v", grads[-1]),
+        ]
+    )
 
 
 @given(

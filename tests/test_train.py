@@ -26,8 +26,19 @@ def dataset(tmp_path_factory):
 
 
 def args_for(dataset, out, **overrides):
-    values = dict(data=str(dataset), preset="small", steps=4, batch=3, max_context=3, out=str(out),
-                  log_every=1, image_every=1000, checkpoint_every=2, keep=2, device="cpu")
+    values = dict(
+        data=str(dataset),
+        preset="small",
+        steps=4,
+        batch=3,
+        max_context=3,
+        out=str(out),
+        log_every=1,
+        image_every=1000,
+        checkpoint_every=2,
+        keep=2,
+        device="cpu",
+    )
     values.update(overrides)
     return TrainArgs(**values)
 
@@ -102,8 +113,7 @@ def test_ctrl_c_mid_step_keeps_the_last_boundary(dataset, tmp_path, straight, mo
     assert_same_state(last_state(out), straight)
 
 
-@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN],
-                         ids=["foreground", "background"])
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN], ids=["foreground", "background"])
 def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, monkeypatch, inherited):
     """A real SIGINT during step 2: the step finishes, its state is checkpointed, the run stops;
     the SIGINT disposition the process had is restored, whichever it was (a shell starts a
@@ -153,9 +163,34 @@ def test_resume_after_a_kill_cleans_up_and_logs_each_step_once(dataset, tmp_path
 
 def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", str(dataset), "--steps", "4", "--batch", "2", "--max-context", "2",
-                     "--out", str(out), "--log-every", "2", "--checkpoint-every", "2", "--keep", "1",
-                     "--image-every", "4", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(dataset),
+                "--steps",
+                "4",
+                "--batch",
+                "2",
+                "--max-context",
+                "2",
+                "--out",
+                str(out),
+                "--log-every",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--keep",
+                "1",
+                "--image-every",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     for key in ("loss", "nll", "kl", "nll_above_floor", "bits_per_dim", "sigma", "lr", "steps_per_s"):
@@ -170,8 +205,12 @@ def test_run_folder_holds_metrics_checkpoints_and_pictures(dataset, tmp_path):
     assert metrics["scenes"] == 2 and metrics["reconstruction"]["neg_elbo_nats"] > 0
     assert (out / "eval" / "step-00000004" / "context_curve.png").stat().st_size > 0
 
-    assert cli.main(["sample", ckpt, "--scenes", "1", "--samples", "2", "--frames", "4",
-                     "--context", "2", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["sample", ckpt, "--scenes", "1", "--samples", "2", "--frames", "4", "--context", "2", "--device", "cpu"]
+        )
+        == 0
+    )
     assert (out / "samples" / "step-00000004" / "scene-0000.png").exists()
     from PIL import Image
 
@@ -188,7 +227,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path)
     from gqn_fast.schedules import learning_rate
 
     poisoned = lambda step: float("nan") if step >= 2 else learning_rate(step)  # noqa: E731
-    with pytest.raises(TrainingDiverged, match=r"NaN or infinite by step \d+.*last good checkpoint is .*step-00000002\.pt"):
+    with pytest.raises(
+        TrainingDiverged, match=r"NaN or infinite by step \d+.*last good checkpoint is .*step-00000002\.pt"
+    ):
         train(args_for(dataset, out, steps=8, checkpoint_every=2, resume=True), learning_rate=poisoned)
     assert list_checkpoints(out / "checkpoints")[-1] == good
     assert good.read_bytes() == before
@@ -225,13 +266,16 @@ def test_interrupted_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_named(tmp_path):
     path = tmp_path / "step-00000001.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"step-00000001.pt: not a gqn-fast checkpoint \(not a PyTorch zip file\)"):
+    with pytest.raises(
+        CheckpointError, match=r"step-00000001.pt: not a gqn-fast checkpoint \(not a PyTorch zip file\)"
+    ):
         load_checkpoint(path)
 
 
 def _ddp_worker(rank, world, port, dataset, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     model = train(args_for(dataset, out, steps=3, batch=2, checkpoint_every=3))
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
@@ -339,8 +383,28 @@ def test_the_train_command_says_where_its_results_went(dataset, tmp_path, capsys
     from gqn_fast import cli
 
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", str(dataset), "--out", str(out), "--steps", "1", "--batch", "2",
-                     "--device", "cpu", "--image-every", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(dataset),
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--batch",
+                "2",
+                "--device",
+                "cpu",
+                "--image-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out.strip().splitlines()[-1]
-    assert said == (f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
-                    f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}")
+    assert said == (
+        f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
+        f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}"
+    )

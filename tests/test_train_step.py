@@ -23,8 +23,9 @@ from gqn_fast.train_step import TrainStep, make_optimizer
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
     """8 loader batches (B = 3, M drawn from 1..4), as `gqn-fast train` gets them."""
-    root = make_dataset(tmp_path_factory.mktemp("data") / "rooms", "rooms", scenes=30, seed=5, workers=1,
-                        progress=False)
+    root = make_dataset(
+        tmp_path_factory.mktemp("data") / "rooms", "rooms", scenes=30, seed=5, workers=1, progress=False
+    )
     loader = make_loader(root, "train", batch_size=3, max_context=4, seed=1, pin_memory=torch.cuda.is_available())
     out = []
     while len(out) < 8:
@@ -52,7 +53,9 @@ def plain_loop(model, batches, device, first_step=0):
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()
-        metrics.append(torch.stack([result.loss.detach(), result.nll.detach().mean(), result.kl.detach().sum(1).mean()]))
+        metrics.append(
+            torch.stack([result.loss.detach(), result.nll.detach().mean(), result.kl.detach().sum(1).mean()])
+        )
     return metrics
 
 
@@ -70,8 +73,9 @@ def test_the_static_step_is_the_plain_loop_bit_for_bit(batches):
     torch.manual_seed(7)
     expected = plain_loop(plain_model, batches, "cpu")
     torch.manual_seed(7)
-    step = TrainStep(static_model, make_optimizer(static_model, torch.device("cpu"), 1e-3, graphed=False), "cpu",
-                     mode="static")
+    step = TrainStep(
+        static_model, make_optimizer(static_model, torch.device("cpu"), 1e-3, graphed=False), "cpu", mode="static"
+    )
     got = run_steps(step, batches)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
@@ -99,8 +103,9 @@ def test_a_resume_across_a_context_size_never_seen_before_is_exact(batches):
     torch.manual_seed(3)
     step = TrainStep(stopped, make_optimizer(stopped, torch.device("cpu"), 1e-3, graphed=False), "cpu", mode="static")
     run_steps(step, batches[:4])
-    saved = copy.deepcopy({"model": stopped.state_dict(), "optimizer": step.optimizer.state_dict(),
-                           "rng": torch.get_rng_state()})
+    saved = copy.deepcopy(
+        {"model": stopped.state_dict(), "optimizer": step.optimizer.state_dict(), "rng": torch.get_rng_state()}
+    )
     resumed = fresh_model(seed=99)  # other weights, replaced by the checkpoint's
     optimizer = make_optimizer(resumed, torch.device("cpu"), 1e-3, graphed=False)
     resumed.load_state_dict(saved["model"])
@@ -145,7 +150,9 @@ def test_cuda_graphed_training_follows_eager_training(batches):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         assert_close_rms(b, a, 1e-4, name)  # 20 Adam steps amplify fp32 rounding a little
-    assert_close_rms(torch.stack(graphed_metrics), torch.stack(eager_metrics), RMS_LIMITS[torch.float32] * 10, "metrics")
+    assert_close_rms(
+        torch.stack(graphed_metrics), torch.stack(eager_metrics), RMS_LIMITS[torch.float32] * 10, "metrics"
+    )
     assert sorted(step.static) == sorted({b.context_x.shape[1] for b in batches})
     assert all(s.graph is not None for s in step.static.values())
 
@@ -183,8 +190,9 @@ def test_cuda_a_graphed_resume_is_exact(batches):
     step = TrainStep(model, make_optimizer(model, device, 1e-3, graphed=True), device, mode="graphed")
     for k in range(4):
         step(batches[k], *schedule(k))
-    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": step.optimizer.state_dict(),
-                           "rng": torch.cuda.get_rng_state(device)})
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "optimizer": step.optimizer.state_dict(), "rng": torch.cuda.get_rng_state(device)}
+    )
     resumed = fresh_model(seed=99).to(device)
     optimizer = make_optimizer(resumed, device, 1e-3, graphed=True)
     resumed.load_state_dict(saved["model"])

@@ -15,8 +15,9 @@ from gqn_fast.train import TrainArgs
 def make_tiny_dataset(root: Path, scenes: int = 12, holdout: str | None = None) -> Path:
     from gqn_fast.data.builtin import make_dataset
 
-    return make_dataset(root, "rooms", scenes=scenes, seed=3, workers=1, progress=False, holdout=holdout,
-                        test_fraction=0.5)
+    return make_dataset(
+        root, "rooms", scenes=scenes, seed=3, workers=1, progress=False, holdout=holdout, test_fraction=0.5
+    )
 
 
 def make_tiny_checkpoint(run: Path, data: Path, step: int = 7, **config) -> Path:
@@ -26,7 +27,16 @@ def make_tiny_checkpoint(run: Path, data: Path, step: int = 7, **config) -> Path
     model = GQN(config)
     optimizer = torch.optim.Adam(model.parameters())
     args = TrainArgs(data=str(data), out=str(run), steps=step)
-    return save_checkpoint(Path(run) / "checkpoints", step, dict(
-        model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state(),
-        data=dict(epoch=0, batch=step), config=config.to_dict(), train=dataclasses.asdict(args),
-    ), keep=1)
+    return save_checkpoint(
+        Path(run) / "checkpoints",
+        step,
+        dict(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            rng=rng_state(),
+            data=dict(epoch=0, batch=step),
+            config=config.to_dict(),
+            train=dataclasses.asdict(args),
+        ),
+        keep=1,
+    )

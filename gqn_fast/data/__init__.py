@@ -14,10 +14,18 @@ import importlib
 # Imported on first use (PEP 562): `import gqn_fast.data.catalog` (the command line's parser)
 # must not load torch through this file.
 _LAZY = {
-    "builtin_dataset": "builtin", "default_cache_dir": "builtin", "make_dataset": "builtin",
-    "DatasetFormatError": "format", "open_split": "format",
-    "Batch": "loader", "BatchPlan": "loader", "BatchPlanner": "loader", "SceneDataset": "loader",
-    "SceneLoader": "loader", "make_loader": "loader", "to_model_inputs": "loader",
+    "builtin_dataset": "builtin",
+    "default_cache_dir": "builtin",
+    "make_dataset": "builtin",
+    "DatasetFormatError": "format",
+    "open_split": "format",
+    "Batch": "loader",
+    "BatchPlan": "loader",
+    "BatchPlanner": "loader",
+    "SceneDataset": "loader",
+    "SceneLoader": "loader",
+    "make_loader": "loader",
+    "to_model_inputs": "loader",
     "CorruptRecordError": "tfrecord",
 }
 __all__ = sorted(_LAZY)

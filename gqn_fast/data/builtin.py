@@ -71,8 +71,17 @@ def _render_chunk(task) -> int:
     return (stop - start) * num_views
 
 
-def _write_splits(out: Path, family: str, seed: int, sizes: dict, workers: int, device, progress: bool, chunk: int,
-                  holdout: str | None):
+def _write_splits(
+    out: Path,
+    family: str,
+    seed: int,
+    sizes: dict,
+    workers: int,
+    device,
+    progress: bool,
+    chunk: int,
+    holdout: str | None,
+):
     num_views = get_family(family).num_views
     writers = {split: SplitWriter(out / split, n, num_views) for split, n in sizes.items()}
     tasks = [
@@ -143,8 +152,13 @@ def make_dataset(
             writer.finish(
                 name=family,
                 source=f"gqn-fast built-in renderer: {family}, seed {seed}",
-                generator={"family": family, "seed": seed, "fov_degrees": FOV_DEGREES, "scenes": scenes,
-                           "holdout": holdout},
+                generator={
+                    "family": family,
+                    "seed": seed,
+                    "fov_degrees": FOV_DEGREES,
+                    "scenes": scenes,
+                    "holdout": holdout,
+                },
             )
         del writers
         if out.is_dir():
@@ -218,8 +232,9 @@ def builtin_dataset(
             shutil.rmtree(root)  # an incomplete set from an older version or a crash
         for stale in cache.glob(f"{root.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-        return make_dataset(root, name, scenes, seed, workers=workers, device=device, progress=progress,
-                            holdout=holdout)
+        return make_dataset(
+            root, name, scenes, seed, workers=workers, device=device, progress=progress, holdout=holdout
+        )
 
 
 def dataset_summary(root) -> str:
@@ -232,4 +247,3 @@ def dataset_summary(root) -> str:
             f"({images.nbytes / 2**30:.2f} GiB) from {manifest['source']}"
         )
     return "\n".join(lines)
-

@@ -24,9 +24,7 @@ def _check_cameras(cameras: torch.Tensor, name: str = "cameras") -> None:
     if not isinstance(cameras, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cameras).__name__}")
     if cameras.shape[-1:] != (5,):
-        raise ValueError(
-            f"{name}: expected shape [..., 5] (x, y, z, yaw, pitch), got {list(cameras.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape [..., 5] (x, y, z, yaw, pitch), got {list(cameras.shape)}")
 
 
 def camera_axes(cameras: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

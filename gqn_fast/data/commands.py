@@ -20,8 +20,18 @@ def _make(args) -> int:
         family = "shepard_metzler" if args.parts == 5 else "shepard_metzler_7"
     if args.device is not None:
         device_of(args.device)  # a device torch cannot use is named here, not in a worker's traceback
-    out = make_dataset(args.out, family, args.scenes, args.seed, args.test_fraction, workers=args.workers,
-                       device=args.device, progress=not args.quiet, overwrite=args.overwrite, holdout=args.holdout)
+    out = make_dataset(
+        args.out,
+        family,
+        args.scenes,
+        args.seed,
+        args.test_fraction,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        holdout=args.holdout,
+    )
     print(f"wrote {out}\n{dataset_summary(out)}")
     return 0
 
@@ -29,8 +39,15 @@ def _make(args) -> int:
 def _convert(args) -> int:
     if args.workers is not None:
         check_count("--workers", args.workers)
-    report = convert_deepmind(args.src, args.out, args.dataset, splits=args.splits, workers=args.workers,
-                              skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+    report = convert_deepmind(
+        args.src,
+        args.out,
+        args.dataset,
+        splits=args.splits,
+        workers=args.workers,
+        skip_corrupt=args.skip_corrupt,
+        progress=not args.quiet,
+    )
     for split, r in report.items():
         note = "" if r["files"] == r["expected_files"] else f" (the full release has {r['expected_files']})"
         print(f"{split}: {r['scenes']} scenes from {r['files']} files{note}")

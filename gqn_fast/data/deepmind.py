@@ -341,8 +341,10 @@ def _compact(split_dir: Path, tasks: list[FileTask], done: list[dict]) -> None:
         if source.shape[0] == scenes:  # moved over before a stop
             continue
         if source.shape[0] != rows:
-            raise FileExistsError(f"{path}: {source.shape[0]} rows, neither the plan's {rows} nor {scenes}; "
-                                  f"delete {split_dir} to redo the split")
+            raise FileExistsError(
+                f"{path}: {source.shape[0]} rows, neither the plan's {rows} nor {scenes}; "
+                f"delete {split_dir} to redo the split"
+            )
         out = NpyAppender(compact / array_name, source.dtype, source.shape[1:])
         for task, record in zip(tasks, done):
             for start in range(0, record["scenes"], 256):
@@ -367,9 +369,13 @@ def _commit(split_dir: Path, tasks: list[FileTask], info: DeepMindDataset, sourc
     manifest = writer.finish(
         name=info.name,
         source=source_label,
-        deepmind={"dataset": info.name, "source_files": len(tasks),
-                  "files": [[d["file"], d["bytes"], d["scenes"]] for d in done],
-                  "frame_size": info.image_size, "skipped_records": skipped},
+        deepmind={
+            "dataset": info.name,
+            "source_files": len(tasks),
+            "files": [[d["file"], d["bytes"], d["scenes"]] for d in done],
+            "frame_size": info.image_size,
+            "skipped_records": skipped,
+        },
     )
     _clean_up(split_dir)
     return manifest
@@ -379,26 +385,32 @@ def _check_finished(split_dir: Path, found: list[Path], name: str, folder: Path)
     """A split with a manifest: finish its clean-up, check it still covers the source and its arrays."""
     manifest = read_manifest(split_dir)
     if manifest["name"] != name:
-        raise FileExistsError(f"{split_dir / MANIFEST}: {split_dir.parent} already holds dataset "
-                              f"{manifest['name']!r}, not {name!r}")
+        raise FileExistsError(
+            f"{split_dir / MANIFEST}: {split_dir.parent} already holds dataset {manifest['name']!r}, not {name!r}"
+        )
     _clean_up(split_dir)
     covered = manifest.get("deepmind", {}).get("files")
     if covered is not None:
         was = {file: size for file, size, _ in covered}
         now = {f.name: f.stat().st_size for f in found}
         if was != now:
-            changes = [f"{len(now.keys() - was.keys())} new", f"{len(was.keys() - now.keys())} gone",
-                       f"{sum(was[f] != now[f] for f in was.keys() & now.keys())} changed in size"]
+            changes = [
+                f"{len(now.keys() - was.keys())} new",
+                f"{len(was.keys() - now.keys())} gone",
+                f"{sum(was[f] != now[f] for f in was.keys() & now.keys())} changed in size",
+            ]
             examples = sorted(now.keys() ^ was.keys()) + sorted(f for f in was.keys() & now.keys() if was[f] != now[f])
             raise FileExistsError(
                 f"{split_dir}: converted from {len(was)} files of {folder}, which now has {len(now)} "
                 f"({', '.join(changes)}: {', '.join(examples[:3])}{', ...' if len(examples) > 3 else ''}); "
-                f"a finished split is never extended: convert into a new folder, or delete {split_dir} to redo it")
+                f"a finished split is never extended: convert into a new folder, or delete {split_dir} to redo it"
+            )
     open_split(split_dir)  # the arrays agree with the manifest, else DatasetFormatError
 
 
-def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = None,
-                     skip_corrupt: bool = False, progress: bool = True) -> dict:
+def convert_deepmind(
+    src, out, name: str, splits=SPLITS, workers: int | None = None, skip_corrupt: bool = False, progress: bool = True
+) -> dict:
     """Convert DeepMind dataset `name` from SRC (see `source_folder`) to the dataset folder OUT.
 
     Returns {split: {"scenes", "files", "expected_files", "skipped": [[file, index, problem], ...]}}.
@@ -412,8 +424,10 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
     files = {split: source_files(src, name, split) for split in splits}
     for split, found in files.items():
         if not found:
-            raise FileNotFoundError(f"{folders[split]}: no TFRecord files named like {expected_names(name, split)} "
-                                    f"for the {split} split of {name}")
+            raise FileNotFoundError(
+                f"{folders[split]}: no TFRecord files named like {expected_names(name, split)} "
+                f"for the {split} split of {name}"
+            )
     todo, finished, tasks = [], set(), {}
     for split, found in files.items():
         split_dir = out / split
@@ -426,8 +440,11 @@ def convert_deepmind(src, out, name: str, splits=SPLITS, workers: int | None = N
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     with tqdm(total=len(todo), unit="file", desc=f"{name} -> {out.name}", disable=not progress) as bar:
         _run(todo, workers, bar)
-    label = f"DeepMind gqn-datasets {name}" if info.image_size == IMAGE_SIZE else \
-        f"DeepMind gqn-datasets {name} ({info.image_size} px frames, area-resized to {IMAGE_SIZE} px)"
+    label = (
+        f"DeepMind gqn-datasets {name}"
+        if info.image_size == IMAGE_SIZE
+        else f"DeepMind gqn-datasets {name} ({info.image_size} px frames, area-resized to {IMAGE_SIZE} px)"
+    )
     report = {}
     for split, found in files.items():
         split_dir = out / split

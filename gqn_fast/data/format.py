@@ -145,15 +145,20 @@ class SplitWriter:
             if resume and path.is_file():
                 array = _open_npy(path, "r")
                 if array.shape != shape or array.dtype != self.dtypes[name]:
-                    raise DatasetFormatError(f"{path}: cannot resume, holds {array.dtype} {array.shape}, "
-                                             f"expected {self.dtypes[name]} {shape}")
+                    raise DatasetFormatError(
+                        f"{path}: cannot resume, holds {array.dtype} {array.shape}, "
+                        f"expected {self.dtypes[name]} {shape}"
+                    )
                 self._offsets[name] = array.offset
                 del array
                 self._files[name] = open(path, "r+b")
             else:
                 f = self._files[name] = open(path, "w+b")
-                header = {"descr": np.lib.format.dtype_to_descr(self.dtypes[name]), "fortran_order": False,
-                          "shape": shape}
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(self.dtypes[name]),
+                    "fortran_order": False,
+                    "shape": shape,
+                }
                 np.lib.format.write_array_header_1_0(f, header)
                 self._offsets[name] = f.tell()
                 f.flush()
@@ -172,7 +177,9 @@ class SplitWriter:
         n = images.shape[0]
         row_shape = self.shapes[IMAGES][1:]
         if images.shape[1:] != row_shape or images.dtype != np.uint8:
-            raise ValueError(f"images: expected uint8 [n, {', '.join(map(str, row_shape))}], got {images.dtype} {list(images.shape)}")
+            raise ValueError(
+                f"images: expected uint8 [n, {', '.join(map(str, row_shape))}], got {images.dtype} {list(images.shape)}"
+            )
         if cameras.shape != (n, self.num_views, 5):
             raise ValueError(f"cameras: expected [{n}, {self.num_views}, 5], got {list(cameras.shape)}")
         if not 0 <= start <= self.num_scenes - n:
@@ -242,8 +249,11 @@ class NpyAppender:
         self.path, self.dtype, self.row_shape = Path(path), np.dtype(dtype), tuple(row_shape)
         self.rows = 0
         self._file = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (self._PLACEHOLDER_ROWS, *self.row_shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self._PLACEHOLDER_ROWS, *self.row_shape),
+        }
         np.lib.format.write_array_header_1_0(self._file, header)
 
     def append(self, rows: np.ndarray) -> None:

@@ -119,15 +119,23 @@ class BatchPlanner:
     per scene a random permutation of the T views, the first M the context, the next the query.
     """
 
-    def __init__(self, num_scenes: int, num_views: int, batch_size: int, max_context: int, seed: int,
-                 shuffle: bool = True, drop_last: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        num_scenes: int,
+        num_views: int,
+        batch_size: int,
+        max_context: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         for name, value, low in (("batch_size", batch_size, 1), ("max_context", max_context, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if max_context > num_views - 1:
-            raise ValueError(
-                f"max_context: at most T - 1 = {num_views - 1} (one view is the query), got {max_context}"
-            )
+            raise ValueError(f"max_context: at most T - 1 = {num_views - 1} (one view is the query), got {max_context}")
         self.num_views, self.batch_size, self.max_context, self.seed = num_views, batch_size, max_context, seed
         self.drop_last, self.rank, self.num_replicas = drop_last, rank, num_replicas
         self.scene_sampler = DistributedSampler(
@@ -178,8 +186,14 @@ class SceneLoader:
     that to hand 4 MB of fresh shared memory to this process for every batch.
     """
 
-    def __init__(self, dataset: SceneDataset, planner: BatchPlanner, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 4):
+    def __init__(
+        self,
+        dataset: SceneDataset,
+        planner: BatchPlanner,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 4,
+    ):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
         if not isinstance(prefetch_factor, int) or prefetch_factor < 1:
@@ -234,9 +248,14 @@ class SceneLoader:
     def state_dict(self) -> dict:
         p = self.planner
         return {
-            "epoch": p.epoch, "batch": self._position, "seed": p.seed, "batch_size": p.batch_size,
-            "max_context": p.max_context, "num_scenes": self.dataset.num_scenes,
-            "rank": p.rank, "num_replicas": p.num_replicas,
+            "epoch": p.epoch,
+            "batch": self._position,
+            "seed": p.seed,
+            "batch_size": p.batch_size,
+            "max_context": p.max_context,
+            "num_scenes": self.dataset.num_scenes,
+            "rank": p.rank,
+            "num_replicas": p.num_replicas,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,9 +269,22 @@ class SceneLoader:
         self.set_epoch(state["epoch"], start_batch=state["batch"])
 
 
-def make_loader(root, split, batch_size, max_context, seed, num_workers=0, distributed=False,
-                shuffle=True, drop_last=True, *, rank=None, world_size=None, pin_memory=None,
-                prefetch_factor=4) -> SceneLoader:
+def make_loader(
+    root,
+    split,
+    batch_size,
+    max_context,
+    seed,
+    num_workers=0,
+    distributed=False,
+    shuffle=True,
+    drop_last=True,
+    *,
+    rank=None,
+    world_size=None,
+    pin_memory=None,
+    prefetch_factor=4,
+) -> SceneLoader:
     """A SceneLoader over split `split` of the dataset folder `root`.
 
     Batches of `batch_size` scenes with M uniform in 1..max_context (the same M for the whole
@@ -272,17 +304,29 @@ def make_loader(root, split, batch_size, max_context, seed, num_workers=0, distr
     if distributed:
         if rank is None or world_size is None:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                raise ValueError("distributed: torch.distributed is not initialised; init it or pass rank and world_size")
+                raise ValueError(
+                    "distributed: torch.distributed is not initialised; init it or pass rank and world_size"
+                )
             rank = torch.distributed.get_rank() if rank is None else rank
             world_size = torch.distributed.get_world_size() if world_size is None else world_size
     else:
         rank, world_size = 0, 1
-    planner = BatchPlanner(dataset.num_scenes, dataset.num_views, batch_size, max_context, seed,
-                           shuffle=shuffle, drop_last=drop_last, num_replicas=world_size, rank=rank)
+    planner = BatchPlanner(
+        dataset.num_scenes,
+        dataset.num_views,
+        batch_size,
+        max_context,
+        seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_replicas=world_size,
+        rank=rank,
+    )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return SceneLoader(dataset, planner, num_workers=num_workers, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor)
+    return SceneLoader(
+        dataset, planner, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
+    )
 
 
 def to_model_inputs(batch, device, dtype=torch.float32, out=None):

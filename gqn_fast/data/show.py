@@ -14,8 +14,7 @@ GAP = 2  # pixels between tiles
 MAX_VIEWS = 16  # columns by default: mazes have 300 views
 
 
-def save_grid(root, out=None, split: str = "train", scenes: int = 8, views: int | None = None,
-              first: int = 0) -> Path:
+def save_grid(root, out=None, split: str = "train", scenes: int = 8, views: int | None = None, first: int = 0) -> Path:
     """Write scenes first..first+scenes-1 of a split, up to `views` views each, as one PNG; returns its path."""
     dataset = SceneDataset(root, split)
     check_count("scenes", scenes)

@@ -82,16 +82,26 @@ def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
                 return
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                yield index, CorruptRecordError(
-                    path, index, f"length checksum mismatch at byte {f.tell() - 12}: the records from here on "
-                    "cannot be located")
+                yield (
+                    index,
+                    CorruptRecordError(
+                        path,
+                        index,
+                        f"length checksum mismatch at byte {f.tell() - 12}: the records from here on cannot be located",
+                    ),
+                )
                 return
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                yield index, CorruptRecordError(
-                    path, index, f"truncated: {length + 4} bytes of data and checksum expected, "
-                    f"{len(data) + len(footer)} left in the file"
+                yield (
+                    index,
+                    CorruptRecordError(
+                        path,
+                        index,
+                        f"truncated: {length + 4} bytes of data and checksum expected, "
+                        f"{len(data) + len(footer)} left in the file",
+                    ),
                 )
                 return
             if masked_crc32c(data) != struct.unpack("<I", footer)[0]:

@@ -85,7 +85,11 @@ class ConvLSTMCell(nn.Module):
         self.padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
         self.bias = bool(bias)
         self.conv = nn.Conv2d(
-            self.input_dim + self.hidden_dim, 4 * self.hidden_dim, self.kernel_size, padding=self.padding, bias=self.bias
+            self.input_dim + self.hidden_dim,
+            4 * self.hidden_dim,
+            self.kernel_size,
+            padding=self.padding,
+            bias=self.bias,
         )
 
     def init_hidden(self, batch_size: int, image_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +150,9 @@ class ConvLSTMCell(nn.Module):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != dims or tensor.shape[dims - 3] != self.input_dim:
-            raise ValueError(f"{name}: expected shape {layout} with input_dim={self.input_dim}, got {list(tensor.shape)}")
+            raise ValueError(
+                f"{name}: expected shape {layout} with input_dim={self.input_dim}, got {list(tensor.shape)}"
+            )
         if not tensor.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
 
@@ -197,7 +203,9 @@ class ConvLSTM(nn.Module):
         self.bias = bias
         self.return_all_layers = return_all_layers
         self.cell_list = nn.ModuleList(
-            ConvLSTMCell(self.input_dim if i == 0 else self.hidden_dim[i - 1], self.hidden_dim[i], self.kernel_size[i], bias)
+            ConvLSTMCell(
+                self.input_dim if i == 0 else self.hidden_dim[i - 1], self.hidden_dim[i], self.kernel_size[i], bias
+            )
             for i in range(self.num_layers)
         )
 
@@ -206,7 +214,9 @@ class ConvLSTM(nn.Module):
         if not isinstance(value, list):
             return [value] * self.num_layers
         if len(value) != self.num_layers:
-            raise ValueError(f"{name}: expected one entry per layer (num_layers={self.num_layers}), got a list of {len(value)}")
+            raise ValueError(
+                f"{name}: expected one entry per layer (num_layers={self.num_layers}), got a list of {len(value)}"
+            )
         return value
 
     def forward(self, input_tensor: torch.Tensor, hidden_state=None):
@@ -233,7 +243,11 @@ class ConvLSTM(nn.Module):
         if hidden_state is None:
             return [(_zeros_like_frame(frame, cell.hidden_dim),) * 2 for cell in self.cell_list]
         if not isinstance(hidden_state, (tuple, list)) or len(hidden_state) != self.num_layers:
-            got = f"{len(hidden_state)} entries" if isinstance(hidden_state, (tuple, list)) else type(hidden_state).__name__
+            got = (
+                f"{len(hidden_state)} entries"
+                if isinstance(hidden_state, (tuple, list))
+                else type(hidden_state).__name__
+            )
             raise ValueError(f"hidden_state: expected one (h, c) pair per layer ({self.num_layers}), got {got}")
         return [
             cell._check_state(f"hidden_state[{i}]", state, frame)

@@ -23,7 +23,9 @@ def normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
     values = dict(zip(_ARGUMENTS, (q_loc, q_scale, p_loc, p_scale)))
     tensors = {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
     if not tensors:
-        raise TypeError("normal_kl: expected at least one torch.Tensor among q_loc, q_scale, p_loc, p_scale, got only numbers")
+        raise TypeError(
+            "normal_kl: expected at least one torch.Tensor among q_loc, q_scale, p_loc, p_scale, got only numbers"
+        )
     first_name, first = next(iter(tensors.items()))
     for name, value in values.items():
         if isinstance(value, torch.Tensor):
