@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 
 REPRESENTATIONS = ("tower", "pool", "pyramid")
+# The GQN of Eslami et al. 2018, Consistent GQN (JUMP, Kumar et al. 2018) and attention GQN
+# (Rosenbaum et al. 2018); gqn_fast/models.py maps each to its classes.
+MODELS = ("gqn", "jump", "attention")
 
 # Image and latent grid sizes are fixed by the architecture (GQN_SPEC.md): 64x64 images,
 # a 16x16 grid for r, the core states and z.
@@ -23,6 +26,8 @@ class GQNConfig:
     hidden: ConvLSTM hidden channels. canvas: channels of the 64x64 canvas u.
     r_dim: channels of the scene representation r.
     share_cores: one set of core weights for all L steps instead of one per step.
+    model: which member of the family (MODELS): "gqn" (2018), "jump" (Consistent GQN) or
+    "attention" (attention GQN); each reads the fields above that it needs.
     """
 
     representation: str = "tower"
@@ -32,8 +37,11 @@ class GQNConfig:
     canvas: int = 128
     r_dim: int = 256
     share_cores: bool = False
+    model: str = "gqn"
 
     def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model: expected one of {MODELS}, got {self.model!r}")
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}")
         for name in ("L", "z_dim", "hidden", "canvas", "r_dim"):

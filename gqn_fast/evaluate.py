@@ -24,6 +24,7 @@ from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
+from gqn_fast.models import build_model
 from gqn_fast.reference import transform_viewpoint
 from gqn_fast.schedules import bits_per_dim, nll_floor
 from gqn_fast.train_settings import TrainArgs
@@ -34,10 +35,8 @@ PREDICTION = "generate: z from the prior, the query image is never read (how wel
 
 def load_model(path: Path, device: torch.device, impl: str = "fast"):
     """(model in eval mode, ModelFile) from a published model or a training checkpoint (model_file.py)."""
-    from gqn_fast.train import model_class
-
     model_file = read_model_file(path)
-    model = model_class(impl)(model_file.config).to(device)
+    model = build_model(model_file.config, impl).to(device)
     model.load_state_dict(model_file.params)  # names and shapes checked already
     return model.eval(), model_file
 

@@ -173,14 +173,14 @@ def _check_training(path: Path, training) -> None:
 
 def _check_params(path: Path, config: GQNConfig, params) -> None:
     """Names, shapes and dtypes as the model the config builds has them; every value finite."""
-    from gqn_fast.model import GQN
+    from gqn_fast.models import build_model
 
     if not isinstance(params, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()
     ):
         raise CheckpointError(f"{path}: the parameters: expected a mapping of names to tensors")
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        expected = GQN(config).state_dict()
+        expected = build_model(config).state_dict()
     missing, unexpected = sorted(expected.keys() - params.keys()), sorted(params.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(

@@ -37,6 +37,7 @@ from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, UserError
 from gqn_fast.images import save_grid
+from gqn_fast.models import build_model
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
 from gqn_fast.train_step import TrainStep, make_optimizer
@@ -44,16 +45,6 @@ from gqn_fast.train_step import TrainStep, make_optimizer
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def model_class(impl: str):
-    if impl == "reference":
-        from gqn_fast.reference import GQN
-    elif impl == "fast":
-        from gqn_fast.model import GQN
-    else:
-        raise ValueError(f"impl: expected 'fast' or 'reference', got {impl!r}")
-    return GQN
 
 
 def step_mode(args: TrainArgs, device: torch.device, world: int) -> str:
@@ -416,7 +407,7 @@ def setup(args: TrainArgs) -> Run:
         )
 
     torch.manual_seed(args.seed)
-    model = model_class(args.impl)(config).to(device)
+    model = build_model(config, args.impl).to(device)
     mode = step_mode(args, device, world)
     optimizer = make_optimizer(model, device, learning_rate(0), graphed=mode == "graphed")
     position = Position()

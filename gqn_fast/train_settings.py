@@ -8,7 +8,9 @@ import dataclasses
 import math
 from pathlib import Path
 
+from gqn_fast.config import PRESETS
 from gqn_fast.errors import UsageError, check_count
+from gqn_fast.models import IMPLS
 
 
 @dataclasses.dataclass
@@ -56,7 +58,7 @@ RESULT_SETTINGS = {
     "precision": lambda a: a.get("precision"),
     "seed": lambda a: a.get("seed"),
 }
-CHOICES = {"preset": ("small", "paper"), "impl": ("fast", "reference"), "precision": ("fp32", "bf16")}
+CHOICES = {"preset": tuple(PRESETS), "impl": IMPLS, "precision": ("fp32", "bf16")}
 
 
 def check_args(args: TrainArgs) -> None:

@@ -62,9 +62,9 @@ def test_nearest_neighbour_accuracy_counts_the_misses():
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("representation", ["tower", "pool"])
 def test_predicting_from_the_context_representation_equals_predicting_from_the_context(impl, representation):
-    from gqn_fast.train import model_class
+    from gqn_fast.models import build_model
 
-    model = model_class(impl)(tiny_config(representation=representation)).eval()
+    model = build_model(tiny_config(representation=representation), impl).eval()
     cx, cv, _, qv = random_scene_batch(3, 2)
     r = model.represent(cx, cv)
     direct = evaluate.predict(model, cx, cv, qv, 2, torch.Generator().manual_seed(5))

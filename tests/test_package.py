@@ -127,3 +127,22 @@ def test_no_import_cycle():
     for module in graph:
         visit(module, [module])
     assert cycles == [], cycles
+
+
+def test_each_model_kind_and_implementation_builds_its_class():
+    import pytest
+    import torch
+
+    from gqn_fast.config import GQNConfig
+    from gqn_fast.models import CLASSES, IMPLS, model_class
+
+    for kind, classes in CLASSES.items():
+        assert set(classes) == set(IMPLS), kind
+        config = GQNConfig(model=kind, L=2, z_dim=2, hidden=8, canvas=8, r_dim=16)
+        reference, fast = model_class(config, "reference"), model_class(config, "fast")
+        assert reference.__module__.startswith("gqn_fast.reference"), kind
+        assert issubclass(fast, torch.nn.Module) and fast.__module__.startswith("gqn_fast."), kind
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        model_class(GQNConfig(), "slow")
+    with pytest.raises(ValueError, match="model: expected one of"):
+        GQNConfig(model="gqn2")
