@@ -168,6 +168,31 @@ def test_the_documents_show_commands_to_check(parser):
     assert {args[0] for args in shown} >= {"train", "eval", "data", "analyze", "export", "sample"}
 
 
+def python_examples(text: str) -> list[str]:
+    return ["\n".join(lines) for language, lines in split_blocks(text)[1] if language == "python"]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [document for document in DOCUMENTS if python_examples(document.read_text())],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_python_examples_run(document, tmp_path, monkeypatch):
+    """Each Python block runs as shown, in order, in an empty folder (a later block may read the
+    files an earlier one wrote); "old_checkpoint.pt" is a state_dict of the ConvLSTM shown."""
+    import torch
+
+    from gqn_fast.nn import ConvLSTM
+
+    monkeypatch.chdir(tmp_path)
+    text = document.read_text()
+    if "old_checkpoint.pt" in text:
+        model = ConvLSTM(input_dim=1, hidden_dim=[64, 64], kernel_size=(3, 3), num_layers=2, batch_first=True)
+        torch.save(model.state_dict(), "old_checkpoint.pt")
+    for number, example in enumerate(python_examples(text)):
+        exec(compile(example, f"{document.name}, Python block {number + 1}", "exec"), {"__name__": "__docs__"})
+
+
 def test_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md: {lines} lines, at most {README_MAX_LINES}"
