@@ -1,4 +1,4 @@
-"""The ConvLSTM cell and GQN's inference and generator cores (GQN_SPEC.md, "Cores")."""
+"""The ConvLSTM cell and GQN's inference and generator cores (docs/spec.md, "Cores")."""
 
 import torch
 from torch import nn

@@ -1,6 +1,6 @@
 """The reference GQN: the plain PyTorch model that every test holds the fast path to.
 
-Written to be read next to GQN_SPEC.md, step by step, with no speed tricks.
+Written to be read next to docs/spec.md, step by step, with no speed tricks.
 
 Parameter names (a public contract: gqn_fast.GQN loads the same state_dict), with
 K = L cores, or K = 1 when share_cores is True:

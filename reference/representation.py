@@ -1,4 +1,4 @@
-"""Representation networks psi(x, v) -> r (GQN_SPEC.md): tower, pool and pyramid.
+"""Representation networks psi(x, v) -> r (docs/spec.md): tower, pool and pyramid.
 
 Each takes one image x [N, 3, 64, 64] and its viewpoint v [N, 7] and returns r^k; the
 GQN sums r^k over a scene's context views. ReLU follows every convolution.

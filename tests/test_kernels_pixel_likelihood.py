@@ -122,7 +122,7 @@ def test_pixel_nll_gradcheck_float64(interpret):
 
 def test_pixel_nll_floor_is_the_normalizer():
     """At x = mean the NLL is the constant N (log sigma + log(2 pi) / 2): 6909 nats for
-    3x64x64 pixels at sigma 0.7 (GQN_SPEC.md)."""
+    3x64x64 pixels at sigma 0.7 (docs/spec.md)."""
     logits = torch.randn(2, 3, 64, 64)
     nll = pixel_nll(torch.sigmoid(logits), logits, 0.7)
     floor = 3 * 64 * 64 * (math.log(0.7) + 0.5 * math.log(2 * math.pi))
