@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py --out DIR [--plan first|second] [--budget 540] [--tar FILE]
 
-On the device machine DIR goes outside $OUT and FILE inside it: the tool brings back at most 8
-files of 16 MiB each, and the archive (without the runs' checkpoints) is the one that matters.
+On a machine whose results come back by copying a folder, DIR can stay on the machine and FILE
+go into the folder copied back: the archive (without the runs' checkpoints) is what matters.
 
 Parts, each run even when an earlier one failed, each in its own process with a time limit
 taken from one overall budget (default 9 minutes, inside a 10-minute command limit), most
@@ -474,8 +474,8 @@ def end_to_end(rows: list[dict], rate: float | None) -> str | None:
 
 
 def _without_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """The archive leaves out the training runs' checkpoints (optimizer state, megabytes each): the
-    device tool brings back files of 16 MiB at most; the model in the box travels as box_model/."""
+    """The archive leaves out the training runs' checkpoints (optimizer state, megabytes each) so
+    that it stays small to copy back; the model in the box travels as box_model/."""
     return None if "/checkpoints" in member.name else member
 
 
