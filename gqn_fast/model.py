@@ -51,8 +51,7 @@ from gqn_fast.folding import (
     observation_after_upsample,
 )
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
-from gqn_fast.kernels.gates import lstm_gates_torch
-from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
+from gqn_fast.kernels.utils import CUSTOM_OP_CHOICES
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
 from gqn_fast.representation import represent
@@ -67,7 +66,6 @@ ELBO = reference.ELBO
 # input channels; 4 to 9% slower at 4H = 512 (paper, B = 4 and 36, 131 to 384 input channels).
 CHANNELS_LAST_MAX_GATES = 256
 CPU_CORE_LAYOUTS = ("auto", "channels_last", "contiguous")
-CUSTOM_OPS = ("auto", "always")
 
 
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -327,10 +325,13 @@ class GQN(reference.GQN):
     gates_in_one_dot: the fused cells' forward GEMM as one product over the four gates.
     cpu_core_layout: the cores' activations on the CPU's PyTorch path: "auto" (by the cells'
         width, CHANNELS_LAST_MAX_GATES), "channels_last" or "contiguous".
-    custom_ops: "auto": the gate and posterior ops where the Triton kernels run, their PyTorch
-        form through autograd elsewhere (_gates); "always": the ops everywhere (on the CPU their
-        own PyTorch path): the GPU's op structure on any device (bench/op_count.py counts it on
-        meta tensors).
+    custom_ops: how the gate, posterior and pixel likelihood ops run, passed to each as its
+        custom_op (kernels/utils.py: use_custom_op). "auto": the custom ops where the Triton
+        kernels run, elsewhere their PyTorch form through autograd, which keeps the activations
+        instead of recomputing them (a third of the elementwise passes, on a CPU where they are
+        slow and memory is plentiful) and dispatches no custom op. "always": the ops everywhere
+        (on the CPU their own PyTorch path): the GPU's op structure on any device
+        (bench/op_count.py counts it on meta tensors).
     """
 
     def __init__(
@@ -349,7 +350,7 @@ class GQN(reference.GQN):
         for name, value, allowed in (
             ("backward_convs", backward_convs, BACKWARD_CONVS),
             ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
-            ("custom_ops", custom_ops, CUSTOM_OPS),
+            ("custom_ops", custom_ops, CUSTOM_OP_CHOICES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
@@ -361,11 +362,9 @@ class GQN(reference.GQN):
 
     @staticmethod
     def _pytorch_cpu(t: torch.Tensor) -> bool:
-        """True on the CPU's PyTorch path, where oneDNN runs the convs."""
+        """True on the CPU's PyTorch path, where oneDNN runs the convs: the model picks their
+        layouts for it. (Under the interpreter the kernels run and the model keeps the GPU's.)"""
         return t.device.type == "cpu" and not use_triton(t)
-
-    def _uses_custom_ops(self, t: torch.Tensor) -> bool:
-        return self.custom_ops == "always" or use_triton(t)
 
     def _cores_channels_last(self, t: torch.Tensor) -> bool:
         if not self._pytorch_cpu(t):
@@ -519,24 +518,9 @@ class GQN(reference.GQN):
         return self._gates(preact.add_(constant), c)
 
     def _gates(self, preact, c, constant=None):
-        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
-        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
-        differentiated by autograd, which keeps the activations where the op's backward
-        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
-        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
-            return lstm_gates(preact, c, constant)
-        if constant is not None:
-            preact = preact.add_(constant)
-        return lstm_gates_torch(preact.to(c.dtype), c)
-
-    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
-        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
-        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
-        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
-        if self._uses_custom_ops(mu_q):
-            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
-        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+        """The gate math of preact (+ constant, read in the kernel's own pass). The op reads a bf16
+        preact (autocast) as it is, with no fp32 copy first."""
+        return lstm_gates(preact, c, constant, custom_op=self.custom_ops)
 
     def _zeros(self, batch, like):
         return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
@@ -558,14 +542,16 @@ class GQN(reference.GQN):
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
             eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
-            z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
+            z, kl = posterior_sample_kl(
+                *(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)), custom_op=self.custom_ops
+            )
             kls.append(kl)
             h_g, c_g = self._generator_step(cells.generator, z, h_g, c_g)
             states.append(h_g)
             canvas.draw(h_g)
 
         logits = self._image_logits(states)
-        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma, custom_op=self.custom_ops)
         kl = torch.stack(kls, dim=1)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))

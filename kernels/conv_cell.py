@@ -60,6 +60,7 @@ from .utils import (
 )
 
 BACKWARD_CONVS = ("aten", "triton")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 (gradcheck) runs the PyTorch path
 
 
 def _check_backward_convs(backward_convs: str) -> None:
@@ -406,10 +407,6 @@ def _same_padding(weight: torch.Tensor) -> list[int]:
     return [weight.shape[-2] // 2, weight.shape[-1] // 2]
 
 
-def _kernels_apply(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype != torch.float64
-
-
 def _output_channels_unit_stride(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, C, K, K] with the output channels adjacent in memory (a copy, unless they are).
 
@@ -428,7 +425,7 @@ def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool, gates_in_o
     gates_in_one_dot: the forward's GEMM as one product over all four gates instead of one per
     gate (see the kernel; off until a GPU measures it faster)."""
     _check_inputs(x, weight, constant, c)
-    if not _kernels_apply(x):
+    if not use_triton(x, KERNEL_DTYPES):
         return _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact)
     batch, cin, height, width = x.shape
     hidden = c.shape[1]
@@ -464,7 +461,7 @@ def conv_lstm_cell_backward(x, weight, preact, c, grad_h, grad_c_new, backward_c
     )
     # The convolutions' operands are x's dtype (what autocast gives cuDNN), accumulated in fp32.
     grad_operand = grad_preact.to(x.dtype)
-    if backward_convs == "aten" or not _kernels_apply(x):
+    if backward_convs == "aten" or not use_triton(x, KERNEL_DTYPES):
         grad_x, grad_weight = _conv_backward_aten(grad_operand, x, weight)
     else:
         grad_x, grad_weight = _conv_backward_triton(grad_operand, x, weight)
