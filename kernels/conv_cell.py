@@ -11,18 +11,15 @@ gathers the same hidden channels of all four gates, so the epilogue has i, f, g,
 side), and the reduction runs over the Ky x Kx taps and the input channels. No im2col buffer:
 each tap's A tile is loaded from x at shifted pixels, zero outside the image.
 
-Backward. The gate backward needs all four preactivations, c and both incoming gradients
-at a pixel: seven loads and about ten exponentials per element. Fusing it into the prologue
-of the input-gradient convolution would redo it K*K times per input-channel tile (25 x 6 =
-150 times for the inference core's 384 input channels), and into the weight-gradient
-convolution once per reduction tile. For the input gradient that is ~10 special-function
-ops x 150 per (pixel, hidden) element against 2 x 384 x 25 x 4 GEMM FLOPs, about 51 FLOPs
-per special-function op, where an H100 does about 128 TF32 FLOPs in the time of one (16 per
-SM per clock): the exponentials would take 2.5 times the tensor cores' time. So the forward saves the fp32
-preactivations when autograd needs them, the fused gate-backward kernel (gates.py)
-writes grad_preact once, and two convolutions read it: Triton implicit-GEMM kernels
-(backward_convs="triton") or cuDNN through aten.convolution_backward ("aten"). Which is
-faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is the default.
+Backward. The gate backward (seven loads and about ten exponentials per element) is not fused
+into the backward convolutions: their prologue would redo it once per tap and channel tile,
+150 times for the inference core, where its exponentials would take about 2.5 times the GEMM's
+tensor-core time on an H100.
+So the forward saves the fp32 preactivations when autograd needs them, the fused
+gate-backward kernel (gates.py) writes grad_preact once, and two convolutions read it: Triton
+implicit-GEMM kernels (backward_convs="triton") or cuDNN through aten.convolution_backward
+("aten"). Which is faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is
+the default.
 
 Memory layout: the weight is read through a (K, K, C, 4H) copy, so the tiles of each tap are
 rows of adjacent output channels (see _output_channels_unit_stride); the weight gradient is
