@@ -10,7 +10,7 @@ REPRESENTATIONS = ("tower", "pool", "pyramid")
 # (Rosenbaum et al. 2018); gqn_fast/models.py maps each to its classes.
 MODELS = ("gqn", "jump", "attention")
 
-# Image and latent grid sizes are fixed by the architecture (GQN_SPEC.md): 64x64 images,
+# Image and latent grid sizes are fixed by the architecture (docs/spec.md): 64x64 images,
 # a 16x16 grid for r, the core states and z.
 IMAGE_SIZE = 64
 GRID_SIZE = 16
@@ -19,7 +19,7 @@ VIEWPOINT_DIM = 7
 
 @dataclass(frozen=True)
 class GQNConfig:
-    """Hyper-parameters of a GQN; see ../shared/GQN_SPEC.md for what each one means.
+    """Hyper-parameters of a GQN; see docs/spec.md for what each one means.
 
     representation: "tower" (r is r_dim x 16 x 16), "pool" or "pyramid" (r_dim x 1 x 1).
     L: number of generation steps. z_dim: latent channels per step.
@@ -84,7 +84,7 @@ PRESETS = {
     "paper": GQNConfig(),
     "small": GQNConfig(
         # Shared cores: the constant inputs' conv work is then done once instead of L times,
-        # which is where the fast path gains most on a CPU (GQN_SPEC.md, the fast path).
+        # which is where the fast path gains most on a CPU (docs/spec.md, the fast path).
         representation="tower",
         L=6,
         z_dim=3,

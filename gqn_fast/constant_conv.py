@@ -1,4 +1,4 @@
-"""The convolution of a spatially constant input in closed form (GQN_SPEC.md, "Where the speed
+"""The convolution of a spatially constant input in closed form (docs/spec.md, "Where the speed
 comes from"): with the pool and pyramid representations r is 1x1 tiled over the 16x16 grid, and
 the viewpoint v_q is always tiled, so their share of each core's 5x5 conv needs no convolution.
 

@@ -1,4 +1,4 @@
-"""Exact algebra that lets the fast model skip the 128x64x64 canvas (GQN_SPEC.md, "Where the
+"""Exact algebra that lets the fast model skip the 128x64x64 canvas (docs/spec.md, "Where the
 speed comes from").
 
 A transposed conv k4 s4 (weight T [H, C, 4, 4], bias t) writes each 16x16 position into its own

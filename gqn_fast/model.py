@@ -2,7 +2,7 @@
 
 Same constructor, methods and parameter names as gqn_fast.reference.GQN (it subclasses it
 for exactly that: one state_dict loads into both); `represent`, `elbo`, `generate` and
-`generate_from` compute the same function differently. What changes (GQN_SPEC.md, "Where the
+`generate_from` compute the same function differently. What changes (docs/spec.md, "Where the
 speed comes from"), all exact in real arithmetic:
 - Each cell's weight is split once per forward into runs of its input groups (the layouts of
   reference/cores.py): a split's backward is one concatenation, where per-step slices would
@@ -51,8 +51,7 @@ from gqn_fast.folding import (
     observation_after_upsample,
 )
 from gqn_fast.kernels import conv_lstm_cell, lstm_gates, pixel_nll, posterior_sample_kl, use_triton
-from gqn_fast.kernels.gates import lstm_gates_torch
-from gqn_fast.kernels.gaussian import posterior_sample_kl_torch
+from gqn_fast.kernels.utils import CUSTOM_OP_CHOICES
 from gqn_fast.reference import gqn as reference
 from gqn_fast.reference.representation import tile
 from gqn_fast.representation import represent
@@ -62,12 +61,9 @@ ELBO = reference.ELBO
 
 # On the CPU's PyTorch path oneDNN runs the cores' convs faster on channels-last activations for
 # cells of at most this many gate channels (4H), and faster on NCHW ones for wider cells, where
-# the weight dominates. Forward and backward of one 5x5 cell conv on the 16x16 grid, one thread:
-# channels-last 6% faster at 4H = 128 (small preset, B = 8, 96 input channels), 25% at 35
-# input channels; 4 to 9% slower at 4H = 512 (paper, B = 4 and 36, 131 to 384 input channels).
+# the weight dominates (the small preset's 128 against the paper's 512).
 CHANNELS_LAST_MAX_GATES = 256
 CPU_CORE_LAYOUTS = ("auto", "channels_last", "contiguous")
-CUSTOM_OPS = ("auto", "always")
 
 
 def _conv_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -151,7 +147,7 @@ def in_order(run: Iterable[str], dim: int = 1, **inputs: torch.Tensor) -> torch.
 def _standard_normal(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Standard-normal draws of like's shape and device (and dtype, unless given), contiguous
     (the reference's layout and order): randn_like of a channel slice of a channels-last map
-    fills that map's layout, 8x slower on the CPU (126 against 15 us for [8, 3, 16, 16])."""
+    fills that map's layout, 8x slower on the CPU."""
     return torch.randn(like.shape, dtype=dtype or like.dtype, device=like.device)
 
 
@@ -167,9 +163,8 @@ def _sum_views(r_k: torch.Tensor, B: int, M: int) -> torch.Tensor:
 
 # The canvas maps (gqn_fast.folding) as matmuls over the pixels of a channels-last state: there
 # PyTorch's CPU 1x1 and stride-4 transposed convs take a slow path that returns the state's
-# gradient NCHW, and every gate backward and conv backward that gradient reached ran on mixed
-# layouts or copied it (small preset, B = 8, one thread, 41 interleaved calls: 253.8 against
-# 258.9 ms per training step). Other layouts: the convs.
+# gradient NCHW, and every gate backward and conv backward that gradient reached would run on
+# mixed layouts or copy it. Other layouts: the convs.
 
 
 def conv1x1(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,10 +192,8 @@ class SceneInput:
     v_q is one vector per scene, tiled. With the pool and pyramid nets so is r (r_is_vector, r
     [B, r_dim, 1, 1]): [v_q, r] is then one vector, and its share of a conv one closed form
     (gqn_fast.constant_conv), one run of the weight. The tower's r is a 16x16 map, read by every
-    core's conv (saved once for their backward), and v_q's share its own closed form. (Tiling v_q
-    beside the tower's r instead, as the reference does, saves the closed form's few small ops per
-    core but costs that conv 7 more input channels: 1.6% of the small preset's CPU step, 2 convs
-    of 71 instead of 64 channels.)
+    core's conv (saved once for their backward), and v_q's share its own closed form: cheaper
+    than tiling v_q beside r, as the reference does, which gives that conv 7 more input channels.
     """
 
     def __init__(self, query_v: torch.Tensor, r: torch.Tensor, r_is_vector: bool):
@@ -260,10 +253,10 @@ class CanvasView:
     h_j is mapped at once to its share of every later step's view, by the M_lj (l > j) made
     then, one small product each: so their backward runs step by step, and no [L C', L H]
     matrix of all pairs (half of it never read) has its gradient alive beside every weight
-    gradient at the end of the backward (the paper tower's training peak at B = 4 was there).
+    gradient at the end of the backward, where the training peak is.
     The shares of the steps still to come are one tensor, the next step's first: each step adds
-    its own shares to it in one op and the next step splits its view off (per view, 66 adds a
-    forward at the paper's L = 12 where this takes 11). Before any drawing the view is a_l.
+    its own shares to it in one op and the next step splits its view off (L - 1 adds a forward,
+    where one add per pair of steps would be L (L - 1) / 2). Before any drawing the view is a_l.
     The view keeps count of the states drawn: the next step's index.
     """
 
@@ -319,18 +312,20 @@ class GQN(reference.GQN):
     life, so torch.compile's graph of it is right), for benchmarks and comparisons:
     fused_cells: False (default): each cell's 5x5 conv by cuDNN (oneDNN on the CPU), then the
         gate kernel. True: the conv with the gates in its epilogue (kernels.conv_lstm_cell; its
-        PyTorch path where Triton does not run). On an H100 at B = 36 (bench/results/
-        nvidia-h100-80gb-hbm3, conv_cell rows, forward and backward) the fused cell took 1.3 to
-        1.5 times as long as cuDNN plus the gate kernel, both cells, TF32 and bf16; it becomes
-        the default if a GPU measures it faster (gates_in_one_dot is the candidate).
+        PyTorch path where Triton does not run). Not the default: on an H100 it is slower than
+        cuDNN plus the gate kernel (docs/performance.md); it becomes the default if a GPU
+        measures it faster (gates_in_one_dot is the candidate).
     backward_convs: "aten" (cuDNN) or "triton": the kernels of the fused cells' backward convs.
     gates_in_one_dot: the fused cells' forward GEMM as one product over the four gates.
     cpu_core_layout: the cores' activations on the CPU's PyTorch path: "auto" (by the cells'
         width, CHANNELS_LAST_MAX_GATES), "channels_last" or "contiguous".
-    custom_ops: "auto": the gate and posterior ops where the Triton kernels run, their PyTorch
-        form through autograd elsewhere (_gates); "always": the ops everywhere (on the CPU their
-        own PyTorch path): the GPU's op structure on any device (bench/op_count.py counts it on
-        meta tensors).
+    custom_ops: how the gate, posterior and pixel likelihood ops run, passed to each as its
+        custom_op (kernels/utils.py: use_custom_op). "auto": the custom ops where the Triton
+        kernels run, elsewhere their PyTorch form through autograd, which keeps the activations
+        instead of recomputing them (a third of the elementwise passes, on a CPU where they are
+        slow and memory is plentiful) and dispatches no custom op. "always": the ops everywhere
+        (on the CPU their own PyTorch path): the GPU's op structure on any device
+        (bench/op_count.py counts it on meta tensors).
     """
 
     def __init__(
@@ -349,7 +344,7 @@ class GQN(reference.GQN):
         for name, value, allowed in (
             ("backward_convs", backward_convs, BACKWARD_CONVS),
             ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
-            ("custom_ops", custom_ops, CUSTOM_OPS),
+            ("custom_ops", custom_ops, CUSTOM_OP_CHOICES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
@@ -361,11 +356,9 @@ class GQN(reference.GQN):
 
     @staticmethod
     def _pytorch_cpu(t: torch.Tensor) -> bool:
-        """True on the CPU's PyTorch path, where oneDNN runs the convs."""
+        """True on the CPU's PyTorch path, where oneDNN runs the convs: the model picks their
+        layouts for it. (Under the interpreter the kernels run and the model keeps the GPU's.)"""
         return t.device.type == "cpu" and not use_triton(t)
-
-    def _uses_custom_ops(self, t: torch.Tensor) -> bool:
-        return self.custom_ops == "always" or use_triton(t)
 
     def _cores_channels_last(self, t: torch.Tensor) -> bool:
         if not self._pytorch_cpu(t):
@@ -409,10 +402,9 @@ class GQN(reference.GQN):
     # A core's weight is split when its first step comes, not all at the start of the forward:
     # autograd runs a split's backward (the pieces' gradients concatenated, a transient second
     # copy of the weight's gradient) in reverse order of creation, so splits made first would
-    # all run last, each beside every weight gradient and the representation net's activations.
-    # Paper tower, B = 4, one thread: the training peak went from 727 to 707 MiB (reference 726).
-    # The first core's are split before the representation net runs, so that their split's
-    # backward comes after the net's and not beside its activations.
+    # all run last, each beside every weight gradient and the representation net's activations,
+    # raising the training peak. The first core's are split before the representation net runs,
+    # so that their split's backward comes after the net's and not beside its activations.
 
     def _core_pieces(self, core: int, inference: bool = True) -> CorePieces:
         r_is_vector = self.config.r_is_vector
@@ -515,28 +507,13 @@ class GQN(reference.GQN):
             # pass (no add writing the preactivations once more).
             return self._gates(preact, c, constant)
         # Read by this step alone: added in place, so that backward keeps no copy of it (the
-        # gate kernel would save it: 415 MiB more at the paper tower, B = 36).
+        # gate kernel would save it, a [B, 4H, 16, 16] tensor per step).
         return self._gates(preact.add_(constant), c)
 
     def _gates(self, preact, c, constant=None):
-        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
-        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
-        differentiated by autograd, which keeps the activations where the op's backward
-        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
-        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
-            return lstm_gates(preact, c, constant)
-        if constant is not None:
-            preact = preact.add_(constant)
-        return lstm_gates_torch(preact.to(c.dtype), c)
-
-    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
-        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
-        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
-        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
-        if self._uses_custom_ops(mu_q):
-            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
-        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+        """The gate math of preact (+ constant, read in the kernel's own pass). The op reads a bf16
+        preact (autocast) as it is, with no fp32 copy first."""
+        return lstm_gates(preact, c, constant, custom_op=self.custom_ops)
 
     def _zeros(self, batch, like):
         return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
@@ -558,14 +535,16 @@ class GQN(reference.GQN):
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
             eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
-            z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
+            z, kl = posterior_sample_kl(
+                *(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)), custom_op=self.custom_ops
+            )
             kls.append(kl)
             h_g, c_g = self._generator_step(cells.generator, z, h_g, c_g)
             states.append(h_g)
             canvas.draw(h_g)
 
         logits = self._image_logits(states)
-        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma, custom_op=self.custom_ops)
         kl = torch.stack(kls, dim=1)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
@@ -580,8 +559,7 @@ class GQN(reference.GQN):
         # With one core per step and the tower's map r, hoisting saves no work (each core runs
         # once), and generate keeps no activations: what counts is the transient weight reorder,
         # and on the CPU a weight piece costs oneDNN a copy besides it. There each cell is the
-        # reference's conv over all its inputs with the whole weight (paper tower, B = 4: peak
-        # 33.2 MiB so, 39.1 with pieces, the reference's 35.8; bench/run.py).
+        # reference's conv over all its inputs with the whole weight: the lower memory peak.
         whole_cells = not c.share_cores and not c.r_is_vector and self._pytorch_cpu(query_v)
         cells = None if whole_cells else self._cells_by_step(self._core_pieces(0, inference=False), scene)
         h_g, c_g = None, self._zeros(B, query_v)  # zero states
@@ -611,9 +589,9 @@ class GQN(reference.GQN):
 def compile_options(model: torch.nn.Module) -> dict:
     """torch.compile's inductor options for `model`: for a fast GQN on the CPU, no layout
     optimization. Inductor would turn every conv channels-last, the slower layout for the paper's
-    cells (CHANNELS_LAST_MAX_GATES) and one that costs a weight reorder per call: at the paper
-    preset with shared cores, B = 2, one thread, the compiled step took 2382 ms against eager's
-    1794; without it 1814 ms. The model picks each conv's layout itself. {} for any other model."""
+    cells (CHANNELS_LAST_MAX_GATES) and one that costs a weight reorder per call, making the
+    compiled step slower than eager. The model picks each conv's layout itself. {} for any other
+    model."""
     if isinstance(model, GQN) and model.prior.weight.device.type == "cpu":
         return {"layout_optimization": False}
     return {}

@@ -1,5 +1,5 @@
 """The representation nets of reference/representation.py, computed the fast way: same parameters,
-same function, exact in real arithmetic (GQN_SPEC.md, "Where the speed comes from").
+same function, exact in real arithmetic (docs/spec.md, "Where the speed comes from").
 
 - The viewpoint v is tiled over the grid before a conv reads it, so its share of that conv is
   exact in closed form (gqn_fast.constant_conv): the tower's conv5 and conv6 convolve only the

@@ -1,4 +1,4 @@
-"""The paper's annealing schedules (GQN_SPEC.md, "Loss and schedules"), as pure functions of the step."""
+"""The paper's annealing schedules (docs/spec.md, "Loss and schedules"), as pure functions of the step."""
 
 import math
 

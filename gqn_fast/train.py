@@ -492,10 +492,9 @@ def save_progress_picture(model, batch, reconstruction, path: Path, seed: int, s
 
 
 class ContentionWatch:
-    """Says once when the steps of a run on several CPU threads get much slower than its best
-    (measured on a shared 2-core machine: the small preset at 6.0 steps/s on 2 threads when
-    idle, 2.0 with one busy job on the other core, where 1 thread kept 4.1: torch's threads
-    wait on each other while the other job holds a core)."""
+    """Says once when the steps of a run on several CPU threads get much slower than its best:
+    torch's threads wait on each other while another job holds a core, where one thread would
+    keep most of its speed."""
 
     def __init__(self, threads: int, slower: float = 2.0):
         self.threads, self.slower = threads, slower

@@ -14,7 +14,10 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run the same math in PyTorch, or the Triton
 kernels under the interpreter when TRITON_INTERPRET=1 is set before import (kernels/utils.py:
-use_triton).
+use_triton). The elementwise ops decide once per call, in their public function: custom_op=
+"always" (the default) runs the torch.library op on every device, "auto" only where the kernels
+run and elsewhere the op's PyTorch form through autograd (kernels/utils.py: use_custom_op);
+conv_lstm_cell always runs its op.
 Per-sample sums (kl, nll) are fp32 whatever the input dtype (fp64 for fp64 inputs).
 """
 

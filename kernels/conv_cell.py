@@ -11,18 +11,15 @@ gathers the same hidden channels of all four gates, so the epilogue has i, f, g,
 side), and the reduction runs over the Ky x Kx taps and the input channels. No im2col buffer:
 each tap's A tile is loaded from x at shifted pixels, zero outside the image.
 
-Backward. The gate backward needs all four preactivations, c and both incoming gradients
-at a pixel: seven loads and about ten exponentials per element. Fusing it into the prologue
-of the input-gradient convolution would redo it K*K times per input-channel tile (25 x 6 =
-150 times for the inference core's 384 input channels), and into the weight-gradient
-convolution once per reduction tile. For the input gradient that is ~10 special-function
-ops x 150 per (pixel, hidden) element against 2 x 384 x 25 x 4 GEMM FLOPs, about 51 FLOPs
-per special-function op, where an H100 does about 128 TF32 FLOPs in the time of one (16 per
-SM per clock): the exponentials would take 2.5 times the tensor cores' time. So the forward saves the fp32
-preactivations when autograd needs them, the fused gate-backward kernel (gates.py)
-writes grad_preact once, and two convolutions read it: Triton implicit-GEMM kernels
-(backward_convs="triton") or cuDNN through aten.convolution_backward ("aten"). Which is
-faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is the default.
+Backward. The gate backward (seven loads and about ten exponentials per element) is not fused
+into the backward convolutions: their prologue would redo it once per tap and channel tile,
+150 times for the inference core, where its exponentials would take about 2.5 times the GEMM's
+tensor-core time on an H100.
+So the forward saves the fp32 preactivations when autograd needs them, the fused
+gate-backward kernel (gates.py) writes grad_preact once, and two convolutions read it: Triton
+implicit-GEMM kernels (backward_convs="triton") or cuDNN through aten.convolution_backward
+("aten"). Which is faster is for `bench/run.py --only conv_cell` to say on a GPU; "aten" is
+the default.
 
 Memory layout: the weight is read through a (K, K, C, 4H) copy, so the tiles of each tap are
 rows of adjacent output channels (see _output_channels_unit_stride); the weight gradient is
@@ -60,6 +57,7 @@ from .utils import (
 )
 
 BACKWARD_CONVS = ("aten", "triton")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 (gradcheck) runs the PyTorch path
 
 
 def _check_backward_convs(backward_convs: str) -> None:
@@ -406,10 +404,6 @@ def _same_padding(weight: torch.Tensor) -> list[int]:
     return [weight.shape[-2] // 2, weight.shape[-1] // 2]
 
 
-def _kernels_apply(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype != torch.float64
-
-
 def _output_channels_unit_stride(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, C, K, K] with the output channels adjacent in memory (a copy, unless they are).
 
@@ -428,7 +422,7 @@ def conv_lstm_cell_forward(x, weight, constant, c, save_preact: bool, gates_in_o
     gates_in_one_dot: the forward's GEMM as one product over all four gates instead of one per
     gate (see the kernel; off until a GPU measures it faster)."""
     _check_inputs(x, weight, constant, c)
-    if not _kernels_apply(x):
+    if not use_triton(x, KERNEL_DTYPES):
         return _conv_lstm_cell_forward_torch(x, weight, constant, c, save_preact)
     batch, cin, height, width = x.shape
     hidden = c.shape[1]
@@ -464,7 +458,7 @@ def conv_lstm_cell_backward(x, weight, preact, c, grad_h, grad_c_new, backward_c
     )
     # The convolutions' operands are x's dtype (what autocast gives cuDNN), accumulated in fp32.
     grad_operand = grad_preact.to(x.dtype)
-    if backward_convs == "aten" or not _kernels_apply(x):
+    if backward_convs == "aten" or not use_triton(x, KERNEL_DTYPES):
         grad_x, grad_weight = _conv_backward_aten(grad_operand, x, weight)
     else:
         grad_x, grad_weight = _conv_backward_triton(grad_operand, x, weight)

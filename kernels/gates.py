@@ -35,6 +35,7 @@ from .utils import (
     tile_indices,
     tl,
     triton,
+    use_custom_op,
     use_triton,
     wrap_triton,
 )
@@ -217,7 +218,7 @@ def _preact_torch(preact, constant, dtype):
 
 
 def lstm_gates_torch(preact, c, constant=None):
-    """The kernel's math in PyTorch (CPU path): same fp32 compute; h and c' in c's dtype."""
+    """The kernel's math in PyTorch: same fp32 compute; h and c' in c's dtype."""
     dtype = compute_dtype(c.dtype)
     a_i, a_f, a_g, a_o = _preact_torch(preact, constant, dtype).chunk(4, dim=1)
     c_new = torch.sigmoid(a_f) * c.to(dtype) + torch.sigmoid(a_i) * torch.tanh(a_g)
@@ -290,7 +291,7 @@ _lstm_gates_op.register_autograd(_lstm_gates_autograd_backward, setup_context=_l
 
 
 def lstm_gates(
-    preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None
+    preact: torch.Tensor, c: torch.Tensor, constant: torch.Tensor | None = None, *, custom_op: str = "always"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ConvLSTM gate math: (h, c') from preact [B, 4H, *spatial] (gates i, f, g, o on dim 1)
     and the cell state c [B, H, *spatial]; with a constant (preact's shape and device), from
@@ -301,6 +302,10 @@ def lstm_gates(
     of a narrower float dtype than c (a bf16 conv's output beside an fp32 cell state: no cast
     first); float64 goes only with float64. Any strides. Differentiable once in preact, c and
     constant, each gradient in its input's dtype (the constant's is preact's, so of preact's
-    precision); the backward is not itself differentiable.
+    precision); the backward is not itself differentiable, except on custom_op="auto"'s PyTorch
+    path (kernels/utils.py: use_custom_op).
     """
-    return _lstm_gates_op(preact, c, constant)
+    if use_custom_op(preact, custom_op):
+        return _lstm_gates_op(preact, c, constant)
+    _check_gates_inputs(preact, c, constant)
+    return lstm_gates_torch(preact, c, constant)

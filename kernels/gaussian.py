@@ -37,6 +37,7 @@ from .utils import (
     tl,
     to_compute,
     triton,
+    use_custom_op,
     use_triton,
     wrap_triton,
 )
@@ -365,7 +366,7 @@ def _per_sample_sum(elementwise: torch.Tensor) -> torch.Tensor:
 
 
 def posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps):
-    """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtypes."""
+    """The kernel's math in PyTorch: same fp32 compute, same output dtypes."""
     dtype = compute_dtype(mu_q.dtype)
     mu_q_c, s_q_c, mu_p_c, s_p_c = (t.to(dtype) for t in (mu_q, s_q, mu_p, s_p))
     sigma_q, sigma_p = F.softplus(s_q_c), F.softplus(s_p_c)
@@ -491,7 +492,13 @@ _posterior_kl_op.register_autograd(_posterior_kl_autograd_backward, setup_contex
 
 
 def posterior_sample_kl(
-    mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor, eps: torch.Tensor
+    mu_q: torch.Tensor,
+    s_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    s_p: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    custom_op: str = "always",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, kl): the reparameterised posterior sample and its KL to the prior, per sample.
 
@@ -499,18 +506,32 @@ def posterior_sample_kl(
     kl[b] = sum over all dims but the first of KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)).
     All five inputs share shape [B, ...], dtype and device. z has their dtype and memory
     format; kl [B] is fp32 (fp64 for fp64 inputs), so the loss is summed in fp32 whatever
-    the input dtype. Differentiable once in all five inputs, through z and kl.
+    the input dtype. Differentiable once in all five inputs, through z and kl. custom_op:
+    "always" or "auto" (kernels/utils.py: use_custom_op).
     """
-    return _posterior_sample_kl_op(mu_q, s_q, mu_p, s_p, eps)
+    if use_custom_op(mu_q, custom_op):
+        return _posterior_sample_kl_op(mu_q, s_q, mu_p, s_p, eps)
+    _check_gaussian_inputs(mu_q, s_q, mu_p, s_p, eps)
+    return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
 
 
-def posterior_kl(mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor) -> torch.Tensor:
+def posterior_kl(
+    mu_q: torch.Tensor, s_q: torch.Tensor, mu_p: torch.Tensor, s_p: torch.Tensor, *, custom_op: str = "always"
+) -> torch.Tensor:
     """kl [B]: posterior_sample_kl's KL without the sample (fp32; fp64 for fp64 inputs)."""
-    return _posterior_kl_op(mu_q, s_q, mu_p, s_p)
+    if use_custom_op(mu_q, custom_op):
+        return _posterior_kl_op(mu_q, s_q, mu_p, s_p)
+    _check_gaussian_inputs(mu_q, s_q, mu_p, s_p)
+    return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, None)[1]
 
 
 def elementwise_gaussian_kl_from_sigma(
-    mu_q: torch.Tensor, sigma_q: torch.Tensor, mu_p: torch.Tensor, sigma_p: torch.Tensor
+    mu_q: torch.Tensor,
+    sigma_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    sigma_p: torch.Tensor,
+    *,
+    custom_op: str = "always",
 ) -> torch.Tensor:
     """kl of mu_q's shape: KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) of every element.
 
@@ -520,4 +541,7 @@ def elementwise_gaussian_kl_from_sigma(
     their dtype, computed in fp32 (fp64 for fp64), in the form that stays accurate where q
     and p nearly agree. Differentiable once in all four inputs.
     """
-    return _elementwise_kl_op(mu_q, sigma_q, mu_p, sigma_p)
+    if use_custom_op(mu_q, custom_op):
+        return _elementwise_kl_op(mu_q, sigma_q, mu_p, sigma_p)
+    _check_elementwise_inputs(mu_q, sigma_q, mu_p, sigma_p)
+    return _elementwise_kl_forward_torch(mu_q, sigma_q, mu_p, sigma_p)

@@ -35,6 +35,7 @@ from .utils import (
     tl,
     to_compute,
     triton,
+    use_custom_op,
     use_triton,
     wrap_triton,
 )
@@ -157,7 +158,7 @@ def pixel_nll_backward(x: torch.Tensor, logits: torch.Tensor, sigma: torch.Tenso
 
 
 def pixel_nll_torch(x, logits, sigma):
-    """The kernel's math in PyTorch (CPU path): same fp32 compute, same output dtype."""
+    """The kernel's math in PyTorch: same fp32 compute, same output dtype."""
     dtype = compute_dtype(logits.dtype)
     inv_sigma = (1.0 / sigma).to(dtype)
     scaled = (x.to(dtype) - torch.sigmoid(logits.to(dtype))) * inv_sigma
@@ -211,23 +212,30 @@ def _pixel_nll_autograd_backward(ctx, grad_nll):
 _pixel_nll_op.register_autograd(_pixel_nll_autograd_backward, setup_context=_pixel_nll_setup_context)
 
 
-def pixel_nll(x: torch.Tensor, logits: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+def pixel_nll(
+    x: torch.Tensor, logits: torch.Tensor, sigma: float | torch.Tensor, *, custom_op: str = "always"
+) -> torch.Tensor:
     """nll [B]: -log N(x | sigmoid(logits), sigma^2) summed over all dims but the first.
 
     x and logits share shape [B, ...], dtype and device; sigma is the (annealed) pixel
     standard deviation, a positive Python float, or a 0-dim floating tensor on logits' device
     (a CUDA graph's sigma, updated in place between replays: its value is not checked, which
     would make the host wait). nll is fp32 (fp64 for fp64 inputs).
-    Differentiable once in logits and x (not in sigma).
+    Differentiable once in logits and x (not in sigma). custom_op: "always" or "auto"
+    (kernels/utils.py: use_custom_op).
     """
-    if isinstance(sigma, torch.Tensor):  # its shape and device: checked by the op
+    if isinstance(sigma, torch.Tensor):  # its shape and device: checked with the other inputs
         check_floating("sigma", sigma)
-        return _pixel_nll_op(x, logits, sigma.to(torch.float64))
-    if not torch.compiler.is_compiling():
-        # Not while compiling: a comparison on a traced float fixes its value in the graph.
-        _check_sigma_value(sigma)
-    device = logits.device if isinstance(logits, torch.Tensor) else None
-    # ones * sigma, not torch.full / torch.tensor: torch.compile keeps a float multiplier
-    # symbolic, but burns a float it must build a tensor from into the graph (recompiles).
-    sigma_tensor = torch.ones((), dtype=torch.float64, device=device) * sigma
-    return _pixel_nll_op(x, logits, sigma_tensor)
+        sigma_tensor = sigma.to(torch.float64)
+    else:
+        if not torch.compiler.is_compiling():
+            # Not while compiling: a comparison on a traced float fixes its value in the graph.
+            _check_sigma_value(sigma)
+        device = logits.device if isinstance(logits, torch.Tensor) else None
+        # ones * sigma, not torch.full / torch.tensor: torch.compile keeps a float multiplier
+        # symbolic, but burns a float it must build a tensor from into the graph (recompiles).
+        sigma_tensor = torch.ones((), dtype=torch.float64, device=device) * sigma
+    if use_custom_op(logits, custom_op):
+        return _pixel_nll_op(x, logits, sigma_tensor)
+    _check_nll_inputs(x, logits, sigma_tensor)
+    return pixel_nll_torch(x, logits, sigma_tensor)

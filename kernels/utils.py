@@ -1,10 +1,11 @@
 """What every fused op shares: the dispatch decision, input checks, tiling, and the
 numerically careful activations, once as Triton device functions and once in PyTorch.
 
-Dispatch (one place, `use_triton`): CUDA tensors run the Triton kernels; CPU tensors run the
-same fp32 math in plain PyTorch, or the Triton kernels under Triton's interpreter when
-TRITON_INTERPRET=1 was set before import. The mode is fixed at import, as @triton.jit fixes it
-(the tests run the interpreter in a pytest process of its own: tests/conftest.py).
+Dispatch (here, asked once by each op's public function: `use_custom_op`, then inside the op
+`use_triton`): CUDA tensors run the Triton kernels; CPU tensors run the same fp32 math in plain
+PyTorch, or the Triton kernels under Triton's interpreter when TRITON_INTERPRET=1 was set before
+import. The mode is fixed at import, as @triton.jit fixes it (the tests run the interpreter in a
+pytest process of its own: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -68,15 +69,18 @@ def pytorch_path():
         _pytorch_path_forced = previous
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
+def use_triton(tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = None) -> bool:
     """True: run the op's Triton kernels on `tensor`'s device; False: its PyTorch path.
 
     CUDA always takes the kernels (also while torch.compile traces them via wrap_triton).
     CPU takes them only under the interpreter, and only in eager mode on real tensors: the
     interpreter runs Python on real memory, so FakeTensors and compiled graphs get the
-    PyTorch path (same math, same shapes and strides).
+    PyTorch path (same math, same shapes and strides). dtypes: the ones the op's kernels take
+    (None: every float dtype); a tensor of another runs the PyTorch path.
     """
-    if not HAS_TRITON:
+    if not HAS_TRITON or not isinstance(tensor, torch.Tensor):
+        return False
+    if dtypes is not None and tensor.dtype not in dtypes:
         return False
     if tensor.device.type == "cuda":
         return True
@@ -87,6 +91,24 @@ def use_triton(tensor: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and type(tensor) in (torch.Tensor, torch.nn.Parameter)
     )
+
+
+CUSTOM_OP_CHOICES = ("auto", "always")
+
+
+def use_custom_op(tensor: torch.Tensor, custom_op: str) -> bool:
+    """How an op's public function runs on `tensor`, decided there once per call. True: through
+    its torch.library op, which launches the Triton kernels where use_triton says so and runs
+    their math in PyTorch elsewhere, under the kernels' backward (it recomputes the activations,
+    with tail-accurate derivatives). False: the op's PyTorch form, differentiated by autograd.
+
+    custom_op: "always", the op on every device (the GPU's op structure anywhere), or "auto",
+    the op only where the kernels run: elsewhere autograd keeps the activations instead of
+    recomputing them, and no custom op is dispatched, which is faster on a CPU.
+    """
+    if custom_op not in CUSTOM_OP_CHOICES:
+        raise ValueError(f"custom_op: expected one of {CUSTOM_OP_CHOICES}, got {custom_op!r}")
+    return custom_op == "always" or use_triton(tensor)
 
 
 def wrap_triton(kernel):

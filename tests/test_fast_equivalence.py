@@ -425,6 +425,23 @@ def test_choices_are_constructor_arguments_of_each_model():
 
 
 @pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
+@pytest.mark.parametrize("custom_ops", ["auto", "always"])
+def test_custom_ops_choice_reaches_every_op(share_cores, custom_ops):
+    """The model passes its custom_ops to every op it calls, and each op decides its path: on the
+    CPU's PyTorch path, "auto" dispatches no custom op (their PyTorch forms through autograd) and
+    "always" the gate, posterior and pixel likelihood ops, one per cell and step, step, and elbo."""
+    config = GQNConfig(representation="pool", L=2, z_dim=2, hidden=3, canvas=3, r_dim=8, share_cores=share_cores)
+    model, data = GQN(config, custom_ops=custom_ops), random_scene_batch(2, 1)
+    with OpCounter() as counter:
+        model.elbo(*data, sigma=0.7).loss.backward()
+        model.generate(data[0], data[1], data[3])
+    expected = {"lstm_gates": 3 * config.L, "posterior_sample_kl": config.L, "pixel_nll": 1}
+    backward = {f"{name}_backward": count for name, count in expected.items() if name != "lstm_gates"}
+    backward["lstm_gates_backward"] = 2 * config.L  # generate has no backward
+    assert dict(counter.custom) == ({} if custom_ops == "auto" else {**expected, **backward})
+
+
+@pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
 def test_custom_ops_everywhere_match_reference(share_cores):
     """custom_ops="always" (the GPU's op structure, which bench/op_count.py counts): the gate and
     posterior ops on the CPU too, through their own PyTorch path and backward, the same function."""

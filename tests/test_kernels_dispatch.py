@@ -17,10 +17,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from gqn_fast.kernels import conv_cell, gates, gaussian, pixel_likelihood, use_triton
+from gqn_fast.kernels import (
+    conv_cell,
+    elementwise_gaussian_kl_from_sigma,
+    gates,
+    gaussian,
+    lstm_gates,
+    pixel_likelihood,
+    pixel_nll,
+    posterior_kl,
+    posterior_sample_kl,
+    use_triton,
+)
 from gqn_fast.kernels.utils import interpreter_enabled, pytorch_path
 from helpers import RMS_LIMITS, rel_rms
 from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from op_count import OpCounter  # noqa: E402
 
 needs_gpu = pytest.mark.cuda  # conftest.py skips these where torch.cuda.is_available() is False
 on_interpreter = pytest.mark.interpreter  # run by test_kernels_interpreter.py, in a process of their own
@@ -197,6 +211,56 @@ def test_use_triton_follows_device_and_interpreter(interpret):
         assert not use_triton(torch.zeros(2))
     if torch.cuda.is_available():
         assert use_triton(torch.zeros(2, device="cuda"))
+
+
+def _public_op_calls(device):
+    """{op name: (call(custom_op) -> outputs, inputs to differentiate)} for each public op that
+    takes custom_op, on small inputs."""
+    make = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)  # noqa: E731
+    preact, c, constant = make(2, 8, 3, 3), make(2, 2, 3, 3), make(2, 8, 3, 3)
+    mu_q, s_q, mu_p, s_p, eps = (make(2, 3, 2, 2) for _ in range(5))
+    sigma_q, sigma_p = (torch.rand(2, 3, device=device).add(0.5).requires_grad_() for _ in range(2))
+    x, logits = torch.rand(2, 3, 4, 4, device=device), make(2, 3, 4, 4)
+    return {
+        "lstm_gates": (lambda op: lstm_gates(preact, c, constant, custom_op=op), (preact, c, constant)),
+        "posterior_sample_kl": (
+            lambda op: posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps, custom_op=op),
+            (mu_q, s_q, mu_p, s_p, eps),
+        ),
+        "posterior_kl": (lambda op: (posterior_kl(mu_q, s_q, mu_p, s_p, custom_op=op),), (mu_q, s_q, mu_p, s_p)),
+        "elementwise_gaussian_kl_from_sigma": (
+            lambda op: (
+                elementwise_gaussian_kl_from_sigma(mu_q[:, :, 0, 0], sigma_q, s_p[:, :, 0, 0], sigma_p, custom_op=op),
+            ),
+            (mu_q, sigma_q, s_p, sigma_p),
+        ),
+        "pixel_nll": (lambda op: (pixel_nll(x, logits, 0.7, custom_op=op),), (logits,)),
+    }
+
+
+@pytest.mark.parametrize("device,interpret", OP_PATHS)
+@pytest.mark.parametrize("name", list(_public_op_calls("cpu")))
+def test_each_op_decides_its_path(device, interpret, name):
+    """custom_op="always" runs the op's torch.library op on every path (its kernels, or on the
+    CPU its PyTorch math); "auto" runs it only where the kernels run, and on the CPU's PyTorch
+    path the op's PyTorch form through autograd: no custom op dispatched, the same values and
+    gradients."""
+    select_path(interpret)
+    call, inputs = _public_op_calls(device)[name]
+    results = {}
+    for custom_op in ("always", "auto"):
+        with OpCounter() as counter:
+            outs = call(custom_op)
+        results[custom_op] = outs + torch.autograd.grad(sum(out.sum() for out in outs), inputs)
+        op_runs = custom_op == "always" or device == "cuda" or interpret
+        assert dict(counter.custom) == ({name: 1} if op_runs else {}), (custom_op, dict(counter.custom))
+    for always, auto in zip(results["always"], results["auto"]):
+        torch.testing.assert_close(auto, always, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_op_is_checked():
+    with pytest.raises(ValueError, match=r"custom_op: expected one of \('auto', 'always'\), got 'never'"):
+        lstm_gates(torch.randn(2, 8), torch.randn(2, 2), custom_op="never")
 
 
 @pytest.mark.parametrize("interpret", CPU_PATHS)

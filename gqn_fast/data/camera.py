@@ -1,7 +1,7 @@
 """Camera maths shared by the renderer, the scene samplers and the tests.
 
 A camera is (x, y, z, yaw, pitch), angles in radians, in a right-handed world with z up
-(GQN_SPEC.md, "Viewpoints"). The camera looks along
+(docs/spec.md, "Viewpoints"). The camera looks along
     forward = (cos pitch cos yaw, cos pitch sin yaw, sin pitch),
 so yaw 0 looks along +x, yaw pi/2 along +y, and a positive pitch looks up. The image's
 right is forward x z (so +y is on the left of a camera looking along +x) and its up is

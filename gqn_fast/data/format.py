@@ -1,4 +1,4 @@
-"""The on-disk dataset format (GQN_SPEC.md, "Data on disk"): writer, reader and manifest.
+"""The on-disk dataset format (docs/spec.md, "Data on disk"): writer, reader and manifest.
 
 A dataset is a folder with `train/` and `test/`; each split holds
     images.npy     uint8   (N, T, 64, 64, 3), read with memory mapping
