@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gqn_fast.data.cache import default_cache_dir
 from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
@@ -168,12 +169,6 @@ def make_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def default_cache_dir() -> Path:
-    """$GQN_FAST_CACHE, else ~/.cache/gqn_fast."""
-    env = os.environ.get("GQN_FAST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gqn_fast"
 
 
 def is_complete(root) -> bool:

@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,53 +63,60 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
-    """(index, payload) for each record of a TFRecord file, in order, checksums verified.
+class Frame(NamedTuple):
+    """One record's place in its file: its index, the byte its payload starts at and its length,
+    and the payload (bytes) or what is wrong with it (CorruptRecordError)."""
 
-    A record whose payload fails its checksum comes as (index, CorruptRecordError) and reading
-    goes on: its length held its own checksum, so the next record is where it says. A broken
-    frame (truncated file, bad length checksum) comes as the last item: nothing after it can be
-    located.
+    index: int
+    offset: int
+    length: int
+    data: bytes | CorruptRecordError
+
+
+def scan_frames(path) -> Iterator[Frame]:
+    """Each record of a TFRecord file as a Frame, in order, checksums verified.
+
+    A record whose payload fails its checksum comes with a CorruptRecordError and reading goes
+    on: its length held its own checksum, so the next record is where it says. A broken frame
+    (truncated file, bad length checksum) comes as the last item: nothing after it can be located.
     """
     path = Path(path)
     with open(path, "rb") as f:
-        index = 0
+        index = position = 0
         while True:
             header = f.read(12)
             if not header:
                 return
             if len(header) < 12:
-                yield index, CorruptRecordError(path, index, f"truncated: {len(header)} bytes of a 12-byte header")
+                problem = f"truncated: {len(header)} bytes of a 12-byte header"
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                yield (
-                    index,
-                    CorruptRecordError(
-                        path,
-                        index,
-                        f"length checksum mismatch at byte {f.tell() - 12}: the records from here on cannot be located",
-                    ),
-                )
+                problem = f"length checksum mismatch at byte {position}: the records from here on cannot be located"
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                yield (
-                    index,
-                    CorruptRecordError(
-                        path,
-                        index,
-                        f"truncated: {length + 4} bytes of data and checksum expected, "
-                        f"{len(data) + len(footer)} left in the file",
-                    ),
+                problem = (
+                    f"truncated: {length + 4} bytes of data and checksum expected, "
+                    f"{len(data) + len(footer)} left in the file"
                 )
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                yield index, CorruptRecordError(path, index, "data checksum mismatch")
-            else:
-                yield index, data
+                data = CorruptRecordError(path, index, "data checksum mismatch")
+            yield Frame(index, position + 12, length, data)
+            position += 12 + length + 4
             index += 1
+
+
+def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
+    """(index, payload) for each record of a TFRecord file, in order, checksums verified; a
+    damaged record comes as (index, CorruptRecordError), as `scan_frames` says."""
+    for frame in scan_frames(path):
+        yield frame.index, frame.data
 
 
 def count_records(path) -> int:
