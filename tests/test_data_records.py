@@ -14,6 +14,8 @@ import pytest
 import torch
 from deepmind_files import example, frame_record, jpeg, smooth_images, write_dataset
 
+from gqn_fast.checkpoint import load_checkpoint
+from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, DatasetFormatError, SceneDataset, make_loader
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
 from gqn_fast.data.folder import CONVERTED, DOWNLOAD, inspect_folder, open_dataset
@@ -258,3 +260,49 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())["num_scenes"] == 1
+
+
+def _train(*args):
+    """`gqn-fast train` on one thread (a shared machine's cores wait on each other), then torch's threads as they were."""
+    common = ["--preset", "small", "--batch", "3", "--max-context", "3", "--log-every", "1", "--image-every", "1000"]
+    before = torch.get_num_threads()
+    try:
+        return main(["train", *args, *common, "--checkpoint-every", "1", "--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_resume_eval_and_show_on_the_download_write_nothing_into_it(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "gqn-datasets"
+    write_dataset(src, "rooms_ring_camera", "train", [4, 3], seed=12)
+    write_dataset(src, "rooms_ring_camera", "test", [2], seed=13)
+    convert_deepmind(src, tmp_path / "converted", "rooms_ring_camera", workers=1, progress=False)
+    download = src / "rooms_ring_camera"
+    before = listing(src)
+    monkeypatch.chdir(tmp_path)
+    # Stopped at step 1 and resumed on the download == 2 steps straight on the converted arrays.
+    assert _train("--data", str(download), "--steps", "1", "--out", "on-download", "--workers", "2") == 0
+    assert _train("--data", str(download), "--steps", "2", "--out", "on-download", "--resume") == 0
+    assert _train("--data", str(tmp_path / "converted"), "--steps", "2", "--out", "converted") == 0
+    resumed, straight = (
+        load_checkpoint(tmp_path / run / "checkpoints" / "step-00000002.pt") for run in ("on-download", "converted")
+    )
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    config = json.loads((tmp_path / "on-download" / "config.json").read_text())
+    assert config["data"] == {"kind": "download", "dataset": "rooms_ring_camera"}
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["data"]["kind"] == "converted"
+    checkpoint = str(tmp_path / "on-download" / "checkpoints" / "step-00000002.pt")
+    assert main(["eval", checkpoint, "--scenes", "2", "--max-context", "1", "--samples", "1", "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "on-download" / "eval" / "step-00000002" / "metrics.json").read_text())
+    assert metrics["scenes"] == 2
+    assert main(["data", "show", str(download), "--scenes", "2", "--views", "3"]) == 0
+    assert (tmp_path / "preview-rooms_ring_camera-train.png").is_file()
+    assert listing(src) == before
+    # A folder whose name and files do not say which set it holds.
+    write_dataset(tmp_path / "elsewhere", "shepard_metzler_7_parts", "train", [1], seed=14)
+    (tmp_path / "elsewhere" / "shepard_metzler_7_parts").rename(tmp_path / "sm")
+    capsys.readouterr()
+    assert _train("--data", str(tmp_path / "sm"), "--steps", "1", "--out", "sm-run") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --dataset, one of jaco, mazes" in err

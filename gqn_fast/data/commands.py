@@ -63,6 +63,14 @@ def _show(args) -> int:
 
     if args.views is not None:
         check_count("--views", args.views)
-    out = save_grid(args.dir, args.out, split=args.split, scenes=args.scenes, views=args.views, first=args.first)
+    out = save_grid(
+        args.dir,
+        args.out,
+        split=args.split,
+        scenes=args.scenes,
+        views=args.views,
+        first=args.first,
+        dataset_name=args.dataset,
+    )
     print(f"wrote {out}")
     return 0
