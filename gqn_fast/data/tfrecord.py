@@ -150,7 +150,13 @@ def read_records(path) -> Iterator[bytes]:
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
+    if pos >= len(buf):
+        raise ValueError("truncated varint")
+    byte = buf[pos]
+    if byte < 0x80:  # keys and small sizes: one byte
+        return byte, pos + 1
+    result, shift = byte & 0x7F, 7
+    pos += 1
     while True:
         if pos >= len(buf):
             raise ValueError("truncated varint")
@@ -190,13 +196,35 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
         yield number, wire, value
 
 
+def _bytes_list(body: memoryview) -> list[bytes]:
+    """BytesList -> its values: a scene's frames, read in one tight loop (a generator per field
+    costs several times the rest of a scene's parse)."""
+    values, pos, end = [], 0, len(body)
+    while pos < end:
+        if body[pos] != 1 << 3 | 2:  # not a value's key: another field, read the general way
+            return [bytes(v) for n, w, v in _fields(body) if n == 1 and w == 2]
+        # The size, a varint: one or two bytes inline (a frame under 16 KiB), else the general way.
+        first = body[pos + 1] if pos + 1 < end else 0x80
+        if first < 0x80:
+            size, pos = first, pos + 2
+        elif pos + 2 < end and body[pos + 2] < 0x80:
+            size, pos = (first & 0x7F) | body[pos + 2] << 7, pos + 3
+        else:
+            size, pos = _varint(body, pos + 1)
+        if pos + size > end:
+            raise ValueError(f"field 1: {size} bytes announced, {end - pos} left")
+        values.append(bytes(body[pos : pos + size]))
+        pos += size
+    return values
+
+
 def _feature(buf: memoryview):
     """Feature -> list[bytes] (bytes_list), float32 array (float_list) or int64 array (int64_list)."""
     for number, wire, body in _fields(buf):
         if wire != 2:
             continue
         if number == 1:
-            return [bytes(v) for n, w, v in _fields(body) if n == 1 and w == 2]
+            return _bytes_list(body)
         if number == 2:
             parts = []
             for n, w, v in _fields(body):
