@@ -6,8 +6,10 @@ converter (`convert_deepmind`) on the same files is the oracle of every pixel.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -306,3 +308,49 @@ def test_train_resume_eval_and_show_on_the_download_write_nothing_into_it(tmp_pa
     assert _train("--data", str(tmp_path / "sm"), "--steps", "1", "--out", "sm-run") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pass --dataset, one of jaco, mazes" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process table in /proc (Linux)")
+def test_ctrl_c_ends_the_loader_and_its_worker_processes(tmp_path):
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [6], seed=15)
+    script = f"""
+import multiprocessing, sys
+from gqn_fast.data.folder import open_dataset
+from gqn_fast.data.loader import make_loader
+loader = make_loader(open_dataset({str(src / "rooms_ring_camera")!r}, "train", progress=False), "train", 2, 5, seed=0,
+                     num_workers=2, pin_memory=False)
+try:
+    for epoch in range(10**6):
+        loader.set_epoch(epoch)
+        for k, batch in enumerate(loader):
+            if epoch == 0 and k == 0:
+                print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+    env = {**os.environ, "GQN_FAST_CACHE": str(tmp_path / "cache")}
+    run = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        workers = [int(pid) for pid in run.stdout.readline().split()]
+        assert len(workers) == 2
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        assert run.wait(timeout=60) == 130 and run.stdout.read().strip() == "interrupted"
+    finally:
+        run.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its parent does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
