@@ -210,7 +210,8 @@ class SceneLoader:
     read that releases the GIL (under 1 ms for the paper's batch), while a process worker would
     pay several times that to hand 4 MB to this process for every batch. Decoding JPEGs
     (records.RecordDataset) is Python and holds the GIL: there processes, each decoding whole
-    batches, which this process turns into Batch tensors.
+    batches, which this process turns into Batch tensors. Workers start with the first pass and
+    serve the next epochs; an error, a Ctrl-C, a pass left early or close() stops them.
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class SceneLoader:
         self.dataset, self.planner = dataset, planner
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.processes = processes
+        self._workers = None
         self._start = self._position = 0
 
     @property
@@ -254,16 +256,33 @@ class SceneLoader:
         return self._pinned(self.dataset.gather(plan))
 
     def _pool(self):
-        """The workers and what this process makes of what one returns."""
-        if not self.processes:
-            pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="gqn-loader")
-            return pool, self._fetch, lambda batch: batch
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        pool = ProcessPoolExecutor(
-            self.num_workers, mp_context=context, initializer=_start_worker, initargs=(self.dataset, os.getpid())
-        )
-        return pool, _gather_in_worker, lambda arrays: self._pinned(batch_from_arrays(arrays))
+        """The workers (started on the first pass, kept for the next epochs) and what this process
+        makes of what one returns."""
+        if self._workers is None:
+            if self.processes:
+                methods = multiprocessing.get_all_start_methods()
+                context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                self._workers = ProcessPoolExecutor(
+                    self.num_workers,
+                    mp_context=context,
+                    initializer=_start_worker,
+                    initargs=(self.dataset, os.getpid()),
+                )
+            else:
+                self._workers = ThreadPoolExecutor(self.num_workers, thread_name_prefix="gqn-loader")
+        if self.processes:
+            return self._workers, _gather_in_worker, lambda arrays: self._pinned(batch_from_arrays(arrays))
+        return self._workers, self._fetch, lambda batch: batch
+
+    def close(self) -> None:
+        """Stop the workers (a later pass starts new ones)."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=True, cancel_futures=True)
+            self._workers = None
+
+    def __del__(self):
+        if getattr(self, "_workers", None) is not None:  # also when __init__ stopped early
+            self.close()
 
     def _batches(self, plans) -> Iterator[Batch]:
         if self.num_workers == 0:
@@ -271,6 +290,7 @@ class SceneLoader:
             return
         pool, work, finish = self._pool()
         pending: deque = deque()
+        finished = False
         try:
             for plan in plans:
                 pending.append(pool.submit(work, plan))
@@ -278,8 +298,10 @@ class SceneLoader:
                     yield finish(pending.popleft().result())
             while pending:
                 yield finish(pending.popleft().result())
+            finished = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if not finished:  # an error, a Ctrl-C or a pass left early: no worker keeps on for it
+                self.close()
 
     def __iter__(self) -> Iterator[Batch]:
         self._position = self._start
