@@ -96,6 +96,6 @@ def scene_arrays(dataset) -> tuple:
     from gqn_fast.data.records import DecodedScenes, RecordDataset
 
     if isinstance(dataset, RecordDataset):
-        return DecodedScenes(dataset, 0), DecodedScenes(dataset, 1), dataset.manifest
+        return DecodedScenes(dataset, "images"), DecodedScenes(dataset, "cameras"), dataset.manifest
     images, cameras = dataset.arrays()
     return images, cameras, dataset.manifest

@@ -201,10 +201,10 @@ def open_index(
         header, raw = build_index(folder, files, info, progress)
         write_index(path, header, raw)
         lengths = np.frombuffer(raw, "<u4")
-    return _scenes(folder, header, lengths, skip_corrupt, say)
+    return _good_records(folder, header, lengths, skip_corrupt, say)
 
 
-def _scenes(folder: Path, header: dict, lengths: np.ndarray, skip_corrupt: bool, say) -> RecordIndex:
+def _good_records(folder: Path, header: dict, lengths: np.ndarray, skip_corrupt: bool, say) -> RecordIndex:
     """The good records of an index, in file then record order."""
     damaged = header["damaged"]
     if damaged and not skip_corrupt:

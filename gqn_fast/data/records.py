@@ -131,13 +131,17 @@ class DecodedScenes:
     """A RecordDataset's images ([N, T, 64, 64, 3]) or cameras ([N, T, 5]) as an array indexed by
     scene, decoded on access: what eval, sample and analyze read from a converted split's memory map."""
 
-    def __init__(self, dataset: RecordDataset, part: int):
+    TAILS = {"images": (IMAGE_SIZE, IMAGE_SIZE, 3), "cameras": (5,)}
+
+    def __init__(self, dataset: RecordDataset, part: str):
+        if part not in self.TAILS:
+            raise ValueError(f"part: expected one of {list(self.TAILS)}, got {part!r}")
         self.dataset, self.part = dataset, part
-        tail = (IMAGE_SIZE, IMAGE_SIZE, 3) if part == 0 else (5,)
-        self.shape = (dataset.num_scenes, dataset.num_views, *tail)
+        self.shape = (dataset.num_scenes, dataset.num_views, *self.TAILS[part])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        return self.dataset.scene(index)[self.part]
+        images, cameras = self.dataset.scene(index)
+        return images if self.part == "images" else cameras
