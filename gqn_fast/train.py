@@ -407,7 +407,12 @@ def setup(args: TrainArgs) -> Run:
 
     data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
     found = inspect_folder(data_root, args.dataset)
+    # A download is indexed once, by rank 0; the other ranks then read its index (on one host).
+    if world > 1 and rank != 0:
+        dist.barrier()
     dataset = open_dataset(data_root, "train", args.dataset, args.skip_corrupt, progress=rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     data_source = {"kind": found.kind if args.data else "builtin", "dataset": dataset.manifest["name"]}
     if args.max_context > dataset.num_views - 1:
         raise UsageError(
