@@ -15,7 +15,6 @@ converts and lays them out there in one pass.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import operator
 import os
 from collections import deque
@@ -30,6 +29,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from gqn_fast.data.format import CAMERAS, IMAGES, SPLITS, open_split
+from gqn_fast.data.workers import process_context, worker_init
 from gqn_fast.reference.viewpoint import transform_viewpoint
 
 
@@ -260,11 +260,9 @@ class SceneLoader:
         makes of what one returns."""
         if self._workers is None:
             if self.processes:
-                methods = multiprocessing.get_all_start_methods()
-                context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
                 self._workers = ProcessPoolExecutor(
                     self.num_workers,
-                    mp_context=context,
+                    mp_context=process_context(),
                     initializer=_start_worker,
                     initargs=(self.dataset, os.getpid()),
                 )
@@ -340,8 +338,6 @@ _worker_dataset = None
 
 def _start_worker(dataset, parent: int) -> None:
     from threadpoolctl import threadpool_limits
-
-    from gqn_fast.data.deepmind import worker_init
 
     global _worker_dataset
     _worker_dataset = dataset

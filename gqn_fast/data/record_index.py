@@ -35,6 +35,7 @@ from gqn_fast.data.catalog import DeepMindDataset
 from gqn_fast.data.deepmind import empty_file_error, expected_names, scene_features, split_files
 from gqn_fast.data.format import DatasetFormatError
 from gqn_fast.data.tfrecord import CorruptRecordError, scan_frames
+from gqn_fast.data.workers import default_workers, process_context, worker_init
 
 INDEX_VERSION = 1
 MAGIC = b"GQNRIDX1"
@@ -91,14 +92,32 @@ def _scan_file(path: Path, info: DeepMindDataset) -> tuple[list[int], list[list]
     return lengths, bad
 
 
-def build_index(folder: Path, files: list[Path], info: DeepMindDataset, progress: bool = True) -> tuple[dict, bytes]:
-    """(header, lengths as uint32 bytes) of a split: every file walked once."""
+def _scan_task(task: tuple[Path, DeepMindDataset]) -> tuple[list[int], list[list]]:
+    return _scan_file(*task)
+
+
+def _scans(files: list[Path], info: DeepMindDataset, workers: int):
+    """_scan_file of each file, in order: in `workers` processes where there are several files
+    (the parse of every record's features is most of the time, and one core's worth)."""
+    if workers <= 1 or len(files) <= 1:
+        yield from (_scan_file(path, info) for path in files)
+        return
+    # Leaving the block terminates the workers, also on an error or Ctrl-C.
+    with process_context().Pool(min(workers, len(files)), initializer=worker_init, initargs=(os.getpid(),)) as pool:
+        yield from pool.imap(_scan_task, [(path, info) for path in files])
+
+
+def build_index(
+    folder: Path, files: list[Path], info: DeepMindDataset, progress: bool = True, workers: int | None = None
+) -> tuple[dict, bytes]:
+    """(header, lengths as uint32 bytes) of a split: every file walked once, in `workers`
+    processes (default: one per core)."""
     listing = _listing(files)
     all_lengths, bad = [], []
     total = sum(size for _, size, _ in listing)
+    scans = _scans(files, info, workers or default_workers())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"indexing {folder}", disable=not progress) as bar:
-        for entry, path in zip(listing, files):
-            lengths, file_bad = _scan_file(path, info)
+        for entry, path, (lengths, file_bad) in zip(listing, files, scans):
             entry.append(len(lengths))
             all_lengths += lengths
             bad += [[path.name, index, problem] for index, problem in file_bad]
