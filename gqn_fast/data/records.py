@@ -117,8 +117,8 @@ class RecordDataset:
         context = np.empty((b, m, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         query = np.empty((b, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         cameras = np.empty((b, m + 1, 5), np.float32)
-        for row, (scene, scene_views) in enumerate(zip(scenes, views)):
-            images, cameras[row] = self.scene_views(int(scene), scene_views)
+        for row, (scene, chosen) in enumerate(zip(scenes, views)):
+            images, cameras[row] = self.scene_views(int(scene), chosen)
             context[row], query[row] = images[:m], images[m]
         return BatchArrays(context, query, cameras)
 
