@@ -13,6 +13,12 @@
   decode_scene alone in one process, and of the whole conversion against the number of worker
   processes, for a 64 px, a 128 px and the 84 px set; with `--tensorflow PYTHON`, beside
   TensorFlow's tf.data reading and decoding the same files on as many cores (bench/tf_reader.py).
+- feed: scenes/s the training loop receives (the loader's Batch, B = 36, M + 1 = 6 views of 64 px
+  scenes, T = 15) from DeepMind's download as it is (records.RecordDataset, worker processes)
+  and from the same scenes converted (memory-mapped arrays, worker threads), for 1 and 2 workers
+  (up to one per core on a bigger host), interleaved, medians; and where a download's scene goes
+  (feed-parts: read and checksum, parse, JPEG decode per view, the batch's copy and its trip
+  from a worker process), each timed alone in this process.
 
 `data_rows(smoke, log)` returns one dict per measurement, for bench/run.py's results.json.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -37,15 +42,16 @@ from threadpoolctl import threadpool_limits
 
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
-from gqn_fast.data.loader import make_loader, to_model_inputs
+from gqn_fast.data.loader import BatchPlan, BatchPlanner, SceneLoader, make_loader, to_model_inputs
 from gqn_fast.data.render import render
 from gqn_fast.data.scenes import get_family, sample_scenes
+from gqn_fast.data.workers import process_context
 
 # The TFRecord writer the converter's tests use (tests/deepmind_files.py), DeepMind's file names included.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from deepmind_files import file_name, jpeg, scene_record  # noqa: E402
 
-GROUPS = ("render", "make", "loader", "convert")
+GROUPS = ("render", "make", "loader", "convert", "feed")
 
 
 def _timed(fn, repeats: int, device=None) -> list[float]:
@@ -89,9 +95,7 @@ def bench_render(family: str = "rooms", scenes: int = 64, repeats: int = 5, devi
     device = torch.device(device)
     if device.type == "cpu":
         # In a worker process on one thread, as `data make` renders (see gqn_fast/data/render.py).
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with context.Pool(1, initializer=_worker_init) as pool:
+        with process_context().Pool(1, initializer=_worker_init) as pool:
             seconds = pool.apply(_render_seconds, (family, scenes, repeats, "cpu"))
     else:
         seconds = _render_seconds(family, scenes, repeats, device)
@@ -261,6 +265,150 @@ def convert_rows(smoke: bool = False, log=print, tensorflow: str | None = None) 
     return rows
 
 
+class FixedContextPlanner(BatchPlanner):
+    """The loader's planner with M fixed at max_context: every batch holds M + 1 views a scene."""
+
+    def plan(self, batch: int, scenes: np.ndarray) -> BatchPlan:
+        rng = np.random.default_rng([self.seed, self.epoch, batch, 1, self.rank])
+        views = np.argsort(rng.random((len(scenes), self.num_views)), axis=1)[:, : self.max_context + 1]
+        return BatchPlan(scenes, views)
+
+
+def _feed_seconds(dataset, workers: int, batches: int, batch_size: int = 36, views: int = 6) -> float:
+    """Seconds for the loader to hand out `batches` batches, after a warm-up epoch's first batches."""
+    planner = FixedContextPlanner(dataset.num_scenes, dataset.num_views, batch_size, views - 1, seed=0)
+    loader = SceneLoader(dataset, planner, num_workers=workers, processes=dataset.worker_processes)
+    for k, _ in enumerate(loader):  # the pool started, the pages read once
+        if k == 2 * workers * loader.prefetch_factor:
+            break
+    done, epoch = 0, 1
+    start = time.perf_counter()
+    while done < batches:
+        loader.set_epoch(epoch)
+        for _ in loader:
+            done += 1
+            if done == batches:
+                break
+        epoch += 1
+    return time.perf_counter() - start
+
+
+def bench_feed(download: Path, converted: Path, name: str, worker_counts, batches: int, repeats: int) -> list[dict]:
+    """Scenes/s the training loop receives from the download and from its conversion, interleaved."""
+    from gqn_fast.data.folder import open_dataset
+
+    datasets = {
+        "download": open_dataset(download, "train", name, progress=False),
+        "converted": open_dataset(converted, "train"),
+    }
+    times = {(source, w): [] for w in worker_counts for source in datasets}
+    for _ in range(repeats):
+        for source, workers in times:
+            times[source, workers].append(_feed_seconds(datasets[source], workers, batches) / batches)
+    return [
+        _row(
+            "feed",
+            f"{source}-{w}workers",
+            t,
+            36,
+            "scenes",
+            batch=36,
+            views=6,
+            workers=w,
+            source=source,
+            frame_size=64,
+            measured_batches=batches,
+        )
+        for (source, w), t in times.items()
+    ]
+
+
+def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int) -> list[dict]:
+    """Where a download's scene goes, each part timed alone over `scenes` scenes: microseconds."""
+    import os
+    import pickle
+
+    from gqn_fast.data.deepmind import decode_frames, scene_features
+    from gqn_fast.data.folder import open_dataset
+    from gqn_fast.data.tfrecord import masked_crc32c
+
+    ds = open_dataset(download, "train", name, progress=False)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, ds.num_scenes, scenes)
+    views = [np.argsort(rng.random(ds.num_views))[:6] for _ in range(scenes)]
+    where = [(ds._fd(int(ds.index.file[i])), int(ds.index.length[i]), int(ds.index.offset[i])) for i in picks]
+    raws = [os.pread(fd, length + 4, offset) for fd, length, offset in where]
+    payloads = [raw[:-4] for raw in raws]
+    parsed = [scene_features(p, ds.info) for p in payloads]
+    decoded = [decode_frames(frames, ds.info, v) for (frames, _), v in zip(parsed, views)]
+    plan = BatchPlan(picks[:36], np.stack(views[:36]))
+    arrays = ds.gather_arrays(plan)
+    parts = {
+        "read (pread)": (lambda: [os.pread(fd, n + 4, o) for fd, n, o in where], scenes),
+        "checksum (CRC32C)": (lambda: [masked_crc32c(p) for p in payloads], scenes),
+        "parse (tf.train.Example)": (lambda: [scene_features(p, ds.info) for p in payloads], scenes),
+        "JPEG decode, per view": (
+            lambda: [decode_frames(f, ds.info, v) for (f, _), v in zip(parsed, views)],
+            scenes * 6,
+        ),
+        "copy into the batch arrays": (
+            lambda: [np.stack([d[:5] for d in decoded]), np.stack([d[5] for d in decoded])],
+            scenes,
+        ),
+        "batch from a worker process (pickle both ways), per scene": (
+            lambda: pickle.loads(pickle.dumps(arrays, protocol=pickle.HIGHEST_PROTOCOL)),
+            36,
+        ),
+    }
+    rows = []
+    for part, (fn, items) in parts.items():
+        seconds = _timed(fn, repeats)
+        rows.append(
+            _row("feed-parts", part, seconds, items, "items", microseconds=statistics.median(seconds) / items * 1e6)
+        )
+    return rows
+
+
+# The feed group's set: 64 px scenes of 15 views, as Shepard-Metzler's, 4 files of 400 records.
+FEED_SET = ("shepard_metzler_7_parts", 4, 400)
+
+
+def feed_rows(smoke: bool = False, log=print) -> list[dict]:
+    name, files, per_file = FEED_SET
+    if smoke:
+        files, per_file = 2, 40
+    cores = default_workers()
+    worker_counts = [1, 2] if smoke or cores <= 2 else sorted({1, 2, 4, 8, 16} & set(range(1, cores + 1)))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cache = Path(tmp) / "src", Path(tmp) / "cache"
+        write_deepmind_files(src, name, files, per_file, distinct=4 if smoke else 16)
+        convert_deepmind(src, Path(tmp) / "converted", name, splits=("train",), progress=False)
+        previous = os.environ.get("GQN_FAST_CACHE")
+        os.environ["GQN_FAST_CACHE"] = str(cache)  # the index goes with the files, not into the user's cache
+        try:
+            parts = bench_feed_parts(src / name, name, scenes=72 if smoke else 360, repeats=2 if smoke else 5)
+            for r in parts:
+                log(f"  feed part: {r['provider']}: {r['microseconds']:.1f} us")
+            measured = bench_feed(
+                src / name,
+                Path(tmp) / "converted",
+                name,
+                worker_counts,
+                batches=8 if smoke else 100,
+                repeats=1 if smoke else 5,
+            )
+        finally:
+            if previous is None:
+                os.environ.pop("GQN_FAST_CACHE")
+            else:
+                os.environ["GQN_FAST_CACHE"] = previous
+    rows += parts + measured
+    for r in measured:
+        log(f"  feed B=36 M+1=6 64 px from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} scenes/s")
+    return rows
+
+
 def data_rows(
     smoke: bool = False, log=print, scenes: int | None = None, groups=GROUPS, tensorflow: str | None = None
 ) -> list[dict]:
@@ -299,6 +447,8 @@ def data_rows(
                     )
     if "convert" in groups:
         rows += convert_rows(smoke, log, tensorflow)
+    if "feed" in groups:
+        rows += feed_rows(smoke, log)
     return rows
 
 
@@ -312,10 +462,55 @@ def main(argv=None) -> int:
         metavar="PYTHON",
         help="an interpreter with TensorFlow: the convert group times tf.data on the same files",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="a JSON file for the rows, with the machine, the command and the load (uptime) before and after",
+    )
     args = parser.parse_args(argv)
     print(f"data bench: {default_workers()} cores, torch {torch.__version__}")
-    data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS, tensorflow=args.tensorflow)
+    load_before = _uptime()
+    rows = data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS, tensorflow=args.tensorflow)
+    if args.out is not None:
+        record = {
+            "command": "python bench/data_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": _machine(),
+            "load_before": load_before,
+            "load_after": _uptime(),
+            "commit": _commit(),
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
+
+
+def _uptime() -> str:
+    """`uptime`'s line: the load of a machine others share, beside what was measured on it."""
+    done = subprocess.run(["uptime"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def _machine() -> str:
+    import platform
+
+    model = ""
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        model = names[0] if names else ""
+    return f"{model or platform.processor()}, {default_workers()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    return done.stdout.strip()
 
 
 if __name__ == "__main__":

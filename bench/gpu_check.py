@@ -25,7 +25,9 @@ first plan (the session's one long call):
   other cuda tests   every other test marked `cuda`, with a small-preset training run on the GPU
                      beside them, exported in fp16 (the model in the box)
                                         other_cuda_tests.log, .xml, box_run/, box_model/
-  bench other        the kernels, the conv cell, the representation nets, the data loader
+  bench other        the kernels, the conv cell, the representation nets, the data loader and
+                     the feed from a DeepMind download against its conversion (1 to 16 worker
+                     processes), set against the graphed paper-tower step's scenes/s in the summary
 second plan (a short call made at once after the first):
   install, environment, then bench compile: torch.compile of both models at the paper tower,
   B = 36, with the compile time                                           bench/compile/
@@ -473,6 +475,30 @@ def end_to_end(rows: list[dict], rate: float | None) -> str | None:
     )
 
 
+def feed_against_step(rows: list[dict]) -> list[str]:
+    """Each feed row's scenes/s (bench/data_bench.py) against the graphed paper-tower step's
+    (B = 36, fp32): above 1, the loader outruns the training step it feeds."""
+    step = [
+        r
+        for r in rows
+        if r.get("workload") == "train_step"
+        and r.get("provider") == "gqn_fast-cudagraph"
+        and r.get("preset") == "paper-tower"
+        and r.get("batch") == 36
+        and r.get("precision") == "fp32"
+        and "median_ms" in r
+    ]
+    feeds = [r for r in rows if r.get("workload") == "feed" and "scenes_per_s" in r]
+    if not step or not feeds:
+        return []
+    step_rate = 36 * 1000.0 / step[0]["median_ms"]
+    return [
+        f"feed from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} scenes/s, "
+        f"{r['scenes_per_s'] / step_rate:.2f}x the graphed paper-tower step's {step_rate:.0f}"
+        for r in feeds
+    ]
+
+
 def _without_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
     """The archive leaves out the training runs' checkpoints (optimizer state, megabytes each) so
     that it stays small to copy back; the model in the box travels as box_model/."""
@@ -582,6 +608,7 @@ def main(argv=None) -> int:
     user_rate = end_to_end(rows, train_rate[0] if train_rate else None)
     if user_rate:
         lines.append(user_rate)
+    lines += feed_against_step(rows)
     lines.append(f"parts with problems: {', '.join(failed)}" if failed else "every part ran to the end")
     text = "\n".join(lines) + "\n"
     (out / "summary.txt").write_text(text)

@@ -24,10 +24,29 @@ def add_common_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
         help="a published model (model.safetensors or its folder, from `gqn-fast export`) "
         "or a training checkpoint (runs/NAME/checkpoints/step-*.pt)",
     )
-    p.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
+    p.add_argument(
+        "--data",
+        help="dataset folder: converted, or DeepMind's download as it is (default: the one the checkpoint trained on)",
+    )
+    add_deepmind_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (views, prior samples)")
     p.add_argument("--out", help=out_help)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+
+
+def add_deepmind_arguments(p: argparse.ArgumentParser, skip_corrupt: bool = False) -> None:
+    """--dataset (and --skip-corrupt) for a command that reads DeepMind's download as it is."""
+    p.add_argument(
+        "--dataset",
+        choices=sorted(DEEPMIND_DATASETS),
+        help="which DeepMind set a downloaded --data folder holds, where its name and files do not say",
+    )
+    if skip_corrupt:
+        p.add_argument(
+            "--skip-corrupt",
+            action="store_true",
+            help="leave out a download's damaged records (and say how many) instead of stopping at the first",
+        )
 
 
 def register_data(subparsers) -> None:
@@ -63,8 +82,13 @@ def register_data(subparsers) -> None:
     convert.set_defaults(run="gqn_fast.data.commands:_convert")
 
     show = commands.add_parser("show", help="write a PNG grid of scenes and their views")
-    show.add_argument("dir", help="dataset folder")
-    show.add_argument("--out", help="PNG to write (default: DIR/preview-<split>.png)")
+    show.add_argument("dir", help="dataset folder: converted, or DeepMind's download as it is")
+    show.add_argument(
+        "--out",
+        help="PNG to write (default: DIR/preview-<split>.png; for a download, preview-<dataset>-<split>.png "
+        "in the current folder: nothing is written into a download)",
+    )
+    add_deepmind_arguments(show)
     show.add_argument("--split", choices=["train", "test"], default="train")
     show.add_argument("--scenes", type=int, default=8)
     show.add_argument("--views", type=int, help="views per scene (default: all, at most 16)")
@@ -75,7 +99,13 @@ def register_data(subparsers) -> None:
 def register_train(subparsers) -> None:
     defaults = TrainArgs()
     p = subparsers.add_parser("train", help="train a GQN (on the built-in rooms set unless --data)")
-    p.add_argument("--data", help="dataset folder (default: the built-in rooms set, generated on first use)")
+    p.add_argument(
+        "--data",
+        help="dataset folder: converted (gqn-fast data make / convert-deepmind), or DeepMind's download as it is "
+        "(train/ and test/ of its TFRecords, indexed once into the cache folder); default: the built-in rooms "
+        "set, generated on first use",
+    )
+    add_deepmind_arguments(p, skip_corrupt=True)
     p.add_argument(
         "--builtin-scenes",
         type=int,
@@ -132,7 +162,8 @@ def register_train(subparsers) -> None:
         "--workers",
         type=int,
         default=defaults.workers,
-        help="data loader threads gathering batches ahead (0: in the training loop)",
+        help="data loader workers gathering batches ahead (0: in the training loop); threads for a converted "
+        "folder, processes decoding JPEGs for a download",
     )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
     p.add_argument("--image-every", type=int, default=defaults.image_every, help="steps between progress pictures")

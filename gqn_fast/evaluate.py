@@ -260,12 +260,14 @@ def sample(model, images, cameras, out: Path, scenes: int, samples: int, context
 
 
 def open_checkpoint(ns: argparse.Namespace):
-    """(device, model, ModelFile, test images, test cameras, test manifest) for a command."""
-    from gqn_fast.data.format import open_split
+    """(device, model, ModelFile, test images, test cameras, test manifest) for a command: the
+    images and cameras indexed by scene, from a converted folder or DeepMind's download."""
+    from gqn_fast.data.folder import open_dataset, scene_arrays
 
     device = device_of(ns.device)
     model, model_file = load_model(Path(ns.checkpoint), device)
-    images, cameras, manifest = open_split(data_folder(model_file, ns.data) / "test")
+    name = ns.dataset or model_file.training.get("dataset")  # a download's set, where its folder does not say
+    images, cameras, manifest = scene_arrays(open_dataset(data_folder(model_file, ns.data), "test", name))
     return device, model, model_file, images, cameras, manifest
 
 
@@ -352,6 +354,7 @@ def run_sample(ns: argparse.Namespace) -> int:
 def run_export(ns) -> int:
     import dataclasses
 
+    from gqn_fast.data.folder import DOWNLOAD, inspect_folder
     from gqn_fast.data.format import open_split
 
     model_file = read_model_file(Path(ns.checkpoint))
@@ -359,7 +362,8 @@ def run_export(ns) -> int:
     if out.suffix != ".safetensors":  # a model folder, as Hugging Face lays them out
         out = out / PUBLISHED_NAME
     folder = model_file.dataset.get("folder")
-    if folder and not ns.keep_data_path:
+    name = model_file.training.get("dataset")
+    if folder and not ns.keep_data_path and inspect_folder(folder, name).kind != DOWNLOAD:
         # A built-in set is named by its generator, so the model needs no local folder.
         try:
             _, _, manifest = open_split(Path(folder) / "test")

@@ -162,6 +162,7 @@ class Run:
     loader: object  # gqn_fast.data.loader's, with set_epoch
     position: Position
     window: LogWindow
+    data_source: dict  # {"kind": "download" | "converted" | "builtin", "dataset": its name}
     resumed_from: Path | None
     saved_step: int | None  # the step the newest checkpoint holds
     writer: MetricsWriter | None = None
@@ -192,7 +193,8 @@ class Run:
             for stale in remove_stale_temporaries(self.ckpt_dir):
                 tqdm.write(f"removed {stale}, left by a checkpoint write that was killed")
             write_json_atomic(
-                self.out / "config.json", {"model": self.config.to_dict(), "train": dataclasses.asdict(self.args)}
+                self.out / "config.json",
+                {"model": self.config.to_dict(), "train": dataclasses.asdict(self.args), "data": self.data_source},
             )
             self.writer = MetricsWriter(self.out, start_step=self.position.step)
             if self.resumed_from is not None:
@@ -366,7 +368,8 @@ def setup(args: TrainArgs) -> Run:
     optimizer and loader made and restored; nothing in the run folder written yet. Raises
     UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
     from gqn_fast.data.builtin import builtin_dataset
-    from gqn_fast.data.loader import SceneDataset, make_loader
+    from gqn_fast.data.folder import inspect_folder, open_dataset
+    from gqn_fast.data.loader import make_loader
 
     check_args(args)
     if args.data:  # stored absolute, so a resume or an eval from another folder finds it
@@ -394,7 +397,14 @@ def setup(args: TrainArgs) -> Run:
         check_compatible(state, config, existing[-1])
 
     data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
-    dataset = SceneDataset(data_root, "train")
+    found = inspect_folder(data_root, args.dataset)
+    # A download is indexed once, by rank 0; the other ranks then read its index (on one host).
+    if world > 1 and rank != 0:
+        dist.barrier()
+    dataset = open_dataset(data_root, "train", args.dataset, args.skip_corrupt, progress=rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    data_source = {"kind": found.kind if args.data else "builtin", "dataset": dataset.manifest["name"]}
     if args.max_context > dataset.num_views - 1:
         raise UsageError(
             f"--max-context: at most T - 1 = {dataset.num_views - 1} for {data_root} (one of its "
@@ -451,6 +461,7 @@ def setup(args: TrainArgs) -> Run:
         loader=loader,
         position=position,
         window=LogWindow(device, (state or {}).get("window")),
+        data_source=data_source,
         resumed_from=existing[-1] if state is not None else None,
         saved_step=position.step if state is not None else None,
     )

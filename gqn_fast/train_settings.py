@@ -16,6 +16,8 @@ from gqn_fast.models import IMPLS
 @dataclasses.dataclass
 class TrainArgs:
     data: str | None = None
+    dataset: str | None = None  # the DeepMind set a downloaded --data folder holds, where it cannot be told
+    skip_corrupt: bool = False  # leave out a download's damaged records
     builtin_scenes: int = 2000
     preset: str = "small"
     steps: int = 2000

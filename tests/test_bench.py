@@ -36,6 +36,8 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
         "representation",
         "render",
         "loader",
+        "feed",
+        "feed-parts",
         "conv_lstm_cell_generator",
         "conv_lstm_cell_inference",
     } <= workloads

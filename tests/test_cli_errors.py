@@ -226,7 +226,7 @@ def test_a_real_process_exits_1_without_a_traceback(dataset, tmp_path):
 @pytest.mark.parametrize(
     "argv, shown",
     [
-        (["train"], ["(default: 2000)", "(default: small)", "(default: 0)", "loader threads"]),
+        (["train"], ["(default: 2000)", "(default: small)", "(default: 0)", "loader workers"]),
         (["data", "make"], ["(default: 0)"]),
         (["data", "convert-deepmind"], ["(default: ['train', 'test'])"]),
     ],

@@ -124,3 +124,19 @@ def test_group_arguments_name_what_exists():
         args = gpu_check.group_args(group)
         assert args.count("--provider") == len(providers) and args.count("--preset") == len(presets)
     assert set(gpu_check.PROFILE_PRESETS) <= set(run.MODEL_PRESETS)
+
+
+def test_the_feed_is_set_against_the_graphed_step():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    step = dict(workload="train_step", provider="gqn_fast-cudagraph", preset="paper-tower", batch=36)
+    rows = [
+        {**step, "precision": "fp32", "median_ms": 36.0},  # 1000 scenes/s
+        {**step, "precision": "bf16", "median_ms": 18.0},
+        dict(workload="feed", source="download", workers=4, scenes_per_s=2500.0),
+    ]
+    assert gpu_check.feed_against_step(rows) == [
+        "feed from the download, 4 workers: 2500 scenes/s, 2.50x the graphed paper-tower step's 1000"
+    ]
+    assert gpu_check.feed_against_step(rows[1:]) == []  # no fp32 step measured: nothing to set it against

@@ -6,7 +6,8 @@ and the converter of DeepMind's gqn-datasets.
     to_model_inputs(batch, "cuda")      -> (context_x, context_v, query_x, query_v) floats
 
 Modules: camera (conventions), render (ray caster), scenes (families), format (files),
-builtin (writing sets), loader, tfrecord, deepmind, show, commands (CLI).
+builtin (writing sets), cache (its folder), loader, tfrecord, deepmind, record_index and
+records (training on DeepMind's download), folder (what a --data folder holds), show, commands (CLI).
 """
 
 import importlib
@@ -15,7 +16,7 @@ import importlib
 # must not load torch through this file.
 _LAZY = {
     "builtin_dataset": "builtin",
-    "default_cache_dir": "builtin",
+    "default_cache_dir": "cache",
     "make_dataset": "builtin",
     "DatasetFormatError": "format",
     "open_split": "format",

@@ -12,7 +12,6 @@ leaves no half-written dataset behind.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -20,10 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gqn_fast.data.cache import default_cache_dir
 from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
 from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
+from gqn_fast.data.workers import default_workers, process_context
 from gqn_fast.errors import UsageError, check_count
 
 # Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
@@ -41,13 +42,6 @@ def split_sizes(scenes: int, test_fraction: float = TEST_FRACTION) -> dict[str, 
         raise UsageError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     test = min(scenes - 1, max(1, round(scenes * test_fraction)))
     return {"train": scenes - test, "test": test}
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # Worker side: each process keeps its split arrays open across tasks.
@@ -94,11 +88,8 @@ def _write_splits(
     bar = tqdm(total=total, unit="img", desc=f"{family} -> {out.name}", disable=not progress)
     try:
         if on_cpu:
-            # fork where there is one (as DataLoader): spawn would re-run an unguarded __main__.
             # A forked child is safe with torch because _worker_init drops it to one thread.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(workers, initializer=_worker_init) as pool:
+            with process_context().Pool(workers, initializer=_worker_init) as pool:
                 for images in pool.imap_unordered(_render_chunk, tasks):
                     bar.update(images)
         else:
@@ -168,12 +159,6 @@ def make_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def default_cache_dir() -> Path:
-    """$GQN_FAST_CACHE, else ~/.cache/gqn_fast."""
-    env = os.environ.get("GQN_FAST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gqn_fast"
 
 
 def is_complete(root) -> bool:

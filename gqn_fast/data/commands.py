@@ -3,16 +3,16 @@ gqn_fast/arguments.py)."""
 
 from __future__ import annotations
 
-from gqn_fast.data.builtin import dataset_summary, make_dataset
-from gqn_fast.data.deepmind import convert_deepmind
-from gqn_fast.data.show import save_grid
-from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, check_count
 
 # What goes wrong for a user (a UserError, an OSError) reaches gqn_fast.cli, which says it in one line.
+# Each command imports what it runs: convert-deepmind loads no torch.
 
 
 def _make(args) -> int:
+    from gqn_fast.data.builtin import dataset_summary, make_dataset
+    from gqn_fast.devices import device_of
+
     family = args.family
     if args.parts is not None:
         if family != "shepard_metzler":
@@ -37,6 +37,8 @@ def _make(args) -> int:
 
 
 def _convert(args) -> int:
+    from gqn_fast.data.deepmind import convert_deepmind
+
     if args.workers is not None:
         check_count("--workers", args.workers)
     report = convert_deepmind(
@@ -57,8 +59,18 @@ def _convert(args) -> int:
 
 
 def _show(args) -> int:
+    from gqn_fast.data.show import save_grid
+
     if args.views is not None:
         check_count("--views", args.views)
-    out = save_grid(args.dir, args.out, split=args.split, scenes=args.scenes, views=args.views, first=args.first)
+    out = save_grid(
+        args.dir,
+        args.out,
+        split=args.split,
+        scenes=args.scenes,
+        views=args.views,
+        first=args.first,
+        dataset_name=args.dataset,
+    )
     print(f"wrote {out}")
     return 0

@@ -36,11 +36,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +57,7 @@ from gqn_fast.data.format import (
     IMAGES,
     MANIFEST,
     SPLITS,
+    DatasetFormatError,
     NpyAppender,
     SplitWriter,
     open_split,
@@ -69,6 +66,7 @@ from gqn_fast.data.format import (
 )
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
+from gqn_fast.data.workers import process_context, worker_init
 from gqn_fast.errors import UsageError
 
 PARTS = ".parts"
@@ -98,10 +96,14 @@ def source_folder(src, name: str, split: str) -> Path:
 
 def source_files(src, name: str, split: str) -> list[Path]:
     """The TFRecord files of a split that DeepMind's reader would open (see `source_name`), in order."""
+    return split_files(source_folder(src, name, split), name, split)
+
+
+def split_files(folder, name: str, split: str) -> list[Path]:
+    """The files of the split folder `folder` that DeepMind's reader would open, in order."""
     count = get_dataset(name).file_count(split)
     names = {source_name(i, count) for i in range(1, count + 1)}
-    folder = source_folder(src, name, split)
-    return sorted(p for p in folder.iterdir() if p.name in names and p.is_file())
+    return sorted(p for p in Path(folder).iterdir() if p.name in names and p.is_file())
 
 
 def expected_names(name: str, split: str) -> str:
@@ -110,24 +112,40 @@ def expected_names(name: str, split: str) -> str:
     return f"{source_name(1, count)} .. {source_name(count, count)}"
 
 
-def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.ndarray]:
-    """One record -> (images uint8 [T, 64, 64, 3], cameras float32 [T, 5]); ValueError if malformed."""
+def scene_features(data: bytes, info: DeepMindDataset) -> tuple[list[bytes], np.ndarray]:
+    """One record -> (frames: T JPEG strings, cameras float32 [T, 5]), checked; ValueError naming
+    a missing or malformed feature."""
     features = parse_example(data)
-    frames, cameras = features.get("frames"), features.get("cameras")
+    for key in ("frames", "cameras"):
+        if key not in features:
+            raise ValueError(f"'{key}': missing (the record's features: {', '.join(sorted(features)) or 'none'})")
+    frames, cameras = features["frames"], features["cameras"]
     if not isinstance(frames, list) or len(frames) != info.num_views:
         got = len(frames) if isinstance(frames, list) else type(frames).__name__
         raise ValueError(f"'frames': expected {info.num_views} JPEG strings, got {got}")
     if not isinstance(cameras, np.ndarray) or cameras.dtype != np.float32 or cameras.size != info.num_views * 5:
         got = cameras.size if isinstance(cameras, np.ndarray) else type(cameras).__name__
         raise ValueError(f"'cameras': expected {info.num_views * 5} floats, got {got}")
+    return frames, cameras.reshape(info.num_views, 5)
+
+
+def decode_frames(frames: list[bytes], info: DeepMindDataset, views) -> np.ndarray:
+    """Frames `views` of a scene -> uint8 [len(views), 64, 64, 3]: decoded, then area-resized
+    where the set's frames are larger; ValueError naming a frame that is no image of the set's size."""
     size = info.image_size
-    images = np.empty((info.num_views, size, size, 3), np.uint8)
-    for t, jpeg in enumerate(frames):
-        if not _decode_fast(jpeg, images[t]):
-            _decode_pil(jpeg, images[t], t)
+    images = np.empty((len(views), size, size, 3), np.uint8)
+    for i, t in enumerate(views):
+        if not _decode_fast(frames[t], images[i]):
+            _decode_pil(frames[t], images[i], t)
     if size != IMAGE_SIZE:
         images = area_resize(images, IMAGE_SIZE)
-    return images, cameras.reshape(info.num_views, 5)
+    return images
+
+
+def decode_scene(data: bytes, info: DeepMindDataset) -> tuple[np.ndarray, np.ndarray]:
+    """One record -> (images uint8 [T, 64, 64, 3], cameras float32 [T, 5]); ValueError if malformed."""
+    frames, cameras = scene_features(data, info)
+    return decode_frames(frames, info, range(info.num_views)), cameras
 
 
 def _decode_fast(jpeg: bytes, out: np.ndarray) -> bool:
@@ -187,11 +205,16 @@ def _read_done(split_dir: Path, source: Path) -> dict | None:
     return done if done.get("bytes") == source.stat().st_size else None
 
 
+def empty_file_error(source: Path) -> CorruptRecordError:
+    """An empty file is a valid TFRecord file of no records, but every released file holds scenes."""
+    return CorruptRecordError(source, 0, "the file is empty (0 bytes): a download that failed?")
+
+
 def _scenes(source: Path, info: DeepMindDataset, records: int, skip_corrupt: bool, skipped: list):
     """The decoded scenes of a file, in order; damaged records raise CorruptRecordError or, with
     `skip_corrupt`, are appended to `skipped` as [index, problem]."""
-    if source.stat().st_size == 0:  # a valid TFRecord file of no records, but every released file holds scenes
-        empty = CorruptRecordError(source, 0, "the file is empty (0 bytes): a download that failed?")
+    if source.stat().st_size == 0:
+        empty = empty_file_error(source)
         if not skip_corrupt:
             raise empty
         skipped.append([0, empty.problem])
@@ -249,18 +272,6 @@ def _convert_task(args) -> dict:
     return convert_file(task, name, skip_corrupt)
 
 
-def _worker_init(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the pool
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent died (kill -9 leaves no one to stop it) exits within half a second."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def _run(todo: list, workers: int, bar) -> None:
     """convert_file for each task; the first error stops the others (their parts are redone)."""
     if workers <= 1 or len(todo) <= 1:
@@ -268,10 +279,8 @@ def _run(todo: list, workers: int, bar) -> None:
             _convert_task(task)
             bar.update(1)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     # Leaving the block terminates the workers, also on an error or Ctrl-C.
-    with context.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with process_context().Pool(min(workers, len(todo)), initializer=worker_init, initargs=(os.getpid(),)) as pool:
         for _ in pool.imap_unordered(_convert_task, todo):
             bar.update(1)
 
@@ -362,10 +371,16 @@ def _commit(split_dir: Path, tasks: list[FileTask], info: DeepMindDataset, sourc
         if record is None:  # marked done a moment ago, changed since
             raise FileExistsError(f"{task.source}: changed while it was being converted; run again to redo it")
     total = sum(d["scenes"] for d in done)
-    if tasks and total != tasks[0].rows:
+    skipped = [[d["file"], index, problem] for d in done for index, problem in d["skipped"]]
+    if total == 0:  # nothing to train on: no manifest, so the split is not taken for a finished one
+        first = f", the first {skipped[0][0]} record {skipped[0][1]}: {skipped[0][2]}" if skipped else ""
+        raise DatasetFormatError(
+            f"{split_dir}: no scene left to write ({len(skipped)} damaged records skipped{first}); "
+            "nothing was committed"
+        )
+    if total != tasks[0].rows:
         _compact(split_dir, tasks, done)
     writer = SplitWriter(split_dir, total, info.num_views, resume=True)
-    skipped = [[d["file"], index, problem] for d in done for index, problem in d["skipped"]]
     manifest = writer.finish(
         name=info.name,
         source=source_label,

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from gqn_fast.data.format import CAMERAS, IMAGES, SPLITS, open_split
+from gqn_fast.data.workers import process_context, worker_init
 from gqn_fast.reference.viewpoint import transform_viewpoint
 
 
@@ -46,6 +48,27 @@ class Batch(NamedTuple):
     query_v: torch.Tensor
 
 
+class BatchArrays(NamedTuple):
+    """A batch as the dataset reads it: context uint8 [B, M, 64, 64, 3], query uint8 [B, 64, 64, 3],
+    cameras float32 [B, M + 1, 5] (the context's, then the query's)."""
+
+    context: np.ndarray
+    query: np.ndarray
+    cameras: np.ndarray
+
+
+def batch_from_arrays(arrays: BatchArrays) -> Batch:
+    """The Batch of a dataset's arrays: images as channels-first views, cameras as viewpoints."""
+    m = arrays.context.shape[1]
+    v = transform_viewpoint(torch.from_numpy(arrays.cameras))
+    return Batch(
+        torch.from_numpy(arrays.context).permute(0, 1, 4, 2, 3),
+        v[:, :m].contiguous(),
+        torch.from_numpy(arrays.query).permute(0, 3, 1, 2),
+        v[:, m].contiguous(),
+    )
+
+
 class BatchPlan(NamedTuple):
     """Scenes [B] of a batch and, per scene, the views [B, M + 1]: M context views, then the query."""
 
@@ -61,6 +84,8 @@ class SceneDataset(Dataset):
     Opening checks the files (DatasetFormatError names the file and the problem). The
     memory maps are reopened in each worker process rather than pickled.
     """
+
+    worker_processes = False  # a gather is a numpy read that releases the GIL: threads suffice
 
     def __init__(self, root, split: str = "train"):
         if split not in SPLITS:
@@ -78,7 +103,8 @@ class SceneDataset(Dataset):
         state["_images"] = state["_cameras"] = None
         return state
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, cameras): the memory maps, [N, T, 64, 64, 3] uint8 and [N, T, 5] float32."""
         if self._images is None:
             self._images = np.load(self.split_dir / IMAGES, mmap_mode="r")
             self._cameras = np.load(self.split_dir / CAMERAS, mmap_mode="r")
@@ -91,23 +117,22 @@ class SceneDataset(Dataset):
         i = operator.index(index)
         if not -self.num_scenes <= i < self.num_scenes:
             raise IndexError(f"index: {i} out of range for {self.num_scenes} scenes")
-        images, cameras = self._arrays()
+        images, cameras = self.arrays()
         return torch.from_numpy(np.array(images[i])), torch.from_numpy(np.array(cameras[i]))
+
+    def gather_arrays(self, plan: BatchPlan) -> BatchArrays:
+        images, cameras = self.arrays()
+        scenes, views = np.asarray(plan.scenes), np.asarray(plan.views)
+        m = views.shape[1] - 1
+        return BatchArrays(
+            np.asarray(images[scenes[:, None], views[:, :m]]),
+            np.asarray(images[scenes, views[:, m]]),
+            np.asarray(cameras[scenes[:, None], views]),
+        )
 
     def gather(self, plan: BatchPlan) -> Batch:
         """The batch a plan describes."""
-        images, cameras = self._arrays()
-        scenes, views = np.asarray(plan.scenes), np.asarray(plan.views)
-        m = views.shape[1] - 1
-        context = np.asarray(images[scenes[:, None], views[:, :m]])  # [B, M, 64, 64, 3]
-        query = np.asarray(images[scenes, views[:, m]])  # [B, 64, 64, 3]
-        v = transform_viewpoint(torch.from_numpy(np.asarray(cameras[scenes[:, None], views])))
-        return Batch(
-            torch.from_numpy(context).permute(0, 1, 4, 2, 3),
-            v[:, :m].contiguous(),
-            torch.from_numpy(query).permute(0, 3, 1, 2),
-            v[:, m].contiguous(),
-        )
+        return batch_from_arrays(self.gather_arrays(plan))
 
 
 class BatchPlanner:
@@ -181,9 +206,12 @@ class SceneLoader:
     load_state_dict(state) resumes there: the next pass yields exactly the remaining batches
     of that epoch that an uninterrupted run would have.
 
-    Workers are threads, not processes: a gather is one memcpy-bound numpy read that releases
-    the GIL (under 1 ms for the paper's batch), while a process worker would pay several times
-    that to hand 4 MB of fresh shared memory to this process for every batch.
+    Workers are threads unless `processes`: a memory-mapped gather is one memcpy-bound numpy
+    read that releases the GIL (under 1 ms for the paper's batch), while a process worker would
+    pay several times that to hand 4 MB to this process for every batch. Decoding JPEGs
+    (records.RecordDataset) is Python and holds the GIL: there processes, each decoding whole
+    batches, which this process turns into Batch tensors. Workers start with the first pass and
+    serve the next epochs; an error, a Ctrl-C, a pass left early or close() stops them.
     """
 
     def __init__(
@@ -193,6 +221,7 @@ class SceneLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
+        processes: bool = False,
     ):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
@@ -200,6 +229,8 @@ class SceneLoader:
             raise ValueError(f"prefetch_factor: expected a positive int, got {prefetch_factor!r}")
         self.dataset, self.planner = dataset, planner
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.processes = processes
+        self._workers = None
         self._start = self._position = 0
 
     @property
@@ -216,27 +247,59 @@ class SceneLoader:
         """Batches in a whole epoch (for this rank)."""
         return len(self.planner)
 
-    def _fetch(self, plan: BatchPlan) -> Batch:
-        batch = self.dataset.gather(plan)
+    def _pinned(self, batch: Batch) -> Batch:
         if self.pin_memory:
             batch = Batch(*(t.pin_memory() for t in batch))  # keeps the channels-last strides
         return batch
+
+    def _fetch(self, plan: BatchPlan) -> Batch:
+        return self._pinned(self.dataset.gather(plan))
+
+    def _pool(self):
+        """The workers (started on the first pass, kept for the next epochs) and what this process
+        makes of what one returns."""
+        if self._workers is None:
+            if self.processes:
+                self._workers = ProcessPoolExecutor(
+                    self.num_workers,
+                    mp_context=process_context(),
+                    initializer=_start_worker,
+                    initargs=(self.dataset, os.getpid()),
+                )
+            else:
+                self._workers = ThreadPoolExecutor(self.num_workers, thread_name_prefix="gqn-loader")
+        if self.processes:
+            return self._workers, _gather_in_worker, lambda arrays: self._pinned(batch_from_arrays(arrays))
+        return self._workers, self._fetch, lambda batch: batch
+
+    def close(self) -> None:
+        """Stop the workers (a later pass starts new ones)."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=True, cancel_futures=True)
+            self._workers = None
+
+    def __del__(self):
+        if getattr(self, "_workers", None) is not None:  # also when __init__ stopped early
+            self.close()
 
     def _batches(self, plans) -> Iterator[Batch]:
         if self.num_workers == 0:
             yield from map(self._fetch, plans)
             return
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="gqn-loader")
+        pool, work, finish = self._pool()
         pending: deque = deque()
+        finished = False
         try:
             for plan in plans:
-                pending.append(pool.submit(self._fetch, plan))
+                pending.append(pool.submit(work, plan))
                 if len(pending) >= self.num_workers * self.prefetch_factor:
-                    yield pending.popleft().result()
+                    yield finish(pending.popleft().result())
             while pending:
-                yield pending.popleft().result()
+                yield finish(pending.popleft().result())
+            finished = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if not finished:  # an error, a Ctrl-C or a pass left early: no worker keeps on for it
+                self.close()
 
     def __iter__(self) -> Iterator[Batch]:
         self._position = self._start
@@ -269,6 +332,23 @@ class SceneLoader:
         self.set_epoch(state["epoch"], start_batch=state["batch"])
 
 
+# A worker process's dataset: set once when it starts (inherited, not pickled, where it forks).
+_worker_dataset = None
+
+
+def _start_worker(dataset, parent: int) -> None:
+    from threadpoolctl import threadpool_limits
+
+    global _worker_dataset
+    _worker_dataset = dataset
+    worker_init(parent)  # Ctrl-C goes to the parent, which stops the pool; exits with the parent
+    threadpool_limits(limits=1, user_api="blas")  # one core each: the resize's products gain nothing from more
+
+
+def _gather_in_worker(plan: BatchPlan) -> BatchArrays:
+    return _worker_dataset.gather_arrays(plan)
+
+
 def make_loader(
     root,
     split,
@@ -292,10 +372,10 @@ def make_loader(
     distributed=True takes rank and world size from torch.distributed (or `rank` / `world_size`).
     num_workers: gathering threads (0: in the calling thread); pin_memory defaults to whether
     CUDA is available. Call `set_epoch(e)` before each epoch, as with a DistributedSampler.
-    `root` may also be a SceneDataset of split `split` already opened (its checks are then not
-    repeated).
+    `root` may also be a dataset of split `split` already opened (a SceneDataset, or a
+    records.RecordDataset, which gathers in worker processes).
     """
-    if isinstance(root, SceneDataset):
+    if not isinstance(root, (str, os.PathLike)):  # a SceneDataset or records.RecordDataset
         if root.split != split:
             raise ValueError(f"split: {split!r}, but the dataset given as root is of split {root.split!r}")
         dataset = root
@@ -325,7 +405,12 @@ def make_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return SceneLoader(
-        dataset, planner, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
+        dataset,
+        planner,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        processes=dataset.worker_processes,
     )
 
 

@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,53 +63,60 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
-    """(index, payload) for each record of a TFRecord file, in order, checksums verified.
+class Frame(NamedTuple):
+    """One record's place in its file: its index, the byte its payload starts at and its length,
+    and the payload (bytes) or what is wrong with it (CorruptRecordError)."""
 
-    A record whose payload fails its checksum comes as (index, CorruptRecordError) and reading
-    goes on: its length held its own checksum, so the next record is where it says. A broken
-    frame (truncated file, bad length checksum) comes as the last item: nothing after it can be
-    located.
+    index: int
+    offset: int
+    length: int
+    data: bytes | CorruptRecordError
+
+
+def scan_frames(path) -> Iterator[Frame]:
+    """Each record of a TFRecord file as a Frame, in order, checksums verified.
+
+    A record whose payload fails its checksum comes with a CorruptRecordError and reading goes
+    on: its length held its own checksum, so the next record is where it says. A broken frame
+    (truncated file, bad length checksum) comes as the last item: nothing after it can be located.
     """
     path = Path(path)
     with open(path, "rb") as f:
-        index = 0
+        index = position = 0
         while True:
             header = f.read(12)
             if not header:
                 return
             if len(header) < 12:
-                yield index, CorruptRecordError(path, index, f"truncated: {len(header)} bytes of a 12-byte header")
+                problem = f"truncated: {len(header)} bytes of a 12-byte header"
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                yield (
-                    index,
-                    CorruptRecordError(
-                        path,
-                        index,
-                        f"length checksum mismatch at byte {f.tell() - 12}: the records from here on cannot be located",
-                    ),
-                )
+                problem = f"length checksum mismatch at byte {position}: the records from here on cannot be located"
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                yield (
-                    index,
-                    CorruptRecordError(
-                        path,
-                        index,
-                        f"truncated: {length + 4} bytes of data and checksum expected, "
-                        f"{len(data) + len(footer)} left in the file",
-                    ),
+                problem = (
+                    f"truncated: {length + 4} bytes of data and checksum expected, "
+                    f"{len(data) + len(footer)} left in the file"
                 )
+                yield Frame(index, position, 0, CorruptRecordError(path, index, problem))
                 return
             if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                yield index, CorruptRecordError(path, index, "data checksum mismatch")
-            else:
-                yield index, data
+                data = CorruptRecordError(path, index, "data checksum mismatch")
+            yield Frame(index, position + 12, length, data)
+            position += 12 + length + 4
             index += 1
+
+
+def scan_records(path) -> Iterator[tuple[int, bytes | CorruptRecordError]]:
+    """(index, payload) for each record of a TFRecord file, in order, checksums verified; a
+    damaged record comes as (index, CorruptRecordError), as `scan_frames` says."""
+    for frame in scan_frames(path):
+        yield frame.index, frame.data
 
 
 def count_records(path) -> int:
@@ -142,7 +150,13 @@ def read_records(path) -> Iterator[bytes]:
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
+    if pos >= len(buf):
+        raise ValueError("truncated varint")
+    byte = buf[pos]
+    if byte < 0x80:  # keys and small sizes: one byte
+        return byte, pos + 1
+    result, shift = byte & 0x7F, 7
+    pos += 1
     while True:
         if pos >= len(buf):
             raise ValueError("truncated varint")
@@ -182,13 +196,35 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
         yield number, wire, value
 
 
+def _bytes_list(body: memoryview) -> list[bytes]:
+    """BytesList -> its values: a scene's frames, read in one tight loop (a generator per field
+    costs several times the rest of a scene's parse)."""
+    values, pos, end = [], 0, len(body)
+    while pos < end:
+        if body[pos] != 1 << 3 | 2:  # not a value's key: another field, read the general way
+            return [bytes(v) for n, w, v in _fields(body) if n == 1 and w == 2]
+        # The size, a varint: one or two bytes inline (a frame under 16 KiB), else the general way.
+        first = body[pos + 1] if pos + 1 < end else 0x80
+        if first < 0x80:
+            size, pos = first, pos + 2
+        elif pos + 2 < end and body[pos + 2] < 0x80:
+            size, pos = (first & 0x7F) | body[pos + 2] << 7, pos + 3
+        else:
+            size, pos = _varint(body, pos + 1)
+        if pos + size > end:
+            raise ValueError(f"field 1: {size} bytes announced, {end - pos} left")
+        values.append(bytes(body[pos : pos + size]))
+        pos += size
+    return values
+
+
 def _feature(buf: memoryview):
     """Feature -> list[bytes] (bytes_list), float32 array (float_list) or int64 array (int64_list)."""
     for number, wire, body in _fields(buf):
         if wire != 2:
             continue
         if number == 1:
-            return [bytes(v) for n, w, v in _fields(body) if n == 1 and w == 2]
+            return _bytes_list(body)
         if number == 2:
             parts = []
             for n, w, v in _fields(body):
