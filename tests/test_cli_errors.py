@@ -325,3 +325,37 @@ def test_one_error_type_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr("gqn_fast.data.commands._show", bug)
     with pytest.raises(ValueError, match="an internal mistake"):
         cli.main(["data", "show", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--preset", "nope"], "gqn-fast train: error: argument --preset: invalid choice: 'nope'"),
+        (["train", "--preset", "smal"], "(did you mean small?)"),
+        (["train", "--steps", "abc"], "gqn-fast train: error: argument --steps: invalid int value: 'abc'"),
+        (["train", "--stpes", "100"], "gqn-fast train: error: unrecognized argument --stpes (did you mean --steps?)"),
+        (["train", "--steps"], "gqn-fast train: error: argument --steps: expected one argument"),
+        (["data", "make", "rooms"], "gqn-fast data make: error: the following arguments are required: --out"),
+        (["data", "make", "room", "--out", "x"], "argument family: invalid choice: 'room'"),
+        (["eval", "a.pt", "b.pt"], "gqn-fast eval: error: unexpected argument 'b.pt'"),
+        (["analyze", "tsne", "a.pt", "--scene", "3", "--sbusets", "2"], "--sbusets (did you mean --subsets?)"),
+        (["trian", "--steps", "1"], "gqn-fast: error: argument command: invalid choice: 'trian'"),
+    ],
+)
+def test_a_command_line_the_parser_cannot_read_is_one_line(capsys, argv, expected):
+    """Exit 1 and one line naming the command and the argument (with the choices, and the
+    nearest flag or choice when one is close), not the usage and exit 2."""
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert expected in captured.err, captured.err
+    if "invalid choice" in expected:
+        assert "(choose from " in captured.err
+
+
+def test_a_bad_flag_is_one_line_from_a_real_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "gqn_fast", "train", "--stpes", "100"], capture_output=True, text=True
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "gqn-fast train: error: unrecognized argument --stpes (did you mean --steps?)\n"
