@@ -38,7 +38,13 @@ from gqn_fast.devices import device_of
 from gqn_fast.errors import UsageError, UserError
 from gqn_fast.images import save_grid
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
-from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
+from gqn_fast.train_settings import (  # noqa: F401  (TrainArgs: the API)
+    TrainArgs,
+    check_args,
+    check_resume_settings,
+    describe_settings,
+    settings_from_run,
+)
 from gqn_fast.train_step import TrainStep, make_optimizer
 
 
@@ -205,7 +211,10 @@ class Run:
             )
             self.writer = MetricsWriter(self.out, start_step=self.position.step)
             if self.resumed_from is not None:
-                tqdm.write(f"resumed from {self.resumed_from} at step {self.position.step}")
+                tqdm.write(
+                    f"resuming {self.out} at step {self.position.step} of {self.args.steps} "
+                    f"({self.resumed_from.name}): {describe_settings(self.args)}"
+                )
         self.progress = tqdm(
             total=self.args.steps, initial=self.position.step, disable=not self.main, dynamic_ncols=True, desc="train"
         )
@@ -370,37 +379,44 @@ class Run:
             self.checkpoint()
 
 
-def setup(args: TrainArgs) -> Run:
+def setup(args: TrainArgs, given: frozenset[str] | None = None) -> Run:
     """The run `args` asks for: arguments, data and the checkpoint to resume checked, the model,
-    optimizer and loader made and restored; nothing in the run folder written yet. Raises
-    UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
+    optimizer and loader made and restored; nothing in the run folder written yet. With
+    --resume, the settings not in `given` (the TrainArgs fields a command line gave; None: all)
+    are the run's. Raises UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
     from gqn_fast.data.builtin import builtin_dataset
     from gqn_fast.data.loader import SceneDataset, make_loader
 
+    ckpt_dir = Path(args.out) / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    state = None
+    if args.resume and existing:
+        state = load_checkpoint(existing[-1])
+        check_resumable(state, existing[-1])
+        args = settings_from_run(args, state.get("train", {}), given)
     check_args(args)
     if args.data:  # stored absolute, so a resume or an eval from another folder finds it
         args = dataclasses.replace(args, data=str(Path(args.data).resolve()))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args.device)
-    if args.max_minutes is not None and world > 1:
-        raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
-    ckpt_dir = Path(args.out) / "checkpoints"
-    config = GQNConfig.preset(args.preset)
-
-    existing = list_checkpoints(ckpt_dir)
     if existing and not args.resume:
         raise CheckpointError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or another --out")
     if args.resume and not existing:
         raise UsageError(
             f"--resume: {ckpt_dir} holds no checkpoint to resume from; leave out --resume to start a new run there"
         )
-    state = None
-    if args.resume:
-        state = load_checkpoint(existing[-1])
-        check_resumable(state, existing[-1])
+    config = GQNConfig.preset(args.preset)
+    if state is not None:
         check_resume_settings(state.get("train", {}), args, existing[-1])
         check_compatible(state, config, existing[-1])
+        if state["step"] >= args.steps:
+            raise UsageError(
+                f"--steps: the run is at step {state['step']} already ({existing[-1]}); "
+                f"pass a larger --steps to train further"
+            )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    if args.max_minutes is not None and world > 1:
+        raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
 
     data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
     dataset = SceneDataset(data_root, "train")
@@ -465,12 +481,12 @@ def setup(args: TrainArgs) -> Run:
     )
 
 
-def train(args: TrainArgs, **parts) -> torch.nn.Module:
-    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
+def train(args: TrainArgs, given: frozenset[str] | None = None, **parts) -> torch.nn.Module:
+    """Train per `args` (with --resume, the settings not in `given` are the run's: see setup); returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
     UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
     (all checked before anything in the run folder is written). parts: fields of the Run to give
     it (its learning_rate schedule, its clock)."""
-    run = dataclasses.replace(setup(args), **parts)
+    run = dataclasses.replace(setup(args, given), **parts)
     try:
         run.start()
         run.loop()
@@ -583,7 +599,7 @@ def run_command(ns: argparse.Namespace) -> int:
     """Errors a user can fix (gqn_fast.errors.UserError, OSError) reach gqn_fast.cli as one line."""
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     try:
-        train(args)
+        train(args, given=ns.given_options)
     except KeyboardInterrupt:
         return 130
     else:

@@ -199,6 +199,14 @@ def test_an_allowed_change_resumes(dataset, run, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["train"]["batch"] == 3
 
 
+def test_resume_of_a_finished_run_asks_for_more_steps(run, capsys):
+    before = snapshot(run)
+    assert_one_line_error(
+        capsys, ["train", "--out", str(run), "--resume"], "--steps: the run is at step 1 already", "a larger --steps"
+    )
+    assert snapshot(run) == before
+
+
 def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert_one_line_error(
