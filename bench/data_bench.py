@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
 from gqn_fast.data.loader import make_loader, to_model_inputs
+from gqn_fast.data.pool import worker_pool
 from gqn_fast.data.render import render
 from gqn_fast.data.scenes import get_family, sample_scenes
 
@@ -89,9 +89,7 @@ def bench_render(family: str = "rooms", scenes: int = 64, repeats: int = 5, devi
     device = torch.device(device)
     if device.type == "cpu":
         # In a worker process on one thread, as `data make` renders (see gqn_fast/data/render.py).
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with context.Pool(1, initializer=_worker_init) as pool:
+        with worker_pool(1, initializer=_worker_init) as pool:
             seconds = pool.apply(_render_seconds, (family, scenes, repeats, "cpu"))
     else:
         seconds = _render_seconds(family, scenes, repeats, device)

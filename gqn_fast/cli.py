@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentsError as error:
         print(f"{error.prog}: error: {error}", file=sys.stderr)
         return 1
+    command = " ".join(part for part in ("gqn-fast", args.command, getattr(args, "data_command", None)) if part)
     try:
         return int(command_function(args.run)(args) or 0)
     except (UserError, OSError) as error:
-        command = " ".join(part for part in (args.command, getattr(args, "data_command", None)) if part)
-        print(f"gqn-fast {command}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:  # workers ignore SIGINT (gqn_fast.data.pool): this is the one line
+        print(f"{command}: interrupted: {stop if str(stop) else 'nothing written'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

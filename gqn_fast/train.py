@@ -35,7 +35,7 @@ from gqn_fast.checkpoint import (
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError, UserError
+from gqn_fast.errors import Interrupted, UsageError, UserError
 from gqn_fast.images import save_grid
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 from gqn_fast.train_settings import (  # noqa: F401  (TrainArgs: the API)
@@ -240,8 +240,7 @@ class Run:
             if out_of_time:
                 self._stop_for_time()
         except KeyboardInterrupt:
-            self._stop_for_interrupt()
-            raise
+            raise Interrupted(self._stop_for_interrupt()) from None
 
     def _steps(self, stop: StopAtBoundary) -> bool:
         """The steps; True if --max-minutes ran out first."""
@@ -361,22 +360,18 @@ class Run:
         if self.main and self.shown is not None and not self._picture_path().exists():
             self._picture()
 
-    def _stop_for_interrupt(self) -> None:
+    def _stop_for_interrupt(self) -> str:
         """Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
         checkpointed (it is finite: it was just checked, or is one step past a finite check,
-        which the next log will catch on resume), unless a checkpoint of it is already written."""
+        which the next log will catch on resume), unless a checkpoint of it is already written.
+        Returns what was kept, in words."""
         step, saved = self.position.step, self.saved_step
         if self.train_step.updating:
             where = f"the last checkpoint is of step {saved}" if saved is not None else "no checkpoint was written"
-            if self.main:
-                tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")
-        elif saved == step:
-            if self.main:
-                tqdm.write(f"interrupted at step {step}, whose checkpoint is already written")
-        else:
-            if self.main:
-                tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
+            return f"during the update of step {step + 1}; no checkpoint written ({where})"
+        if saved != step:
             self.checkpoint()
+        return f"at step {step}, whose checkpoint is kept in {self.ckpt_dir}; --resume continues here"
 
 
 def setup(args: TrainArgs, given: frozenset[str] | None = None) -> Run:
@@ -600,9 +595,6 @@ def run_command(ns: argparse.Namespace) -> int:
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     try:
         train(args, given=ns.given_options)
-    except KeyboardInterrupt:
-        return 130
-    else:
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = Path(args.out)
             last = list_checkpoints(out / "checkpoints")

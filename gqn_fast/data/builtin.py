@@ -12,7 +12,6 @@ leaves no half-written dataset behind.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -23,8 +22,9 @@ from tqdm import tqdm
 from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
+from gqn_fast.data.pool import worker_pool
 from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
-from gqn_fast.errors import UsageError, check_count
+from gqn_fast.errors import Interrupted, UsageError, check_count
 
 # Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
 CHUNK_SCENES = 32
@@ -94,11 +94,8 @@ def _write_splits(
     bar = tqdm(total=total, unit="img", desc=f"{family} -> {out.name}", disable=not progress)
     try:
         if on_cpu:
-            # fork where there is one (as DataLoader): spawn would re-run an unguarded __main__.
             # A forked child is safe with torch because _worker_init drops it to one thread.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(workers, initializer=_worker_init) as pool:
+            with worker_pool(workers, initializer=_worker_init) as pool:
                 for images in pool.imap_unordered(_render_chunk, tasks):
                     bar.update(images)
         else:
@@ -164,6 +161,9 @@ def make_dataset(
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Interrupted(f"nothing kept: {out} was not written (its partial files are removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

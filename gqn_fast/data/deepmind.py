@@ -36,11 +36,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +63,10 @@ from gqn_fast.data.format import (
     read_manifest,
     write_json_atomic,
 )
+from gqn_fast.data.pool import worker_pool
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
-from gqn_fast.errors import UsageError
+from gqn_fast.errors import Interrupted, UsageError
 
 PARTS = ".parts"
 
@@ -249,18 +246,6 @@ def _convert_task(args) -> dict:
     return convert_file(task, name, skip_corrupt)
 
 
-def _worker_init(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the pool
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent died (kill -9 leaves no one to stop it) exits within half a second."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def _run(todo: list, workers: int, bar) -> None:
     """convert_file for each task; the first error stops the others (their parts are redone)."""
     if workers <= 1 or len(todo) <= 1:
@@ -268,10 +253,8 @@ def _run(todo: list, workers: int, bar) -> None:
             _convert_task(task)
             bar.update(1)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     # Leaving the block terminates the workers, also on an error or Ctrl-C.
-    with context.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with worker_pool(min(workers, len(todo))) as pool:
         for _ in pool.imap_unordered(_convert_task, todo):
             bar.update(1)
 
@@ -439,7 +422,13 @@ def convert_deepmind(
         todo += [(task, name, skip_corrupt) for task in tasks[split] if _read_done(split_dir, task.source) is None]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     with tqdm(total=len(todo), unit="file", desc=f"{name} -> {out.name}", disable=not progress) as bar:
-        _run(todo, workers, bar)
+        try:
+            _run(todo, workers, bar)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"the files converted so far ({bar.n} in this run) are kept in {out}, each whole; "
+                f"the same command resumes"
+            ) from None
     label = (
         f"DeepMind gqn-datasets {name}"
         if info.image_size == IMAGE_SIZE
