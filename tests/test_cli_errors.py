@@ -3,6 +3,7 @@ leaves the run folder as it was: no traceback, nothing half-written, no config o
 
 import argparse
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -367,3 +368,38 @@ def test_a_bad_flag_is_one_line_from_a_real_process():
     )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == "gqn-fast train: error: unrecognized argument --stpes (did you mean --steps?)\n"
+
+
+MALLOC_PROBE = """
+import sys
+from gqn_fast import cli
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) // 1024  # MiB
+
+sys.argv = ["gqn-fast", "--help"]
+try:
+    cli.main() if sys.argv[1:] and "{how}" == "program" else cli.main(["--help"])
+except SystemExit:
+    pass
+before = rss()
+for _ in range(3):
+    block = bytearray(16 * 2**20)  # freed at once: glibc's default keeps the later ones in its heap
+    del block
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc (mallopt) on Linux")
+def test_the_program_gives_freed_memory_back_as_the_bench_measures_it():
+    """The `gqn-fast` program's process (cli.main() without argv) has the bench's malloc setting
+    (gqn_fast.malloc), so the bench's peak memory is what a command's process gets; a call from
+    Python (cli.main(argv)) leaves its process as it is, with glibc's default that keeps it."""
+    retained = {}
+    for how in ("program", "python"):
+        probe = subprocess.run(
+            [sys.executable, "-c", MALLOC_PROBE.replace("{how}", how)], capture_output=True, text=True, check=True
+        )
+        retained[how] = int(probe.stdout.strip().splitlines()[-1])
+    assert retained["program"] <= 1 and retained["python"] >= 15, retained

@@ -432,7 +432,9 @@ def test_the_train_command_says_where_its_results_went(dataset, tmp_path, capsys
         )
         == 0
     )
-    said = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len([line for line in lines if line.startswith("wrote ")]) == 1, lines  # once, last
+    said = lines[-1]
     assert said == (
         f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
         f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}"
