@@ -14,8 +14,6 @@ import sys
 
 from gqn_fast.errors import UserError
 
-# In a command's namespace: the dests of the options its command line gave (the others hold defaults).
-GIVEN = "given_options"
 _NOT_GIVEN = object()
 
 
@@ -45,7 +43,8 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser with DefaultsFormatter; add_subparsers makes sub-parsers of the
     parent's class, so every command's help shows its defaults. Its errors are ArgumentsError
     (one line, exit 1 in `main`) instead of the usage and exit 2, and a command's namespace
-    says which options were given (GIVEN: a resume takes the others from the run)."""
+    says which options its command line gave (`given_options`, their dests: a resume takes
+    the others from the run)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsFormatter)
@@ -77,7 +76,7 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unexpected argument {extras[0]!r}")
         # Parsed again over a namespace of markers, which argparse leaves where no option was given.
         marked, _ = super().parse_known_args(args, argparse.Namespace(**dict.fromkeys(vars(namespace), _NOT_GIVEN)))
-        setattr(namespace, GIVEN, frozenset(k for k, v in vars(marked).items() if v is not _NOT_GIVEN))
+        namespace.given_options = frozenset(k for k, v in vars(marked).items() if v is not _NOT_GIVEN)
         return namespace, extras
 
 
