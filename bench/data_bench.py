@@ -45,7 +45,7 @@ from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_s
 from gqn_fast.data.loader import BatchPlan, BatchPlanner, SceneLoader, make_loader, to_model_inputs
 from gqn_fast.data.render import render
 from gqn_fast.data.scenes import get_family, sample_scenes
-from gqn_fast.data.workers import process_context
+from gqn_fast.data.workers import worker_pool
 
 # The TFRecord writer the converter's tests use (tests/deepmind_files.py), DeepMind's file names included.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -95,7 +95,7 @@ def bench_render(family: str = "rooms", scenes: int = 64, repeats: int = 5, devi
     device = torch.device(device)
     if device.type == "cpu":
         # In a worker process on one thread, as `data make` renders (see gqn_fast/data/render.py).
-        with process_context().Pool(1, initializer=_worker_init) as pool:
+        with worker_pool(1, initializer=_worker_init) as pool:
             seconds = pool.apply(_render_seconds, (family, scenes, repeats, "cpu"))
     else:
         seconds = _render_seconds(family, scenes, repeats, device)

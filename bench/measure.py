@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import time
@@ -89,18 +88,6 @@ def peak_memory_bytes(fn, device: torch.device) -> int | None:
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
-
-
-def limit_malloc_caching() -> None:
-    """Make the resident set follow the live tensors (call first, in a process of its own).
-
-    glibc serves large blocks by mmap, but raises that threshold as large blocks are freed
-    and keeps later ones in its heap for reuse, so RSS would stay at the largest earlier
-    peak. A fixed threshold (128 KiB) unmaps every large block when it is freed."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _status_bytes(field: str) -> int:

@@ -28,7 +28,6 @@ from gqn_fast.reference import GQN as ReferenceGQN
 from gqn_fast.reference import transform_viewpoint
 from measure import (
     interleaved_times,
-    limit_malloc_caching,
     peak_memory_bytes,
     peak_rss_bytes,
     saved_for_backward_bytes,
@@ -38,6 +37,7 @@ from op_count import count_training_step, on_gpu_branches
 
 from gqn_fast import GQN, GQNConfig, kernels
 from gqn_fast.data.loader import Batch
+from gqn_fast.malloc import limit_malloc_caching
 from gqn_fast.model import compile_options
 from gqn_fast.schedules import learning_rate, pixel_sigma
 from gqn_fast.train_step import TrainStep

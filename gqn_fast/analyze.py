@@ -185,6 +185,16 @@ def plot_tsne(xy: np.ndarray, scene_ids: np.ndarray, labels: list[dict] | None, 
     plt.close(fig)
 
 
+def tsne_title(result: dict) -> str:
+    """The figure's title: the accuracies as tsne.json holds them (6 digits: 239/240 is not 1)."""
+    acc = result["nearest_neighbour_accuracy"]
+    return (
+        f"t-SNE of r: {result['scenes']} test scenes x {result['subsets']} subsets of {result['views']} views, "
+        f"step {result['step']}; nearest-neighbour scene accuracy r {acc['r']:g}, pixels {acc['pixels']:g}, "
+        f"chance {acc['chance']:g}"
+    )
+
+
 def run_tsne(ns: argparse.Namespace) -> int:
     check_int("--scenes", ns.scenes, 2)
     check_int("--subsets", ns.subsets, 2)
@@ -222,12 +232,11 @@ def run_tsne(ns: argparse.Namespace) -> int:
         scene_ids.numpy(),
         labels,
         out / "tsne.png",
-        f"t-SNE of r: {n} test scenes x {ns.subsets} subsets of {ns.views} views, step {model_file.step}; "
-        f"nearest-neighbour scene accuracy r {acc['r']:.2f}, pixels {acc['pixels']:.2f}, chance {acc['chance']:.2f}",
+        tsne_title(result),
     )
     print(
-        f"nearest-neighbour scene accuracy: r {acc['r']:.3f}, raw pixels {acc['pixels']:.3f}, "
-        f"chance {acc['chance']:.3f}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}"
+        f"nearest-neighbour scene accuracy: r {acc['r']:g}, raw pixels {acc['pixels']:g}, "
+        f"chance {acc['chance']:g}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}"
     )
     return 0
 
@@ -303,13 +312,13 @@ def algebra_triples(prop: str, count: int, seed: int):
 
 @torch.no_grad()
 def algebra(model, prop: str, count: int, context: int, queries: int, samples: int, seed: int, device):
-    """Per triple: the query views' truth (D), and predictions from r(A) - r(B) + r(C) and the baselines."""
+    """Per quadruple (A, B, C, D): the query views' truth (D), and predictions from r(A) - r(B) + r(C) and the baselines."""
     from gqn_fast.data.camera import FOV_DEGREES
     from gqn_fast.data.render import render
 
     g = torch.Generator().manual_seed(seed)
     results = []
-    for (A, B, C, D), (cam_x, cam_y), change in tqdm(algebra_triples(prop, count, seed), desc=prop, unit="triple"):
+    for (A, B, C, D), (cam_x, cam_y), change in tqdm(algebra_triples(prop, count, seed), desc=prop, unit="quadruple"):
         cams = torch.from_numpy(np.stack([cam_x, cam_x, cam_y, cam_y]))
         views = render([A, B, C, D], cams, image_size=64, fov=FOV_DEGREES).to(device)
         x = views.permute(0, 1, 4, 2, 3).float() / 255  # [4, T, 3, 64, 64]

@@ -147,8 +147,9 @@ def register_train(subparsers) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the run folder's last checkpoint (refused if it has none, or if a "
-        "setting that changes the result differs from the run's)",
+        help="continue the run in --out from its last checkpoint, with the run's settings for every "
+        "option not given here (one given that changes the result and differs from the run's is "
+        "refused unless --allow-change; --steps and the like are free)",
     )
     p.add_argument(
         "--allow-change",

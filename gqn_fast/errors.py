@@ -3,7 +3,8 @@
 Every such error is a UserError (keeping its other base too: a DatasetFormatError is still a
 ValueError), naming the argument or file and what is wrong with it; `gqn-fast` prints it on one
 line, `gqn-fast <command>: error: <message>`, and exits with code 1, as it does for an OSError
-(a file missing, a disk full). Anything else is a bug and keeps its traceback. This module
+(a file missing, a disk full). Anything else is a bug and keeps its traceback. A Ctrl-C ends
+in one line too (Interrupted), with exit code 130. This module
 imports nothing of the project, so every module can import it.
 """
 
@@ -16,6 +17,12 @@ class UserError(Exception):
 
 class UsageError(UserError, ValueError):
     """A bad argument (of a command, or of a function a user calls with it): a ValueError too."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C after which a command has put its files in order: the message says what was
+    kept. `gqn-fast` prints it in one line, `gqn-fast <command>: interrupted: <message>`, and
+    exits with code 130 (a plain KeyboardInterrupt: "nothing written")."""
 
 
 def check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError, check_int
+from gqn_fast.errors import Interrupted, UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
 from gqn_fast.model_file import PUBLISHED_NAME, ModelFile, pixel_sigma_of, read_model_file, write_published
 from gqn_fast.models import build_model
@@ -346,7 +346,10 @@ def run_sample(ns: argparse.Namespace) -> int:
     T = images.shape[1]
     check_int("--context", ns.context, 1, T - 1, f" (the data has {T} views a scene)")
     out = output_folder(ns.out, ns.checkpoint, "samples", model_file.step)
-    files = sample(model, images, cameras, out, ns.scenes, ns.samples, ns.context, ns.frames, ns.seed, device)
+    try:
+        files = sample(model, images, cameras, out, ns.scenes, ns.samples, ns.context, ns.frames, ns.seed, device)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the pictures written so far are kept in {out}") from None
     print(f"wrote {len(files)} files to {out}")
     return 0
 

@@ -35,11 +35,17 @@ from gqn_fast.checkpoint import (
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
 from gqn_fast.devices import device_of
-from gqn_fast.errors import UsageError, UserError
+from gqn_fast.errors import Interrupted, UsageError, UserError
 from gqn_fast.images import save_grid
 from gqn_fast.models import build_model
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
-from gqn_fast.train_settings import TrainArgs, check_args, check_resume_settings  # noqa: F401  (TrainArgs: the API)
+from gqn_fast.train_settings import (  # noqa: F401  (TrainArgs: the API)
+    TrainArgs,
+    check_args,
+    check_resume_settings,
+    describe_settings,
+    settings_from_run,
+)
 from gqn_fast.train_step import TrainStep, make_optimizer
 
 
@@ -198,7 +204,10 @@ class Run:
             )
             self.writer = MetricsWriter(self.out, start_step=self.position.step)
             if self.resumed_from is not None:
-                tqdm.write(f"resumed from {self.resumed_from} at step {self.position.step}")
+                tqdm.write(
+                    f"resuming {self.out} at step {self.position.step} of {self.args.steps} "
+                    f"({self.resumed_from.name}): {describe_settings(self.args)}"
+                )
         self.progress = tqdm(
             total=self.args.steps, initial=self.position.step, disable=not self.main, dynamic_ncols=True, desc="train"
         )
@@ -224,8 +233,7 @@ class Run:
             if out_of_time:
                 self._stop_for_time()
         except KeyboardInterrupt:
-            self._stop_for_interrupt()
-            raise
+            raise Interrupted(self._stop_for_interrupt()) from None
 
     def _steps(self, stop: StopAtBoundary) -> bool:
         """The steps; True if --max-minutes ran out first."""
@@ -345,56 +353,59 @@ class Run:
         if self.main and self.shown is not None and not self._picture_path().exists():
             self._picture()
 
-    def _stop_for_interrupt(self) -> None:
+    def _stop_for_interrupt(self) -> str:
         """Nothing lost on Ctrl-C, and nothing wrong kept: the state of the last step boundary is
         checkpointed (it is finite: it was just checked, or is one step past a finite check,
-        which the next log will catch on resume), unless a checkpoint of it is already written."""
+        which the next log will catch on resume), unless a checkpoint of it is already written.
+        Returns what was kept, in words."""
         step, saved = self.position.step, self.saved_step
         if self.train_step.updating:
             where = f"the last checkpoint is of step {saved}" if saved is not None else "no checkpoint was written"
-            if self.main:
-                tqdm.write(f"interrupted during the update of step {step + 1}; no checkpoint written ({where})")
-        elif saved == step:
-            if self.main:
-                tqdm.write(f"interrupted at step {step}, whose checkpoint is already written")
-        else:
-            if self.main:
-                tqdm.write(f"interrupted at step {step}; writing a checkpoint so --resume continues here")
+            return f"during the update of step {step + 1}; no checkpoint written ({where})"
+        if saved != step:
             self.checkpoint()
+        return f"at step {step}, whose checkpoint is kept in {self.ckpt_dir}; --resume continues here"
 
 
-def setup(args: TrainArgs) -> Run:
+def setup(args: TrainArgs, given: frozenset[str] | None = None) -> Run:
     """The run `args` asks for: arguments, data and the checkpoint to resume checked, the model,
-    optimizer and loader made and restored; nothing in the run folder written yet. Raises
-    UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
+    optimizer and loader made and restored; nothing in the run folder written yet. With
+    --resume, the settings not in `given` (the TrainArgs fields a command line gave; None: all)
+    are the run's. Raises UsageError / CheckpointError / DatasetFormatError on what it cannot use."""
     from gqn_fast.data.builtin import builtin_dataset
     from gqn_fast.data.folder import inspect_folder, open_dataset
     from gqn_fast.data.loader import make_loader
 
+    ckpt_dir = Path(args.out) / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    state = None
+    if args.resume and existing:
+        state = load_checkpoint(existing[-1])
+        check_resumable(state, existing[-1])
+        args = settings_from_run(args, state.get("train", {}), given)
     check_args(args)
     if args.data:  # stored absolute, so a resume or an eval from another folder finds it
         args = dataclasses.replace(args, data=str(Path(args.data).resolve()))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args.device)
-    if args.max_minutes is not None and world > 1:
-        raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
-    ckpt_dir = Path(args.out) / "checkpoints"
-    config = GQNConfig.preset(args.preset)
-
-    existing = list_checkpoints(ckpt_dir)
     if existing and not args.resume:
         raise CheckpointError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or another --out")
     if args.resume and not existing:
         raise UsageError(
             f"--resume: {ckpt_dir} holds no checkpoint to resume from; leave out --resume to start a new run there"
         )
-    state = None
-    if args.resume:
-        state = load_checkpoint(existing[-1])
-        check_resumable(state, existing[-1])
+    config = GQNConfig.preset(args.preset)
+    if state is not None:
         check_resume_settings(state.get("train", {}), args, existing[-1])
         check_compatible(state, config, existing[-1])
+        if state["step"] >= args.steps:
+            raise UsageError(
+                f"--steps: the run is at step {state['step']} already ({existing[-1]}); "
+                f"pass a larger --steps to train further"
+            )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    if args.max_minutes is not None and world > 1:
+        raise UsageError("--max-minutes: a single-process run only (several processes would stop at different steps)")
 
     data_root = Path(args.data) if args.data else builtin_dataset("rooms", scenes=args.builtin_scenes)
     found = inspect_folder(data_root, args.dataset)
@@ -467,12 +478,12 @@ def setup(args: TrainArgs) -> Run:
     )
 
 
-def train(args: TrainArgs, **parts) -> torch.nn.Module:
-    """Train per `args`; returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
+def train(args: TrainArgs, given: frozenset[str] | None = None, **parts) -> torch.nn.Module:
+    """Train per `args` (with --resume, the settings not in `given` are the run's: see setup); returns the (unwrapped) model. Raises TrainingDiverged on NaN/inf,
     UsageError / CheckpointError / DatasetFormatError on arguments, runs or data it cannot use
     (all checked before anything in the run folder is written). parts: fields of the Run to give
     it (its learning_rate schedule, its clock)."""
-    run = dataclasses.replace(setup(args), **parts)
+    run = dataclasses.replace(setup(args, given), **parts)
     try:
         run.start()
         run.loop()
@@ -584,10 +595,7 @@ def run_command(ns: argparse.Namespace) -> int:
     """Errors a user can fix (gqn_fast.errors.UserError, OSError) reach gqn_fast.cli as one line."""
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     try:
-        train(args)
-    except KeyboardInterrupt:
-        return 130
-    else:
+        train(args, given=ns.given_options)
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = Path(args.out)
             last = list_checkpoints(out / "checkpoints")

@@ -100,6 +100,31 @@ def allowed_changes(args: TrainArgs) -> list[str]:
     return [name.strip().replace("_", "-") for name in args.allow_change.split(",") if name.strip()]
 
 
+# Where the run is and how to resume it: never taken from the run's saved settings.
+NOT_FROM_RUN = ("out", "resume", "allow_change")
+DATA_FIELDS = ("data", "builtin_scenes")  # together they name the data: given, or taken, as one
+
+
+def settings_from_run(args: TrainArgs, saved: dict, given: frozenset[str] | None) -> TrainArgs:
+    """`args` with every setting the command line did not give (`given`: TrainArgs field names;
+    None: all given, as a TrainArgs from Python is) taken from the run's saved `saved`, so that
+    `--resume` alone continues the run as it was."""
+    if given is None:
+        return args
+    keep = set(given) | set(NOT_FROM_RUN)
+    if keep & set(DATA_FIELDS):
+        keep |= set(DATA_FIELDS)
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    return dataclasses.replace(args, **{k: v for k, v in saved.items() if k in fields and k not in keep})
+
+
+def describe_settings(args: TrainArgs) -> str:
+    """The settings that change a run's result, in words: "small preset, batch 8, ..."."""
+    now = dataclasses.asdict(args)
+    rest = [f"{name} {read(now)}" for name, read in RESULT_SETTINGS.items() if name not in ("preset", "data")]
+    return ", ".join([f"{args.preset} preset", *rest]) + f"; data: {_data_setting(now)}"
+
+
 def check_resume_settings(saved: dict, args: TrainArgs, path: Path) -> None:
     """Refuse to resume with a setting that changes the result unless --allow-change names it."""
     allowed = allowed_changes(args)

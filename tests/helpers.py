@@ -64,3 +64,56 @@ class HostReads(TorchDispatchMode):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
             self.reads += 1
         return func(*args, **(kwargs or {}))
+
+
+def interrupt_when(argv, ready, env=None, timeout=120):
+    """Runs `argv` in a process group of its own and, once `ready(process)` holds, sends SIGINT to
+    the whole group, as a terminal's Ctrl-C does (workers included); returns (exit code, stdout,
+    stderr) once it exits. Fails if it ends before it is ready, or if a process of its group
+    (a worker) outlives it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready(process):
+            assert process.poll() is None, ("ended before the Ctrl-C", process.communicate())
+            assert time.monotonic() < deadline, "never got to the point of the Ctrl-C"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a process of the group outlived the Ctrl-C"
+        time.sleep(0.05)
+    return process.returncode, out, err
+
+
+def ctrl_c_at_module_call(monkeypatch, call: int) -> None:
+    """A real SIGINT to this process at the `call`-th call of any torch module (a layer of the
+    model at work): a Ctrl-C in the middle of a command's computation."""
+    import os
+    import signal
+
+    real, calls = torch.nn.Module.__call__, []
+
+    def signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", signalled)

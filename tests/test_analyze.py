@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rms, random_scene_batch, rel_rms, tiny_config
+from helpers import assert_close_rms, ctrl_c_at_module_call, random_scene_batch, rel_rms, tiny_config
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 from gqn_fast import analyze, cli, evaluate
@@ -262,3 +262,20 @@ def test_bad_arguments_get_one_line(run, capsys, argv, message):
     assert cli.main(["analyze", argv[0], str(ckpt), "--device", "cpu", *argv[1:]]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"gqn-fast analyze: error: {message}") and err.count("\n") == 1
+
+
+def test_ctrl_c_during_an_analysis_is_one_line_and_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    _, ckpt = run
+    ctrl_c_at_module_call(monkeypatch, 5)
+    out = tmp_path / "algebra"
+    argv = ["analyze", "algebra", str(ckpt), "--triples", "1", "--samples", "1", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "gqn-fast analyze: interrupted: nothing written"
+    assert not out.exists()
+
+
+def test_the_tsne_title_shows_the_accuracies_as_the_json_holds_them():
+    result = dict(scenes=48, subsets=5, views=2, step=7)
+    result["nearest_neighbour_accuracy"] = dict(r=239 / 240, pixels=0.5, chance=4 / 239)
+    title = analyze.tsne_title(result)
+    assert "accuracy r 0.995833, pixels 0.5, chance 0.0167364" in title, title

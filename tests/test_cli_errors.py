@@ -3,6 +3,7 @@ leaves the run folder as it was: no traceback, nothing half-written, no config o
 
 import argparse
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,14 @@ def test_an_allowed_change_resumes(dataset, run, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["train"]["batch"] == 3
 
 
+def test_resume_of_a_finished_run_asks_for_more_steps(run, capsys):
+    before = snapshot(run)
+    assert_one_line_error(
+        capsys, ["train", "--out", str(run), "--resume"], "--steps: the run is at step 1 already", "a larger --steps"
+    )
+    assert snapshot(run) == before
+
+
 def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert_one_line_error(
@@ -325,3 +334,72 @@ def test_one_error_type_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr("gqn_fast.data.commands._show", bug)
     with pytest.raises(ValueError, match="an internal mistake"):
         cli.main(["data", "show", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--preset", "nope"], "gqn-fast train: error: argument --preset: invalid choice: 'nope'"),
+        (["train", "--preset", "smal"], "(did you mean small?)"),
+        (["train", "--steps", "abc"], "gqn-fast train: error: argument --steps: invalid int value: 'abc'"),
+        (["train", "--stpes", "100"], "gqn-fast train: error: unrecognized argument --stpes (did you mean --steps?)"),
+        (["train", "--steps"], "gqn-fast train: error: argument --steps: expected one argument"),
+        (["data", "make", "rooms"], "gqn-fast data make: error: the following arguments are required: --out"),
+        (["data", "make", "room", "--out", "x"], "argument family: invalid choice: 'room'"),
+        (["eval", "a.pt", "b.pt"], "gqn-fast eval: error: unexpected argument 'b.pt'"),
+        (["analyze", "tsne", "a.pt", "--scene", "3", "--sbusets", "2"], "--sbusets (did you mean --subsets?)"),
+        (["trian", "--steps", "1"], "gqn-fast: error: argument command: invalid choice: 'trian'"),
+    ],
+)
+def test_a_command_line_the_parser_cannot_read_is_one_line(capsys, argv, expected):
+    """Exit 1 and one line naming the command and the argument (with the choices, and the
+    nearest flag or choice when one is close), not the usage and exit 2."""
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert expected in captured.err, captured.err
+    if "invalid choice" in expected:
+        assert "(choose from " in captured.err
+
+
+def test_a_bad_flag_is_one_line_from_a_real_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "gqn_fast", "train", "--stpes", "100"], capture_output=True, text=True
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "gqn-fast train: error: unrecognized argument --stpes (did you mean --steps?)\n"
+
+
+MALLOC_PROBE = """
+import sys
+from gqn_fast import cli
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) // 1024  # MiB
+
+sys.argv = ["gqn-fast", "--help"]
+try:
+    cli.main() if sys.argv[1:] and "{how}" == "program" else cli.main(["--help"])
+except SystemExit:
+    pass
+before = rss()
+for _ in range(3):
+    block = bytearray(16 * 2**20)  # freed at once: glibc's default keeps the later ones in its heap
+    del block
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc (mallopt) on Linux")
+def test_the_program_gives_freed_memory_back_as_the_bench_measures_it():
+    """The `gqn-fast` program's process (cli.main() without argv) has the bench's malloc setting
+    (gqn_fast.malloc), so the bench's peak memory is what a command's process gets; a call from
+    Python (cli.main(argv)) leaves its process as it is, with glibc's default that keeps it."""
+    retained = {}
+    for how in ("program", "python"):
+        probe = subprocess.run(
+            [sys.executable, "-c", MALLOC_PROBE.replace("{how}", how)], capture_output=True, text=True, check=True
+        )
+        retained[how] = int(probe.stdout.strip().splitlines()[-1])
+    assert retained["program"] <= 1 and retained["python"] >= 15, retained

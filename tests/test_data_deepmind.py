@@ -29,6 +29,7 @@ from deepmind_files import (
     smooth_images,
     write_dataset,
 )
+from helpers import interrupt_when
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -872,3 +873,39 @@ def test_killing_the_converter_stops_its_workers(tmp_path):
     convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", workers=1, progress=False)
     convert_deepmind(src, tmp_path / "clean", "rooms_ring_camera", workers=1, progress=False)
     assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "clean")
+
+
+SLOW_COMMAND = """
+import sys, time
+import gqn_fast.data.deepmind as deepmind
+from gqn_fast.cli import main
+real = deepmind.decode_scene
+deepmind.decode_scene = lambda *args: time.sleep(0.5) or real(*args)  # inherited by the forked workers
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_ctrl_c_stops_the_converter_in_one_line_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C to the converter and its workers (a terminal's process group): one line saying what
+    was kept, exit 130, no worker's traceback or process left, and the same command finishes
+    to the bytes of a clean run."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_dataset(src, "rooms_ring_camera", "train", [2, 2, 2, 2], seed=16)
+    write_dataset(src, "rooms_ring_camera", "test", [1], seed=17)
+    argv = ["data", "convert-deepmind", str(src), str(out), "--dataset", "rooms_ring_camera", "--workers", "2"]
+    started = []
+
+    def working(process):
+        if not started and len(_children(process.pid)) >= 2:
+            started.append(time.monotonic())
+        return started and time.monotonic() > started[0] + 1.5  # some files done, others half written
+
+    code, stdout, err = interrupt_when([sys.executable, "-c", SLOW_COMMAND, *argv, "--quiet"], working)
+    assert (code, stdout) == (130, "")
+    line = err.strip()
+    assert "\n" not in line and line.startswith("gqn-fast data convert-deepmind: interrupted: the files converted"), err
+    assert line.endswith(f"in this run) are kept in {out}, each whole; the same command resumes"), err
+    assert main([*argv, "--quiet"]) == 0
+    convert_deepmind(src, tmp_path / "clean", "rooms_ring_camera", workers=1, progress=False)
+    assert _snapshot(out) == _snapshot(tmp_path / "clean")

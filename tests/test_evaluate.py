@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import ctrl_c_at_module_call
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 from gqn_fast import cli, evaluate
@@ -263,3 +264,12 @@ def test_the_published_model_loads_and_predicts():
     fast, plain = model.generate(x, v, qv, noise=noise), reference.generate(x, v, qv, noise=noise)
     assert fast.shape == (2, 3, 64, 64) and torch.isfinite(fast).all()
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_during_eval_is_one_line_and_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    _, ckpt = run
+    ctrl_c_at_module_call(monkeypatch, 5)
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(ckpt), "--scenes", "3", "--device", "cpu", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "gqn-fast eval: interrupted: nothing written"
+    assert not out.exists()

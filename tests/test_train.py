@@ -145,6 +145,35 @@ def _ctrl_c_run(dataset, tmp_path, straight, monkeypatch, inherited):
     assert_same_state(last_state(out), straight)
 
 
+def test_resume_with_only_out_continues_the_run_as_it_was(dataset, tmp_path, straight, monkeypatch, capsys):
+    """`gqn-fast train --out X --resume` alone takes every setting from the run (its data, batch,
+    max-context, steps, ...): a run stopped by Ctrl-C after step 2 so resumed ends bit for bit
+    where the unstopped run ends, and says in one line what it resumes."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(dataset), "--steps", "4", "--batch", "3", "--max-context", "3", "--out", str(out)]
+    argv += ["--log-every", "1", "--image-every", "1000", "--checkpoint-every", "4", "--keep", "2", "--device", "cpu"]
+    backward, calls = torch.Tensor.backward, []
+
+    def signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    assert cli.main(argv) == 130
+    monkeypatch.undo()
+    assert last_state(out)["step"] == 2
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert (
+        f"resuming {out} at step 2 of 4 (step-00000002.pt): small preset, sigma-steps 200000, batch 3, "
+        f"max-context 3, impl fast, precision fp32, seed 0; data: {dataset.resolve()}\n" in said
+    ), said
+    assert_same_state(last_state(out), straight)
+
+
 def test_resume_after_a_kill_cleans_up_and_logs_each_step_once(dataset, tmp_path, straight):
     """A kill after step 4 was logged, while its checkpoint was being written: the resume from
     step 2 removes the half-written file and the log's records of steps 3 and 4, then is exact."""
@@ -403,7 +432,9 @@ def test_the_train_command_says_where_its_results_went(dataset, tmp_path, capsys
         )
         == 0
     )
-    said = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len([line for line in lines if line.startswith("wrote ")]) == 1, lines  # once, last
+    said = lines[-1]
     assert said == (
         f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
         f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}"

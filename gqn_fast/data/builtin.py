@@ -24,8 +24,8 @@ from gqn_fast.data.camera import FOV_DEGREES
 from gqn_fast.data.catalog import DEFAULT_SCENES, DEFAULT_SEED, TEST_FRACTION
 from gqn_fast.data.format import SPLITS, SplitWriter, open_split
 from gqn_fast.data.scenes import check_holdout, get_family, render_scenes
-from gqn_fast.data.workers import default_workers, process_context
-from gqn_fast.errors import UsageError, check_count
+from gqn_fast.data.workers import default_workers, worker_pool
+from gqn_fast.errors import Interrupted, UsageError, check_count
 
 # Scenes per task: a few hundred images, enough to amortise the renderer's set-up.
 CHUNK_SCENES = 32
@@ -89,7 +89,7 @@ def _write_splits(
     try:
         if on_cpu:
             # A forked child is safe with torch because _worker_init drops it to one thread.
-            with process_context().Pool(workers, initializer=_worker_init) as pool:
+            with worker_pool(workers, initializer=_worker_init) as pool:
                 for images in pool.imap_unordered(_render_chunk, tasks):
                     bar.update(images)
         else:
@@ -155,6 +155,9 @@ def make_dataset(
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Interrupted(f"nothing kept: {out} was not written (its partial files are removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,8 +66,8 @@ from gqn_fast.data.format import (
 )
 from gqn_fast.data.resize import area_resize
 from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
-from gqn_fast.data.workers import process_context, worker_init
-from gqn_fast.errors import UsageError
+from gqn_fast.data.workers import worker_pool
+from gqn_fast.errors import Interrupted, UsageError
 
 PARTS = ".parts"
 
@@ -280,7 +280,7 @@ def _run(todo: list, workers: int, bar) -> None:
             bar.update(1)
         return
     # Leaving the block terminates the workers, also on an error or Ctrl-C.
-    with process_context().Pool(min(workers, len(todo)), initializer=worker_init, initargs=(os.getpid(),)) as pool:
+    with worker_pool(min(workers, len(todo))) as pool:
         for _ in pool.imap_unordered(_convert_task, todo):
             bar.update(1)
 
@@ -454,7 +454,13 @@ def convert_deepmind(
         todo += [(task, name, skip_corrupt) for task in tasks[split] if _read_done(split_dir, task.source) is None]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     with tqdm(total=len(todo), unit="file", desc=f"{name} -> {out.name}", disable=not progress) as bar:
-        _run(todo, workers, bar)
+        try:
+            _run(todo, workers, bar)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"the files converted so far ({bar.n} in this run) are kept in {out}, each whole; "
+                f"the same command resumes"
+            ) from None
     label = (
         f"DeepMind gqn-datasets {name}"
         if info.image_size == IMAGE_SIZE

@@ -35,7 +35,7 @@ from gqn_fast.data.catalog import DeepMindDataset
 from gqn_fast.data.deepmind import empty_file_error, expected_names, scene_features, split_files
 from gqn_fast.data.format import DatasetFormatError
 from gqn_fast.data.tfrecord import CorruptRecordError, scan_frames
-from gqn_fast.data.workers import default_workers, process_context, worker_init
+from gqn_fast.data.workers import default_workers, worker_pool
 
 INDEX_VERSION = 1
 MAGIC = b"GQNRIDX1"
@@ -103,7 +103,7 @@ def _scans(files: list[Path], info: DeepMindDataset, workers: int):
         yield from (_scan_file(path, info) for path in files)
         return
     # Leaving the block terminates the workers, also on an error or Ctrl-C.
-    with process_context().Pool(min(workers, len(files)), initializer=worker_init, initargs=(os.getpid(),)) as pool:
+    with worker_pool(min(workers, len(files))) as pool:
         yield from pool.imap(_scan_task, [(path, info) for path in files])
 
 
