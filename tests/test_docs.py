@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gqn_fast.cli import build_parser
+from gqn_fast.cli import ArgumentsError, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -137,6 +137,9 @@ def command_problems(text: str, parser: argparse.ArgumentParser) -> list[str]:
         try:
             with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
                 parser.parse_args(args)
+        except ArgumentsError as error:
+            problems.append(f"{command}: {error}")
+            continue
         except SystemExit:
             message = stderr.getvalue().strip().splitlines()
             problems.append(f"{command}: {message[-1] if message else 'exits'}")
