@@ -191,6 +191,48 @@ def patch_transposed_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return image + bias.view(1, -1, 1, 1)
 
 
+def image_logits(states: list[torch.Tensor], upsamples, observation, shared: bool) -> torch.Tensor:
+    """observation(u_L), u_L = sum_l upsamples_l(h_l) (a canvas the states draw on, one convT k4 s4
+    per core: one for all states when `shared`), from the states alone: u is never built."""
+    up = [(conv.weight, conv.bias) for conv in upsamples]
+    if shared:
+        ((up_w, up_b),) = up
+        weight, bias = observation_after_upsample(observation.weight, up_w, up_b)
+        h = states[0]
+        for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
+            h = h + state
+        bias = len(states) * bias
+    else:
+        folded = [observation_after_upsample(observation.weight, w, b) for w, b in up]
+        weight = torch.cat([w for w, _ in folded])
+        bias = torch.stack([b for _, b in folded]).sum(0)
+        h = torch.cat(states, dim=1)
+    return patch_transposed_conv(h, weight, bias + observation.bias)
+
+
+def gates(preact, c, constant=None, *, custom_ops: bool):
+    """A ConvLSTM cell's gate math on preact (+ constant): the gate op (kernels.lstm_gates) with
+    custom_ops (where Triton runs, which reads the constant in its own pass). On the CPU's PyTorch
+    path, the op's own PyTorch form differentiated by autograd, which keeps the activations where
+    the op's backward recomputes them: a third of the elementwise passes, on a CPU where they are
+    slow and memory is plentiful; the constant is added in place there (preact: a fresh conv
+    output)."""
+    if custom_ops:  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
+        return lstm_gates(preact, c, constant)
+    if constant is not None:
+        preact = preact.add_(constant)
+    return lstm_gates_torch(preact.to(c.dtype), c)
+
+
+def sample_kl(mu_q, s_q, mu_p, s_p, eps, *, custom_ops: bool):
+    """The posterior sample and its KL: the fused op (kernels.posterior_sample_kl) with custom_ops;
+    on the CPU's PyTorch path its PyTorch form through autograd, as `gates` (the op's dispatch and
+    recomputing backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
+    if custom_ops:
+        return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
+    return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+
+
 class SceneInput:
     """What every core reads unchanged at every step: v_q and r, in the runs of scene_runs.
 
@@ -454,20 +496,8 @@ class GQN(reference.GQN):
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
-        up = [(core.upsample_h.weight, core.upsample_h.bias) for core in self.generator_cores]
-        if self.config.share_cores:
-            ((up_w, up_b),) = up
-            weight, bias = observation_after_upsample(self.observation.weight, up_w, up_b)
-            h = states[0]
-            for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
-                h = h + state
-            bias = len(states) * bias
-        else:
-            folded = [observation_after_upsample(self.observation.weight, w, b) for w, b in up]
-            weight = torch.cat([w for w, _ in folded])
-            bias = torch.stack([b for _, b in folded]).sum(0)
-            h = torch.cat(states, dim=1)
-        return patch_transposed_conv(h, weight, bias + self.observation.bias)
+        upsamples = [core.upsample_h for core in self.generator_cores]
+        return image_logits(states, upsamples, self.observation, self.config.share_cores)
 
     # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
     # over it contributes nothing and is skipped, in the three places that read an h (_prior,
@@ -519,24 +549,10 @@ class GQN(reference.GQN):
         return self._gates(preact.add_(constant), c)
 
     def _gates(self, preact, c, constant=None):
-        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
-        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
-        differentiated by autograd, which keeps the activations where the op's backward
-        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
-        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
-            return lstm_gates(preact, c, constant)
-        if constant is not None:
-            preact = preact.add_(constant)
-        return lstm_gates_torch(preact.to(c.dtype), c)
+        return gates(preact, c, constant, custom_ops=self._uses_custom_ops(c))
 
     def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
-        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
-        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
-        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
-        if self._uses_custom_ops(mu_q):
-            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
-        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+        return sample_kl(mu_q, s_q, mu_p, s_p, eps, custom_ops=self._uses_custom_ops(mu_q))
 
     def _zeros(self, batch, like):
         return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
