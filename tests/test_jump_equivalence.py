@@ -105,7 +105,7 @@ def test_triton_path_matches_reference_under_interpreter(config, seed):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_reference(monkeypatch):
+def test_jump_cuda_matches_reference(monkeypatch):
     """On a GPU in strict fp32 (TF32 off), the jump-small preset with a target set of 3."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
