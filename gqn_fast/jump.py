@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.constant_conv import constant_conv
-from gqn_fast.kernels import pixel_nll, use_triton
+from gqn_fast.kernels import pixel_nll
 from gqn_fast.model import (
+    CPU_CORE_LAYOUTS,
     CUSTOM_OPS,
+    FastPaths,
     _standard_normal,
-    _sum_views,
     gates,
     group_of,
     image_logits,
@@ -42,7 +43,6 @@ from gqn_fast.model import (
 )
 from gqn_fast.reference import jump as reference
 from gqn_fast.reference.jump import as_target_set
-from gqn_fast.representation import represent
 
 ELBO = reference.ELBO
 
@@ -69,30 +69,25 @@ def scene_share(r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(r, weight, padding=weight.shape[-1] // 2)
 
 
-class JUMP(reference.JUMP):
+class JUMP(FastPaths, reference.JUMP):
     """The fast Consistent GQN. Constructor, methods, outputs and parameter names as the reference's.
 
+    Choices, keyword arguments of the constructor (not in the state_dict), as gqn_fast.GQN's:
     custom_ops: "auto": the gate and posterior ops where the Triton kernels run, their PyTorch form
         through autograd elsewhere; "always": the ops everywhere (on the CPU their own PyTorch path).
+    cpu_core_layout: the cores' activations on the CPU's PyTorch path: "auto" (channels-last for
+        cells of at most model.CHANNELS_LAST_MAX_GATES gate channels), "channels_last" or "contiguous".
     """
 
-    def __init__(self, config=None, *, custom_ops: str = "auto"):
+    def __init__(self, config=None, *, custom_ops: str = "auto", cpu_core_layout: str = "auto"):
         super().__init__(config)
-        if custom_ops not in CUSTOM_OPS:
-            raise ValueError(f"custom_ops: expected one of {CUSTOM_OPS}, got {custom_ops!r}")
-        self.custom_ops = custom_ops
-
-    def _custom(self, t: torch.Tensor) -> bool:
-        return self.custom_ops == "always" or use_triton(t)
-
-    def _representation(self, x, v) -> torch.Tensor:
-        """The sum over each scene's views x [B, N, 3, 64, 64], v [B, N, 7] of psi(x, v), untiled
-        (1x1 with pool and pyramid), contiguous."""
-        B, N = x.shape[:2]
-        x = x.flatten(0, 1)
-        if x.device.type == "cpu" and not use_triton(x):
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
-        return _sum_views(represent(self.representation, x, v.flatten(0, 1)), B, N).contiguous()
+        for name, value, allowed in (
+            ("custom_ops", custom_ops, CUSTOM_OPS),
+            ("cpu_core_layout", cpu_core_layout, CPU_CORE_LAYOUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        self.custom_ops, self.cpu_core_layout = custom_ops, cpu_core_layout
 
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
@@ -101,11 +96,15 @@ class JUMP(reference.JUMP):
         """core's Cell: its weight split by runs (the first run the unchanged inputs, the last the
         step's), `constant_share(pieces)` plus the bias as the constant."""
         conv = core.cell.conv
-        pieces = split_runs(conv.weight, core.layout, runs)
+        channels_last = self._cores_channels_last(conv.weight)
+        # Channels-last pieces' gradients come back channels-last: written straight into a contiguous one.
+        pieces = split_runs(conv.weight, core.layout, runs, contiguous_grad=channels_last)
         step_weight = pieces[runs[-1]]
+        if self.config.share_cores and channels_last:  # read L times: one copy saves oneDNN a reorder a call
+            step_weight = step_weight.contiguous(memory_format=torch.channels_last)
         first_weight = None if first is None else group_of(step_weight, runs[-1], core.layout, first)
         # Not in place: a closed form's output may be a view.
-        return Cell(step_weight, first_weight, constant_share(pieces) + conv.bias.view(-1, 1, 1))
+        return Cell(step_weight, first_weight, self._core_layout(constant_share(pieces) + conv.bias.view(-1, 1, 1)))
 
     def _cells(self, cores, make) -> list[Cell]:
         """Each step's Cell: one per core, made once per forward."""
@@ -116,12 +115,15 @@ class JUMP(reference.JUMP):
     def _step(self, cell: Cell, x, c, first: bool):
         """(h, c') of one step: the step inputs x convolved (on the first step, x is what the first
         weight reads, or None for nothing), then the gates with the hoisted constant."""
-        custom = self._custom(c)
+        custom = self._uses_custom_ops(c)
         if x is None:  # the preactivation is the constant alone (not added to in place: it is reused)
             return gates(cell.constant, c, custom_ops=custom)
         weight = cell.first_weight if first else cell.step_weight
-        preact = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
-        return gates(preact, c, cell.constant, custom_ops=custom)
+        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
+        if self.config.share_cores:  # the constant lives through the L steps anyway: the gates read it
+            return gates(preact, c, cell.constant, custom_ops=custom)
+        # Read by this step alone: added in place, so that the gate op saves no copy of it.
+        return gates(preact.add_(cell.constant), c, custom_ops=custom)
 
     def _latent(self, r, noise, r_posterior=None):
         c = self.config
@@ -136,8 +138,7 @@ class JUMP(reference.JUMP):
                 self.inference_cores,
                 lambda core: self._cell(core, INFERENCE_RUNS, lambda p: scene_share(r_posterior, p[("r",)]), "h_g"),
             )
-        zeros = r.new_zeros(B, c.hidden, GRID_SIZE, GRID_SIZE)
-        c_g = c_e = zeros
+        c_g = c_e = self._core_layout(r.new_zeros(B, c.hidden, GRID_SIZE, GRID_SIZE))
         h_g = h_e = z = None  # zero states and z_0 = 0
         zs, kls = [], []
         for step in range(c.L):
@@ -151,8 +152,10 @@ class JUMP(reference.JUMP):
                 x = h_g if h_e is None else torch.cat([h_g, h_e], dim=1)
                 h_e, c_e = self._step(inference[step], x, c_e, first=h_e is None)
                 mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
-                eps = _standard_normal(mu_q) if noise is None else noise[step]
-                z, kl = sample_kl(mu_q, s_q, mu_p, s_p, eps, custom_ops=self._custom(mu_q))
+                # In the state's dtype: under autocast the heads' outputs are bf16, and bf16 draws coarse.
+                eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
+                gaussians = (t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps))
+                z, kl = sample_kl(*gaussians, custom_ops=self._uses_custom_ops(h_e))
                 kls.append(kl)
             zs.append(z)
         return torch.cat(zs, dim=1), torch.stack(kls, dim=1) if kls else None
@@ -169,7 +172,7 @@ class JUMP(reference.JUMP):
             return (z_share[:, None] + v_share).flatten(0, 1)
 
         cells = self._cells(self.renderer_cores, lambda core: self._cell(core, RENDERER_RUNS, share, None))
-        h, c_d = None, z.new_zeros(B * K, c.hidden, GRID_SIZE, GRID_SIZE)
+        h, c_d = None, self._core_layout(z.new_zeros(B * K, c.hidden, GRID_SIZE, GRID_SIZE))
         states = []
         for step in range(c.L):
             h, c_d = self._step(cells[step], h, c_d, first=False)
@@ -190,6 +193,6 @@ class JUMP(reference.JUMP):
         z, kl = self._latent(r, noise, r_posterior)
         logits = self._render_logits(z, targets_v)
         # A scene's targets as the channels of one sample: the NLL's per-sample sum is the scene's.
-        nll = pixel_nll(targets_x.flatten(1, 2), logits.view(B, K * 3, *logits.shape[2:]), sigma)
+        nll = pixel_nll(targets_x.flatten(1, 2), logits.view(B, K * 3, *logits.shape[2:]).to(targets_x.dtype), sigma)
         loss = (nll + kl.sum(dim=1)).mean()
         return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits).view_as(query_x))

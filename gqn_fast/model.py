@@ -354,7 +354,47 @@ class CanvasView:
         self.pending = shares if self.pending is None else self.pending + shares
 
 
-class GQN(reference.GQN):
+class FastPaths:
+    """What the fast models share (gqn_fast.GQN, gqn_fast.jump.JUMP): where their ops run, the
+    layout of their cores, their representation net's call. For a model with `config`,
+    `representation` and the choices `custom_ops` and `cpu_core_layout` (GQN's constructor
+    documents them)."""
+
+    @staticmethod
+    def _pytorch_cpu(t: torch.Tensor) -> bool:
+        """True on the CPU's PyTorch path, where oneDNN runs the convs."""
+        return t.device.type == "cpu" and not use_triton(t)
+
+    def _uses_custom_ops(self, t: torch.Tensor) -> bool:
+        return self.custom_ops == "always" or use_triton(t)
+
+    def _cores_channels_last(self, t: torch.Tensor) -> bool:
+        if not self._pytorch_cpu(t):
+            return False
+        if self.cpu_core_layout == "auto":
+            return 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
+        return self.cpu_core_layout == "channels_last"
+
+    def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """An input of the cores' convs in the layout they read fastest (cpu_core_layout): oneDNN
+        converts any other on every call. Unchanged where the Triton kernels run."""
+        if not self._pytorch_cpu(t):
+            return t
+        if self._cores_channels_last(t):
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.contiguous()
+
+    def _representation(self, context_x, context_v) -> torch.Tensor:
+        """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
+        B, M = context_x.shape[:2]
+        x = context_x.flatten(0, 1)
+        if self._pytorch_cpu(x):
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
+        r_k = represent(self.representation, x, context_v.flatten(0, 1))
+        return self._core_layout(_sum_views(r_k, B, M))
+
+
+class GQN(FastPaths, reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
     Choices, keyword arguments of the constructor (not in the state_dict; fixed for the model's
@@ -400,39 +440,6 @@ class GQN(reference.GQN):
                 raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
         self.fused_cells, self.backward_convs, self.gates_in_one_dot = fused_cells, backward_convs, gates_in_one_dot
         self.cpu_core_layout, self.custom_ops = cpu_core_layout, custom_ops
-
-    @staticmethod
-    def _pytorch_cpu(t: torch.Tensor) -> bool:
-        """True on the CPU's PyTorch path, where oneDNN runs the convs."""
-        return t.device.type == "cpu" and not use_triton(t)
-
-    def _uses_custom_ops(self, t: torch.Tensor) -> bool:
-        return self.custom_ops == "always" or use_triton(t)
-
-    def _cores_channels_last(self, t: torch.Tensor) -> bool:
-        if not self._pytorch_cpu(t):
-            return False
-        if self.cpu_core_layout == "auto":
-            return 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
-        return self.cpu_core_layout == "channels_last"
-
-    def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
-        """An input of the cores' convs in the layout they read fastest (cpu_core_layout): oneDNN
-        converts any other on every call. Unchanged where the Triton kernels run."""
-        if not self._pytorch_cpu(t):
-            return t
-        if self._cores_channels_last(t):
-            return t.contiguous(memory_format=torch.channels_last)
-        return t.contiguous()
-
-    def _representation(self, context_x, context_v) -> torch.Tensor:
-        """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
-        B, M = context_x.shape[:2]
-        x = context_x.flatten(0, 1)
-        if self._pytorch_cpu(x):
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
-        r_k = represent(self.representation, x, context_v.flatten(0, 1))
-        return self._core_layout(_sum_views(r_k, B, M))
 
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)

@@ -61,12 +61,14 @@ def compare(config, batch, views, targets, seed, dtype=torch.float64, device="cp
     targets=st.sampled_from([None, 1, 2]),
     seed=st.integers(0, 2**16),
     custom_ops=st.sampled_from(["auto", "always"]),
+    layout=st.sampled_from(["channels_last", "contiguous"]),
 )
 @settings(max_examples=8, deadline=None)
-def test_cpu_path_matches_reference_in_float64(config, batch, views, targets, seed, custom_ops):
+def test_cpu_path_matches_reference_in_float64(config, batch, views, targets, seed, custom_ops, layout):
     """Every output and gradient within 1e-10 of the oracle: the ops' PyTorch forms through autograd
-    (auto, the CPU's default) or the custom ops with their own backward (always)."""
-    compare(config, batch, views, targets, seed, custom_ops=custom_ops)
+    (auto, the CPU's default) or the custom ops with their own backward (always), the cores'
+    activations in either layout."""
+    compare(config, batch, views, targets, seed, custom_ops=custom_ops, cpu_core_layout=layout)
 
 
 def test_small_preset_matches_reference_in_fp32():
