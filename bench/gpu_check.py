@@ -16,7 +16,7 @@ first plan (the session's one long call):
   model tests        the whole model on CUDA against the reference first, before any speed
                      (MODEL_TESTS: fp32 with TF32 off, bf16 autocast, graphed training)
                                                      model_tests.log, model_tests.xml
-  bench train_step   bench/run.py --quick at B = 36, small and paper tower, reference and
+  bench train_step   bench/run.py --quick at B = 36, small, jump-small and paper tower, reference and
                      gqn_fast, eager and CUDA-graphed, fp32 and bf16   bench/train_step/
   train run          `gqn-fast train` on the built-in rooms for a minute at B = 36: the rate a
                      user gets, against the bench's step                  train_run/, train_run.log
@@ -70,7 +70,7 @@ FIRST_BENCH, OTHER_BENCH = ["train_step"], ["kernels", "conv_cell", "representat
 # The whole-model groups' presets and providers, at B = 36. train_step: eager and CUDA-graph
 # providers only; torch.compile's take minutes to compile the paper model, and are the second
 # plan's group.
-GROUP_PRESETS = {"train_step": ["small", "paper-tower"], "compile": ["paper-tower"]}
+GROUP_PRESETS = {"train_step": ["small", "jump-small", "paper-tower"], "compile": ["paper-tower"]}
 GROUP_PROVIDERS = {
     "train_step": [
         "reference-eager",
@@ -103,7 +103,7 @@ def group_args(group: str) -> list[str]:
 GQN_FAST = [sys.executable, "-m", "gqn_fast"]
 # Whole-model correctness on CUDA, run before anything is timed (under a minute on an H100-class
 # GPU with the workers compiling in parallel); the other CUDA tests run after the numbers.
-MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed"
+MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed or jump_cuda_matches_reference"
 # The train run: the built-in rooms, small preset, B = 36, for a minute of steps (the fastest
 # mode the command offers: graphed, the default on one GPU); without a GPU, three CPU steps.
 TRAIN_RUN_ARGS = {

@@ -23,7 +23,7 @@ import torch
 from gqn_fast.reference import transform_viewpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import gqn_fast.model
+from gqn_fast import models
 
 # aten ops that only make a new view of existing memory: no kernel on any device.
 VIEW_OPS = frozenset({
@@ -54,9 +54,9 @@ class OpCounter(TorchDispatchMode):
 
 
 def on_gpu_branches(model_class, config, **choices) -> torch.nn.Module:
-    """model_class(config, **choices) as it runs on a GPU: gqn_fast.GQN with its custom ops on any
-    device (custom_ops="always"); the reference as it is."""
-    if issubclass(model_class, gqn_fast.model.GQN):
+    """model_class(config, **choices) as it runs on a GPU: a fast model (gqn_fast.GQN, gqn_fast.jump.JUMP)
+    with its custom ops on any device (custom_ops="always"); a reference as it is."""
+    if model_class is models.model_class(config, "fast"):
         choices = {**choices, "custom_ops": "always"}
     return model_class(config, **choices)
 
@@ -86,7 +86,7 @@ def meta_batch(batch: int, context_views: int = 3):
 def count_training_step(model: torch.nn.Module, batch: int) -> dict:
     """{ops, views, custom ops, autograd nodes} of model.elbo(...).loss and its backward's graph;
     the model is moved to the meta device (pass a fresh one, made by on_gpu_branches)."""
-    if isinstance(model, gqn_fast.model.GQN) and model.custom_ops != "always":
+    if getattr(model, "custom_ops", "always") != "always":  # a reference has no custom ops
         raise ValueError("model: build it with on_gpu_branches, to count the GPU's custom ops")
     model = model.to("meta")
     inputs = meta_batch(batch)

@@ -82,9 +82,11 @@ def environment(device: torch.device) -> dict:
 
 
 # What users run: the paper preset with each representation and with shared cores, and the
-# small preset (label -> config).
+# small presets, GQN's and Consistent GQN's (label -> config).
+SMALL_PRESETS = ("small", "jump-small")
 MODEL_PRESETS = {
     "small": GQNConfig.preset("small"),
+    "jump-small": GQNConfig.preset("jump-small"),
     "paper-tower": GQNConfig.preset("paper"),
     "paper-pool": GQNConfig.preset("paper", representation="pool"),
     "paper-pyramid": GQNConfig.preset("paper", representation="pyramid"),
@@ -97,8 +99,14 @@ def model_cases(device: torch.device, full: bool, presets=None, batches=None) ->
     on a CPU B = 36 only with --full (a step takes minutes there). presets, batches: the ones to
     keep (None: all)."""
     paper_batches = [4, 36] if device.type == "cuda" or full else [4]
-    cases = [("small", MODEL_PRESETS["small"], 36 if device.type == "cuda" else 8)]
-    cases += [(label, config, b) for label, config in MODEL_PRESETS.items() if label != "small" for b in paper_batches]
+    small_batch = 36 if device.type == "cuda" else 8
+    cases = [(label, MODEL_PRESETS[label], small_batch) for label in SMALL_PRESETS]
+    cases += [
+        (label, config, b)
+        for label, config in MODEL_PRESETS.items()
+        if label not in SMALL_PRESETS
+        for b in paper_batches
+    ]
     return [
         case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)
     ]

@@ -116,7 +116,8 @@ def register_train(subparsers) -> None:
         "--preset",
         choices=CHOICES["preset"],
         default=defaults.preset,
-        help="model size: small (trains on a CPU) or paper (Eslami et al. 2018)",
+        help="model size: small (trains on a CPU) or paper (Eslami et al. 2018); jump-small: Consistent GQN "
+        "(one latent per scene) at the small size",
     )
     p.add_argument(
         "--steps", type=int, default=defaults.steps, help="train until this step (counted from the run's start)"

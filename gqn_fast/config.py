@@ -63,7 +63,8 @@ class GQNConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GQNConfig:
-        """`"paper"`: Eslami et al. 2018. `"small"`: trains on a 2-core CPU in minutes."""
+        """`"paper"`: Eslami et al. 2018. `"small"`: trains on a 2-core CPU in minutes. `"jump-small"`:
+        Consistent GQN (JUMP) at the small preset's sizes."""
         if name not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -92,5 +93,16 @@ PRESETS = {
         canvas=32,
         r_dim=64,
         share_cores=True,
+    ),
+    # Consistent GQN (JUMP) at the small preset's sizes: one latent per scene, L z_dim x 16 x 16.
+    "jump-small": GQNConfig(
+        representation="tower",
+        L=6,
+        z_dim=3,
+        hidden=32,
+        canvas=32,
+        r_dim=64,
+        share_cores=True,
+        model="jump",
     ),
 }

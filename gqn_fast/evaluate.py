@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from gqn_fast.config import GRID_SIZE
+from gqn_fast.consistency import consistency_metrics, consistency_sums
+from gqn_fast.consistency import targets as consistency_targets
 from gqn_fast.devices import device_of
 from gqn_fast.errors import Interrupted, UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
@@ -165,7 +167,7 @@ def evaluate(
             }
         )
     top = curve[-1]
-    return {
+    metrics = {
         "scenes": n,
         "sigma": sigma,
         "context_views": max_context,
@@ -176,6 +178,32 @@ def evaluate(
         "prediction": top["prediction"],
         "curve": curve,
     }
+    if model.config.model == "jump":
+        latents = max(samples, 2)  # two at least: a latent is compared with an independent one
+        metrics["consistency"] = consistency(model, images, cameras, orders, max_context, batch, latents, seed, device)
+    return metrics
+
+
+@torch.no_grad()
+def consistency(model, images, cameras, orders, context: int, batch: int, latents: int, seed: int, device) -> dict:
+    """How the views drawn from one scene latent agree (gqn_fast.consistency), each scene with its
+    query and `context` views as `evaluate` drew them; noise of its own from `seed`."""
+    noise = torch.Generator().manual_seed(seed)
+    n, sums = len(orders), []
+    for start in range(0, n, batch):
+        parts = []
+        for i in range(start, min(n, start + batch)):
+            x, v, camera = scene_views(images, cameras, i, device)
+            cx, cv, _, _ = split_views(x, v, orders[i], context)
+            parts.append((cx, cv, camera[orders[i][0]]))
+        cx, cv, query_camera = (torch.stack(p) for p in zip(*parts))
+        views = consistency_targets(query_camera)
+
+        def draw(repeat, eps):
+            return model.render(model.sample_latent(repeat(cx), repeat(cv), noise=eps), repeat(views))
+
+        sums.append(consistency_sums(draw_samples(model, query_camera, latents, noise, draw)))
+    return consistency_metrics(sums, n, latents)
 
 
 def plot_curve(metrics: dict, path: Path) -> None:
@@ -332,9 +360,24 @@ def run_eval(ns: argparse.Namespace) -> int:
         f"MSE {rec['mse']:.5f}\n"
         f"  prediction (generate, {ns.samples} samples): MSE of the mean {pred['mse_mean_of_k']:.5f} "
         f"(1 view: {first['mse_mean_of_k']:.5f}), best of {ns.samples} {pred['mse_best_of_k']:.5f}\n"
-        f"wrote {out / 'metrics.json'} and {out / 'context_curve.png'}"
+        + consistency_line(metrics.get("consistency"))
+        + f"wrote {out / 'metrics.json'} and {out / 'context_curve.png'}"
     )
     return 0
+
+
+def consistency_line(metrics: dict | None) -> str:
+    """eval's printed line on a Consistent GQN's consistency (gqn_fast.consistency); '' without one."""
+    if metrics is None:
+        return ""
+    same, near = metrics["identical_view"], metrics["nearby_view"]
+    agreement = "n/a" if near["agreement"] is None else f"{near['agreement']:.3f}"
+    return (
+        f"  consistency ({metrics['latents']} latents a scene): a view rendered twice from one z differs by at most "
+        f"{same['same_z_max_abs_diff']:.2g} (from independent z's: MSE {same['independent_z_mse']:.5f}); "
+        f"turned {metrics['yaw_rad']} rad: MSE {near['same_z_mse']:.5f} from one z, "
+        f"{near['independent_z_mse']:.5f} from independent z's, agreement {agreement}\n"
+    )
 
 
 def run_sample(ns: argparse.Namespace) -> int:

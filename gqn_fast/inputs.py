@@ -156,3 +156,27 @@ def check_representation(r, query_v, r_dim: int, grid: int, vector: bool, dtype:
         raise ValueError(
             "r: expected one vector per scene, tiled (pool and pyramid); got one that varies over the grid"
         )
+
+
+def check_targets(context_x, query_v, query_x=None, dtype: torch.dtype | None = None) -> None:
+    """One query per scene as check_query takes it (query_v [B, 7], query_x [B, 3, 64, 64]), or a
+    set of K per scene (query_v [B, K, 7], query_x [B, K, 3, 64, 64]), as Consistent GQN reads
+    them; B as in the context, of `dtype` (the model's) when given."""
+    if not isinstance(query_v, torch.Tensor) or query_v.dim() != 3:
+        check_query(context_x, query_v, query_x, dtype)
+        return
+    s = IMAGE_SIZE
+    _check_tensor("query_v", query_v, 3, (VIEWPOINT_DIM,), f"[B, {VIEWPOINT_DIM}] or [B, K, {VIEWPOINT_DIM}]")
+    if query_v.shape[1] == 0:
+        raise ValueError("query_v: expected at least one target view per scene (K >= 1), got K = 0")
+    if query_x is not None:
+        _check_tensor("query_x", query_x, 5, (3, s, s), f"[B, K, 3, {s}, {s}] as query_v is [B, K, 7]")
+        if query_x.shape[:2] != query_v.shape[:2]:
+            raise ValueError(
+                f"query_x: expected [B, K] = {list(query_v.shape[:2])} as in query_v, got {list(query_x.shape[:2])}"
+            )
+    # The per-scene checks (dtype, batch size, device, values) are check_query's, on views of one target.
+    check_query(context_x, query_v[:, 0], None if query_x is None else query_x[:, 0], dtype)
+    _check_values("query_v", query_v, unit_range=False)
+    if query_x is not None:
+        _check_values("query_x", query_x, unit_range=True)

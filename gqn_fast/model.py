@@ -186,6 +186,25 @@ def patch_transposed_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return image + bias.view(1, -1, 1, 1)
 
 
+def image_logits(states: list[torch.Tensor], upsamples, observation, shared: bool) -> torch.Tensor:
+    """observation(u_L), u_L = sum_l upsamples_l(h_l) (a canvas the states draw on, one convT k4 s4
+    per core: one for all states when `shared`), from the states alone: u is never built."""
+    up = [(conv.weight, conv.bias) for conv in upsamples]
+    if shared:
+        ((up_w, up_b),) = up
+        weight, bias = observation_after_upsample(observation.weight, up_w, up_b)
+        h = states[0]
+        for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
+            h = h + state
+        bias = len(states) * bias
+    else:
+        folded = [observation_after_upsample(observation.weight, w, b) for w, b in up]
+        weight = torch.cat([w for w, _ in folded])
+        bias = torch.stack([b for _, b in folded]).sum(0)
+        h = torch.cat(states, dim=1)
+    return patch_transposed_conv(h, weight, bias + observation.bias)
+
+
 class SceneInput:
     """What every core reads unchanged at every step: v_q and r, in the runs of scene_runs.
 
@@ -305,7 +324,45 @@ class CanvasView:
         self.pending = shares if self.pending is None else self.pending + shares
 
 
-class GQN(reference.GQN):
+class FastPaths:
+    """What the fast models share (gqn_fast.GQN, gqn_fast.jump.JUMP): where their ops run, the
+    layout of their cores, their representation net's call. For a model with `config`,
+    `representation` and the choices `custom_ops` and `cpu_core_layout` (GQN's constructor
+    documents them)."""
+
+    @staticmethod
+    def _pytorch_cpu(t: torch.Tensor) -> bool:
+        """True on the CPU's PyTorch path, where oneDNN runs the convs: the model picks their
+        layouts for it. (Under the interpreter the kernels run and the model keeps the GPU's.)"""
+        return t.device.type == "cpu" and not use_triton(t)
+
+    def _cores_channels_last(self, t: torch.Tensor) -> bool:
+        if not self._pytorch_cpu(t):
+            return False
+        if self.cpu_core_layout == "auto":
+            return 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
+        return self.cpu_core_layout == "channels_last"
+
+    def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """An input of the cores' convs in the layout they read fastest (cpu_core_layout): oneDNN
+        converts any other on every call. Unchanged where the Triton kernels run."""
+        if not self._pytorch_cpu(t):
+            return t
+        if self._cores_channels_last(t):
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.contiguous()
+
+    def _representation(self, context_x, context_v) -> torch.Tensor:
+        """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
+        B, M = context_x.shape[:2]
+        x = context_x.flatten(0, 1)
+        if self._pytorch_cpu(x):
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
+        r_k = represent(self.representation, x, context_v.flatten(0, 1))
+        return self._core_layout(_sum_views(r_k, B, M))
+
+
+class GQN(FastPaths, reference.GQN):
     """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
 
     Choices, keyword arguments of the constructor (not in the state_dict; fixed for the model's
@@ -353,37 +410,6 @@ class GQN(reference.GQN):
                 raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
         self.fused_cells, self.backward_convs, self.gates_in_one_dot = fused_cells, backward_convs, gates_in_one_dot
         self.cpu_core_layout, self.custom_ops = cpu_core_layout, custom_ops
-
-    @staticmethod
-    def _pytorch_cpu(t: torch.Tensor) -> bool:
-        """True on the CPU's PyTorch path, where oneDNN runs the convs: the model picks their
-        layouts for it. (Under the interpreter the kernels run and the model keeps the GPU's.)"""
-        return t.device.type == "cpu" and not use_triton(t)
-
-    def _cores_channels_last(self, t: torch.Tensor) -> bool:
-        if not self._pytorch_cpu(t):
-            return False
-        if self.cpu_core_layout == "auto":
-            return 4 * self.config.hidden <= CHANNELS_LAST_MAX_GATES
-        return self.cpu_core_layout == "channels_last"
-
-    def _core_layout(self, t: torch.Tensor) -> torch.Tensor:
-        """An input of the cores' convs in the layout they read fastest (cpu_core_layout): oneDNN
-        converts any other on every call. Unchanged where the Triton kernels run."""
-        if not self._pytorch_cpu(t):
-            return t
-        if self._cores_channels_last(t):
-            return t.contiguous(memory_format=torch.channels_last)
-        return t.contiguous()
-
-    def _representation(self, context_x, context_v) -> torch.Tensor:
-        """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
-        B, M = context_x.shape[:2]
-        x = context_x.flatten(0, 1)
-        if self._pytorch_cpu(x):
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN: the nets' convs up to 2x faster
-        r_k = represent(self.representation, x, context_v.flatten(0, 1))
-        return self._core_layout(_sum_views(r_k, B, M))
 
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
@@ -446,20 +472,8 @@ class GQN(reference.GQN):
 
     def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
         """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
-        up = [(core.upsample_h.weight, core.upsample_h.bias) for core in self.generator_cores]
-        if self.config.share_cores:
-            ((up_w, up_b),) = up
-            weight, bias = observation_after_upsample(self.observation.weight, up_w, up_b)
-            h = states[0]
-            for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
-                h = h + state
-            bias = len(states) * bias
-        else:
-            folded = [observation_after_upsample(self.observation.weight, w, b) for w, b in up]
-            weight = torch.cat([w for w, _ in folded])
-            bias = torch.stack([b for _, b in folded]).sum(0)
-            h = torch.cat(states, dim=1)
-        return patch_transposed_conv(h, weight, bias + self.observation.bias)
+        upsamples = [core.upsample_h for core in self.generator_cores]
+        return image_logits(states, upsamples, self.observation, self.config.share_cores)
 
     # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
     # over it contributes nothing and is skipped, in the three places that read an h (_prior,

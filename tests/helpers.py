@@ -117,3 +117,67 @@ def ctrl_c_at_module_call(monkeypatch, call: int) -> None:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "__call__", signalled)
+
+
+def assert_state_dicts_load_both_ways(reference, fast):
+    """The two models name their parameters alike, and each loads the other's state_dict exactly."""
+    assert list(reference.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(reference.state_dict())
+    reference.load_state_dict(fast.state_dict())
+    for (name, a), b in zip(reference.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def shapes_saved_for_backward(model, inputs, sigma=0.7) -> list[tuple]:
+    """The shapes of the tensors autograd saves for the backward of model.elbo(*inputs) (run)."""
+    saved = []
+    pack = lambda t: saved.append(tuple(t.shape)) or t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.elbo(*inputs, sigma=sigma).loss.backward()
+    return saved
+
+
+def is_canvas(shape, canvas: int) -> bool:
+    """A [N, canvas, 64, 64] tensor."""
+    return len(shape) == 4 and shape[1] == canvas and shape[-2:] == (64, 64)
+
+
+def outputs_and_gradients(model, inputs, noise, sigma):
+    """[(label, tensor)] for every ELBO output, every gradient of the loss (parameters and the four
+    inputs), and generate's images."""
+    out = model.elbo(*inputs, sigma=sigma, noise=noise)
+    params = dict(model.named_parameters())
+    wrt = list(params.values()) + inputs
+    grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+    labels = list(params) + ["context_x", "context_v", "query_x", "query_v"]
+    # A parameter the computation never touches has a zero gradient.
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+    context_x, context_v, _, query_v = (t.detach() for t in inputs)
+    image = model.generate(context_x, context_v, query_v, noise=noise)
+    results = [(name, getattr(out, name)) for name in ["loss", "nll", "kl", "mean"]]
+    return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
+
+
+def compare_with_reference(reference_cls, fast_cls, config, make_data, seed, dtype, sigma, device, **choices):
+    """Every output and every gradient of fast_cls(config, **choices) (in dtype, on device) against
+    reference_cls in float64 (on the CPU), same weights, same data (make_data(): the four float64
+    inputs) and noise. Limit: the dtype's, or 4x the plain reference's own error in that dtype and
+    place (it runs beside fast; in float64 it is the oracle)."""
+    torch.manual_seed(seed)
+    oracle = reference_cls(config).double()
+    plain = reference_cls(config).to(device, dtype)
+    fast = fast_cls(config, **choices).to(device, dtype)
+    plain.load_state_dict(oracle.state_dict())
+    fast.load_state_dict(oracle.state_dict())
+    data = make_data()
+    noise = torch.randn(config.L, data[0].shape[0], config.z_dim, 16, 16, dtype=torch.float64)
+
+    def run(model, dt, where="cpu"):
+        inputs = [t.to(where, dt).requires_grad_() for t in data]
+        return outputs_and_gradients(model, inputs, noise.to(where, dt), sigma)
+
+    expected = run(oracle, torch.float64)
+    plain_results = expected if dtype == torch.float64 and device == "cpu" else run(plain, dtype, device)
+    for (label, want), (_, plain_got), (_, got) in zip(expected, plain_results, run(fast, dtype, device)):
+        limit = max(RMS_LIMITS[dtype], 4 * rel_rms(plain_got, want))
+        assert_close_rms(got, want, limit, label)

@@ -14,7 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gqn_fast.reference import GQN as ReferenceGQN
-from helpers import RMS_LIMITS, assert_close_rms, random_scene_batch, rel_rms
+from helpers import (
+    RMS_LIMITS,
+    assert_close_rms,
+    assert_state_dicts_load_both_ways,
+    compare_with_reference,
+    is_canvas,
+    random_scene_batch,
+    shapes_saved_for_backward,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,43 +48,12 @@ def configs(draw, max_L=3):
     )
 
 
-def outputs_and_gradients(model, inputs, noise, sigma):
-    """[(label, tensor)] for every ELBO output, every gradient of the loss, and generate's image."""
-    out = model.elbo(*inputs, sigma=sigma, noise=noise)
-    params = dict(model.named_parameters())
-    wrt = list(params.values()) + inputs
-    grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
-    labels = list(params) + ["context_x", "context_v", "query_x", "query_v"]
-    # A parameter the computation never touches has a zero gradient.
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
-    context_x, context_v, _, query_v = (t.detach() for t in inputs)
-    image = model.generate(context_x, context_v, query_v, noise=noise)
-    results = [(name, getattr(out, name)) for name in ["loss", "nll", "kl", "mean"]]
-    return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
-
-
 def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", **choices):
     """Every output and every gradient of fast (in dtype, on device; built with the constructor's
     choices) against the float64 reference (on the CPU); the plain reference runs beside fast, in
     the same dtype and place."""
-    torch.manual_seed(seed)
-    oracle = ReferenceGQN(config).double()
-    plain = ReferenceGQN(config).to(device, dtype)
-    fast = GQN(config, **choices).to(device, dtype)
-    plain.load_state_dict(oracle.state_dict())
-    fast.load_state_dict(oracle.state_dict())
-    data = random_scene_batch(batch, views, dtype=torch.float64)
-    noise = torch.randn(config.L, batch, config.z_dim, 16, 16, dtype=torch.float64)
-
-    def run(model, dt, where="cpu"):
-        inputs = [t.to(where, dt).requires_grad_() for t in data]
-        return outputs_and_gradients(model, inputs, noise.to(where, dt), sigma)
-
-    expected = run(oracle, torch.float64)
-    plain_results, fast_results = run(plain, dtype, device), run(fast, dtype, device)
-    for (label, want), (_, plain_got), (_, got) in zip(expected, plain_results, fast_results):
-        limit = max(RMS_LIMITS[dtype], 4 * rel_rms(plain_got, want))
-        assert_close_rms(got, want, limit, label)
+    make_data = lambda: random_scene_batch(batch, views, dtype=torch.float64)
+    compare_with_reference(ReferenceGQN, GQN, config, make_data, seed, dtype, sigma, device, **choices)
 
 
 @given(
@@ -146,29 +123,18 @@ def test_small_preset_matches_reference(share_cores):
 
 def test_state_dict_loads_both_ways():
     config = GQNConfig.preset("small")
-    reference, fast = ReferenceGQN(config), GQN(config)
-    assert list(reference.state_dict()) == list(fast.state_dict())
-    fast.load_state_dict(reference.state_dict())
-    reference.load_state_dict(fast.state_dict())
-    for (name, a), b in zip(reference.state_dict().items(), fast.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_state_dicts_load_both_ways(ReferenceGQN(config), GQN(config))
 
 
 def test_no_canvas_is_saved_for_backward():
     """The reference keeps 128x64x64-style canvases for backward; the fast path keeps none."""
     config = GQNConfig.preset("small", L=3)
-    saved = {"fast": [], "reference": []}
-    for name, cls in [("fast", GQN), ("reference", ReferenceGQN)]:
-        model = cls(config)
-        pack = lambda t, bucket=saved[name]: bucket.append(tuple(t.shape)) or t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.elbo(*random_scene_batch(2, 2), sigma=0.7).loss.backward()
-
-    def is_canvas(shape):  # a [B, canvas, 64, 64] tensor
-        return len(shape) == 4 and shape[1] == config.canvas and shape[-2:] == (64, 64)
-
-    assert any(is_canvas(s) for s in saved["reference"])
-    assert not any(is_canvas(s) for s in saved["fast"])
+    saved = {
+        name: shapes_saved_for_backward(cls(config), random_scene_batch(2, 2))
+        for name, cls in [("fast", GQN), ("reference", ReferenceGQN)]
+    }
+    assert any(is_canvas(s, config.canvas) for s in saved["reference"])
+    assert not any(is_canvas(s, config.canvas) for s in saved["fast"])
 
 
 class NewTensors(TorchDispatchMode):

@@ -10,12 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from gqn_fast.reference import GQN as ReferenceGQN  # noqa: E402
 from measure import saved_for_backward_bytes  # noqa: E402
 from op_count import count_training_step, meta_batch, on_gpu_branches  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
 
 from gqn_fast import GQN  # noqa: E402
+from gqn_fast.models import model_class  # noqa: E402
 
 
 @pytest.mark.parametrize("preset", list(MODEL_PRESETS))
@@ -26,9 +26,9 @@ def test_fast_step_dispatches_fewer_ops_than_the_reference(preset):
     reference convolves the tiled inputs, and each default cell is a conv and then the gate
     kernel (paper tower 929 against 777; 883 with the fused cells, which cuDNN outruns). Before this bound the paper presets' steps had 2.5x the
     reference's nodes (einsum's views in the canvas folding) and 208 ops rebuilding a constant."""
-    config = MODEL_PRESETS[preset]
-    fast = count_training_step(on_gpu_branches(GQN, config), batch=4)
-    reference = count_training_step(on_gpu_branches(ReferenceGQN, config), batch=4)
+    config = MODEL_PRESETS[preset]  # GQN's presets, and Consistent GQN's (jump-small)
+    fast = count_training_step(on_gpu_branches(model_class(config, "fast"), config), batch=4)
+    reference = count_training_step(on_gpu_branches(model_class(config, "reference"), config), batch=4)
     assert fast["ops"] + fast["custom ops"] < reference["ops"], (fast, reference)
     assert fast["autograd nodes"] <= 1.2 * reference["autograd nodes"], (fast, reference)
 
