@@ -54,9 +54,9 @@ class OpCounter(TorchDispatchMode):
 
 
 def on_gpu_branches(model_class, config, **choices) -> torch.nn.Module:
-    """model_class(config, **choices) as it runs on a GPU: gqn_fast.GQN with its custom ops on any
+    """model_class(config, **choices) as it runs on a GPU: a fast model with its custom ops on any
     device (custom_ops="always"); the reference as it is."""
-    if issubclass(model_class, gqn_fast.model.GQN):
+    if issubclass(model_class, gqn_fast.model.FastCores):
         choices = {**choices, "custom_ops": "always"}
     return model_class(config, **choices)
 
@@ -86,7 +86,7 @@ def meta_batch(batch: int, context_views: int = 3):
 def count_training_step(model: torch.nn.Module, batch: int) -> dict:
     """{ops, views, custom ops, autograd nodes} of model.elbo(...).loss and its backward's graph;
     the model is moved to the meta device (pass a fresh one, made by on_gpu_branches)."""
-    if isinstance(model, gqn_fast.model.GQN) and model.custom_ops != "always":
+    if isinstance(model, gqn_fast.model.FastCores) and model.custom_ops != "always":
         raise ValueError("model: build it with on_gpu_branches, to count the GPU's custom ops")
     model = model.to("meta")
     inputs = meta_batch(batch)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import synchronize  # noqa: E402
 from op_count import count_training_step, on_gpu_branches  # noqa: E402
 from run import MODEL_PRESETS  # noqa: E402
-from workloads import MODEL_CLASSES, make_optimizer, make_train_step, scene_batches  # noqa: E402
+from workloads import IMPLEMENTATIONS, make_optimizer, make_train_step, model_class_of, scene_batches  # noqa: E402
 
 from gqn_fast import GQNConfig  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="small")
     parser.add_argument("--batch", type=int, default=36)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--model", choices=list(MODEL_CLASSES), default="gqn_fast")
+    parser.add_argument("--model", choices=list(IMPLEMENTATIONS), default="gqn_fast")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, in seconds")
     parser.add_argument("--out", type=Path, help="folder for summary.json and profile.txt")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    model = MODEL_CLASSES[args.model](config).to(device)
+    model = model_class_of(args.model, config)(config).to(device)
     step = make_train_step(
         model, make_optimizer(model, device), scene_batches(batch, device), args.precision, device, None, False, False
     )
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         figures, tables = profile_step(step, device, steps=3)
     except Exception as error:
         figures, tables = {"profile_error": f"{type(error).__name__}: {error}"}, f"profiler failed: {error!r}\n"
-    counts = count_training_step(on_gpu_branches(MODEL_CLASSES[args.model], config), batch)
+    counts = count_training_step(on_gpu_branches(model_class_of(args.model, config), config), batch)
     summary = {
         "preset": name.split("-B")[0],
         "batch": batch,

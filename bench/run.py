@@ -89,7 +89,9 @@ MODEL_PRESETS = {
     "paper-pool": GQNConfig.preset("paper", representation="pool"),
     "paper-pyramid": GQNConfig.preset("paper", representation="pyramid"),
     "paper-shared": GQNConfig.preset("paper", share_cores=True),
+    "attention-small": GQNConfig.preset("attention-small"),
 }
+SMALL_PRESETS = ("small", "attention-small")  # at B = 8 on a CPU, 36 on a GPU
 
 
 def model_cases(device: torch.device, full: bool, presets=None, batches=None) -> list:
@@ -97,8 +99,14 @@ def model_cases(device: torch.device, full: bool, presets=None, batches=None) ->
     on a CPU B = 36 only with --full (a step takes minutes there). presets, batches: the ones to
     keep (None: all)."""
     paper_batches = [4, 36] if device.type == "cuda" or full else [4]
-    cases = [("small", MODEL_PRESETS["small"], 36 if device.type == "cuda" else 8)]
-    cases += [(label, config, b) for label, config in MODEL_PRESETS.items() if label != "small" for b in paper_batches]
+    small_batch = 36 if device.type == "cuda" else 8
+    cases = [(label, MODEL_PRESETS[label], small_batch) for label in SMALL_PRESETS]
+    cases += [
+        (label, config, b)
+        for label, config in MODEL_PRESETS.items()
+        if label not in SMALL_PRESETS
+        for b in paper_batches
+    ]
     return [
         case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)
     ]

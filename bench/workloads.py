@@ -36,9 +36,10 @@ from measure import (
 )
 from op_count import count_training_step, on_gpu_branches
 
-from gqn_fast import GQN, GQNConfig, kernels
+from gqn_fast import GQNConfig, kernels
 from gqn_fast.data.loader import Batch
 from gqn_fast.model import compile_options
+from gqn_fast.models import build_model, model_class
 from gqn_fast.schedules import learning_rate, pixel_sigma
 from gqn_fast.train_step import TrainStep
 from gqn_fast.train_step import make_optimizer as make_step_optimizer
@@ -74,17 +75,16 @@ class Provider:
     replayed from CUDA graphs or not, with which constructor choices (gqn_fast.GQN's)."""
 
     name: str
-    implementation: str  # "reference" or "gqn_fast": a key of MODEL_CLASSES
+    implementation: str  # "reference" or "gqn_fast": a key of IMPLEMENTATIONS
     compile_mode: str | None = None
     cuda_graph: bool = False
     choices: tuple = ()  # (name, value) pairs for the model's constructor
 
-    @property
-    def model_class(self):
-        return MODEL_CLASSES[self.implementation]
+    def model_class(self, config):
+        return model_class_of(self.implementation, config)
 
     def build(self, config):
-        return self.model_class(config, **dict(self.choices))
+        return self.model_class(config)(config, **dict(self.choices))
 
 
 def model_providers(device: torch.device, smoke: bool, quick: bool, only=None) -> list[Provider]:
@@ -179,7 +179,7 @@ def make_generate(model, batches, precision, device, compile_mode, smoke):
 def reference_flops(config: GQNConfig, batch, device, training: bool) -> int:
     """FLOPs of the reference's step, counted from its ops' shapes: the useful work, the same
     for every provider (the fast path does the same or less)."""
-    model = ReferenceGQN(config).to(device)
+    model = build_model(config, "reference").to(device)
     data = scene_batches(batch, device, count=1)[0]
     with FlopCounterMode(display=False) as counter:
         if training:
@@ -189,13 +189,20 @@ def reference_flops(config: GQNConfig, batch, device, training: bool) -> int:
     return counter.get_total_flops()
 
 
-MODEL_CLASSES = {"reference": ReferenceGQN, "gqn_fast": GQN}
+# A provider's implementation -> gqn_fast.models' impl; the config's model kind picks the class.
+IMPLEMENTATIONS = {"reference": "reference", "gqn_fast": "fast"}
+
+
+def model_class_of(implementation: str, config: GQNConfig) -> type:
+    return model_class(config, IMPLEMENTATIONS[implementation])
+
+
 WORKLOADS = ("train_step", "generate")
 
 
 def _eager_workload(model: str, config: GQNConfig, batch: int, precision: str, workload: str, device):
     torch.manual_seed(0)
-    net = MODEL_CLASSES[model](config).to(device)
+    net = model_class_of(model, config)(config).to(device)
     batches = scene_batches(batch, device)
     if workload == "train_step":
         return make_train_step(net, make_optimizer(net, device), batches, precision, device, None, False, False)
@@ -212,14 +219,14 @@ def eager_peak_memory(config: GQNConfig, batch: int, precision: str, device) -> 
     blocks are resident; the values are None where /proc is missing."""
     if device.type == "cuda":
         peaks = {}
-        for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
+        for model, workload in itertools.product(IMPLEMENTATIONS, WORKLOADS):
             fn = _eager_workload(model, config, batch, precision, workload, device)
             fn()
             peaks[model, workload] = peak_memory_bytes(fn, device)
             del fn
         return peaks
     peaks = {}
-    for model, workload in itertools.product(MODEL_CLASSES, WORKLOADS):
+    for model, workload in itertools.product(IMPLEMENTATIONS, WORKLOADS):
         # One process per measurement: one measured after another would see the heap the first
         # left behind (about 1 MiB in 700 at the paper preset).
         spec = dict(config=config.to_dict(), batch=batch, precision=precision, model=model, workload=workload)
@@ -330,7 +337,7 @@ def model_rows(cases, precisions, device, smoke, quick, repeats, log, only=None)
                     # What an eager step asks of the host (bench/op_count.py: counted on the meta
                     # device for the GPU's branches, the fp32 graph).
                     if name not in host_ops:
-                        model = on_gpu_branches(provider.model_class, config, **dict(provider.choices))
+                        model = on_gpu_branches(provider.model_class(config), config, **dict(provider.choices))
                         host_ops[name] = count_training_step(model, batch)
                     counts = host_ops[name]
                     row.update(

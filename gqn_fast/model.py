@@ -312,8 +312,11 @@ class CanvasView:
         self.pending = shares if self.pending is None else self.pending + shares
 
 
-class GQN(reference.GQN):
-    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
+class FastCores:
+    """What the fast models of the GQN family (this GQN, gqn_fast.attention) compute alike: their
+    ConvLSTM cells from a hoisted constant and a step input, the gate and posterior ops, the cores'
+    layout, weight splits, the zero-state prior and the output image from the generator states.
+    A mixin: the model class lists it before its reference class, whose constructor it calls.
 
     Choices, keyword arguments of the constructor (not in the state_dict; fixed for the model's
     life, so torch.compile's graph of it is right), for benchmarks and comparisons:
@@ -383,6 +386,100 @@ class GQN(reference.GQN):
             return t.contiguous(memory_format=torch.channels_last)
         return t.contiguous()
 
+    def _split(self, core, runs) -> Pieces:
+        weight = core.cell.conv.weight
+        channels_last = self._cores_channels_last(weight)
+        pieces = split_runs(weight, core.layout, runs, contiguous_grad=channels_last)
+        if self.config.share_cores and channels_last:
+            # A shared core's pieces are read L times: one channels-last copy per forward saves
+            # oneDNN a reorder per call. (In NCHW oneDNN reorders to its blocked layout anyway,
+            # and a piece read once gains nothing from a copy, which would also stay alive.)
+            return {run: piece.contiguous(memory_format=torch.channels_last) for run, piece in pieces.items()}
+        return pieces
+
+    def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
+        up = [(core.upsample_h.weight, core.upsample_h.bias) for core in self.generator_cores]
+        if self.config.share_cores:
+            ((up_w, up_b),) = up
+            weight, bias = observation_after_upsample(self.observation.weight, up_w, up_b)
+            h = states[0]
+            for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
+                h = h + state
+            bias = len(states) * bias
+        else:
+            folded = [observation_after_upsample(self.observation.weight, w, b) for w, b in up]
+            weight = torch.cat([w for w, _ in folded])
+            bias = torch.stack([b for _, b in folded]).sum(0)
+            h = torch.cat(states, dim=1)
+        return patch_transposed_conv(h, weight, bias + self.observation.bias)
+
+    def _prior(self, h_g, batch: int):
+        if h_g is None:
+            return self.prior.bias.view(1, -1, 1, 1).expand(batch, -1, GRID_SIZE, GRID_SIZE).chunk(2, dim=1)
+        return self.prior(h_g).chunk(2, dim=1)
+
+    def _cell(self, x, weight, constant, c):
+        """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
+
+        Unfused (cuDNN or the CPU's conv, then the gate kernel), or fused (the 5x5 conv with the
+        gates in its epilogue) with fused_cells.
+        """
+        if self.fused_cells:
+            dtype = _conv_dtype(weight)
+            return conv_lstm_cell(
+                x.to(dtype),
+                weight.to(dtype),
+                constant,
+                c,
+                backward_convs=self.backward_convs,
+                gates_in_one_dot=self.gates_in_one_dot,
+            )
+        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
+        if self.config.share_cores:
+            # The constant lives through all L steps anyway: the gate kernel reads it in its own
+            # pass (no add writing the preactivations once more).
+            return self._gates(preact, c, constant)
+        # Read by this step alone: added in place, so that backward keeps no copy of it (the
+        # gate kernel would save it: 415 MiB more at the paper tower, B = 36).
+        return self._gates(preact.add_(constant), c)
+
+    def _gates(self, preact, c, constant=None):
+        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
+        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
+        differentiated by autograd, which keeps the activations where the op's backward
+        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
+        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
+        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
+            return lstm_gates(preact, c, constant)
+        if constant is not None:
+            preact = preact.add_(constant)
+        return lstm_gates_torch(preact.to(c.dtype), c)
+
+    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
+        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
+        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
+        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
+        if self._uses_custom_ops(mu_q):
+            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
+        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
+
+    def _elbo_of(self, states: list[torch.Tensor], kls: list[torch.Tensor], query_x, sigma) -> ELBO:
+        """The ELBO from the steps' generator states and KLs."""
+        logits = self._image_logits(states)
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
+        kl = torch.stack(kls, dim=1)
+        loss = (nll + kl.sum(dim=1)).mean()
+        return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
+
+    def _zeros(self, batch, like):
+        return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
+
+
+class GQN(FastCores, reference.GQN):
+    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN;
+    the constructor's choices are FastCores'."""
+
     def _representation(self, context_x, context_v) -> torch.Tensor:
         """r as the representation net gives it (1x1 with pool and pyramid, untiled)."""
         B, M = context_x.shape[:2]
@@ -394,17 +491,6 @@ class GQN(reference.GQN):
 
     def represent(self, context_x, context_v) -> torch.Tensor:
         return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
-
-    def _split(self, core, runs) -> Pieces:
-        weight = core.cell.conv.weight
-        channels_last = self._cores_channels_last(weight)
-        pieces = split_runs(weight, core.layout, runs, contiguous_grad=channels_last)
-        if self.config.share_cores and channels_last:
-            # A shared core's pieces are read L times: one channels-last copy per forward saves
-            # oneDNN a reorder per call. (In NCHW oneDNN reorders to its blocked layout anyway,
-            # and a piece read once gains nothing from a copy, which would also stay alive.)
-            return {run: piece.contiguous(memory_format=torch.channels_last) for run, piece in pieces.items()}
-        return pieces
 
     # A core's weight is split when its first step comes, not all at the start of the forward:
     # autograd runs a split's backward (the pieces' gradients concatenated, a transient second
@@ -452,33 +538,11 @@ class GQN(reference.GQN):
             for _ in range(self.config.L // cores):  # a shared core's L steps, or one core's one
                 yield cells
 
-    def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
-        up = [(core.upsample_h.weight, core.upsample_h.bias) for core in self.generator_cores]
-        if self.config.share_cores:
-            ((up_w, up_b),) = up
-            weight, bias = observation_after_upsample(self.observation.weight, up_w, up_b)
-            h = states[0]
-            for state in states[1:]:  # adds keep the states' layout (a stack's sum does not)
-                h = h + state
-            bias = len(states) * bias
-        else:
-            folded = [observation_after_upsample(self.observation.weight, w, b) for w, b in up]
-            weight = torch.cat([w for w, _ in folded])
-            bias = torch.stack([b for _, b in folded]).sum(0)
-            h = torch.cat(states, dim=1)
-        return patch_transposed_conv(h, weight, bias + self.observation.bias)
-
     # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
     # over it contributes nothing and is skipped, in the three places that read an h (_prior,
     # _inference_step, _generator_step; generate's whole cells, the reference's conv, are given
     # zeros); the canvas view is then its bias, the same for every scene. The cell states c start
     # as zeros (the gates read them).
-
-    def _prior(self, h_g, batch: int):
-        if h_g is None:
-            return self.prior.bias.view(1, -1, 1, 1).expand(batch, -1, GRID_SIZE, GRID_SIZE).chunk(2, dim=1)
-        return self.prior(h_g).chunk(2, dim=1)
 
     def _inference_step(self, cell: InferenceCell, h_g, canvas: CanvasView, h_e, c_e):
         if h_g is None:  # h_e too: the whole step input is a constant vector, its share a closed form
@@ -492,54 +556,6 @@ class GQN(reference.GQN):
         if h_g is None:
             return self._cell(z, cell.z_weight, cell.constant, c_g)
         return self._cell(in_order(GENERATOR_STEP, z=z, h_g=h_g), cell.step_weight, cell.constant, c_g)
-
-    def _cell(self, x, weight, constant, c):
-        """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
-
-        Unfused (cuDNN or the CPU's conv, then the gate kernel), or fused (the 5x5 conv with the
-        gates in its epilogue) with fused_cells.
-        """
-        if self.fused_cells:
-            dtype = _conv_dtype(weight)
-            return conv_lstm_cell(
-                x.to(dtype),
-                weight.to(dtype),
-                constant,
-                c,
-                backward_convs=self.backward_convs,
-                gates_in_one_dot=self.gates_in_one_dot,
-            )
-        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
-        if self.config.share_cores:
-            # The constant lives through all L steps anyway: the gate kernel reads it in its own
-            # pass (no add writing the preactivations once more).
-            return self._gates(preact, c, constant)
-        # Read by this step alone: added in place, so that backward keeps no copy of it (the
-        # gate kernel would save it: 415 MiB more at the paper tower, B = 36).
-        return self._gates(preact.add_(constant), c)
-
-    def _gates(self, preact, c, constant=None):
-        """The gate math of preact (+ constant): the gate kernel where Triton runs, which reads
-        the constant in its own pass. On the CPU's PyTorch path, the kernel's own PyTorch form
-        differentiated by autograd, which keeps the activations where the op's backward
-        recomputes them: a third of the elementwise passes, on a CPU where they are slow and
-        memory is plentiful; the constant is added in place there (preact: a fresh conv output)."""
-        if self._uses_custom_ops(c):  # the kernel reads a bf16 preact (autocast) as it is, no fp32 copy first
-            return lstm_gates(preact, c, constant)
-        if constant is not None:
-            preact = preact.add_(constant)
-        return lstm_gates_torch(preact.to(c.dtype), c)
-
-    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
-        """The posterior sample and its KL: the fused op where Triton runs; on the CPU's PyTorch
-        path its PyTorch form through autograd, as `_gates` (the op's dispatch and recomputing
-        backward cost more than the math on these [B, z_dim, 16, 16] tensors)."""
-        if self._uses_custom_ops(mu_q):
-            return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps)
-        return posterior_sample_kl_torch(mu_q, s_q, mu_p, s_p, eps)
-
-    def _zeros(self, batch, like):
-        return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
 
     def elbo(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
         self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
@@ -564,11 +580,7 @@ class GQN(reference.GQN):
             states.append(h_g)
             canvas.draw(h_g)
 
-        logits = self._image_logits(states)
-        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma)
-        kl = torch.stack(kls, dim=1)
-        loss = (nll + kl.sum(dim=1)).mean()
-        return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
+        return self._elbo_of(states, kls, query_x, sigma)
 
     def _generate(self, r, query_v, noise) -> torch.Tensor:
         c = self.config
@@ -614,6 +626,6 @@ def compile_options(model: torch.nn.Module) -> dict:
     cells (CHANNELS_LAST_MAX_GATES) and one that costs a weight reorder per call: at the paper
     preset with shared cores, B = 2, one thread, the compiled step took 2382 ms against eager's
     1794; without it 1814 ms. The model picks each conv's layout itself. {} for any other model."""
-    if isinstance(model, GQN) and model.prior.weight.device.type == "cpu":
+    if isinstance(model, FastCores) and model.prior.weight.device.type == "cpu":
         return {"layout_optimization": False}
     return {}

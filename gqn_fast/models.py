@@ -16,6 +16,7 @@ IMPLS = ("fast", "reference")
 
 CLASSES = {
     "gqn": {"reference": "gqn_fast.reference.gqn:GQN", "fast": "gqn_fast.model:GQN"},
+    "attention": {"reference": "gqn_fast.reference.attention:AttentionGQN", "fast": "gqn_fast.attention:AttentionGQN"},
 }
 
 

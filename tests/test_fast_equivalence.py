@@ -55,14 +55,17 @@ def outputs_and_gradients(model, inputs, noise, sigma):
     return results + [(f"grad {n}", g) for n, g in zip(labels, grads)] + [("generate", image)]
 
 
-def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", **choices):
+def compare(
+    config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", classes=(ReferenceGQN, GQN), **choices
+):
     """Every output and every gradient of fast (in dtype, on device; built with the constructor's
     choices) against the float64 reference (on the CPU); the plain reference runs beside fast, in
-    the same dtype and place."""
+    the same dtype and place. classes: the reference's and the fast model's (another of the family)."""
+    reference_class, fast_class = classes
     torch.manual_seed(seed)
-    oracle = ReferenceGQN(config).double()
-    plain = ReferenceGQN(config).to(device, dtype)
-    fast = GQN(config, **choices).to(device, dtype)
+    oracle = reference_class(config).double()
+    plain = reference_class(config).to(device, dtype)
+    fast = fast_class(config, **choices).to(device, dtype)
     plain.load_state_dict(oracle.state_dict())
     fast.load_state_dict(oracle.state_dict())
     data = random_scene_batch(batch, views, dtype=torch.float64)
