@@ -36,10 +36,27 @@ def test_float64_matches_reference(config, batch, views, seed):
     compare(config, batch, views, seed, dtype=torch.float64, classes=CLASSES)
 
 
-@pytest.mark.parametrize("cpu_core_layout", ["channels_last", "contiguous"])
-def test_float32_and_both_core_layouts_match_reference(cpu_core_layout):
+@pytest.mark.parametrize(
+    "choices",
+    [dict(cpu_core_layout="channels_last"), dict(cpu_core_layout="contiguous"), dict(custom_ops="always")],
+    ids=["channels-last-cores", "nchw-cores", "custom-ops"],
+)
+def test_float32_core_layouts_and_custom_ops_match_reference(choices):
+    """Both CPU core layouts, and the project's gate and posterior ops (their PyTorch path here),
+    as the GPU runs them."""
     config = GQNConfig.preset("attention-small", L=3, hidden=8, canvas=6, r_dim=8, attention_key_dim=4)
-    compare(config, batch=2, views=2, seed=3, classes=CLASSES, cpu_core_layout=cpu_core_layout)
+    compare(config, batch=2, views=2, seed=3, classes=CLASSES, **choices)
+
+
+def test_the_gpu_op_structure_counts_on_meta_tensors():
+    """bench/op_count.py counts the GPU's ops of a fast model on the meta device (gpu_check's
+    train_step rows): it runs attention GQN, and with fewer ops than the reference."""
+    from op_count import count_training_step, on_gpu_branches
+
+    config = GQNConfig.preset("attention-small", L=3)
+    fast = count_training_step(on_gpu_branches(AttentionGQN, config), batch=2)
+    reference = count_training_step(on_gpu_branches(ReferenceAttentionGQN, config), batch=2)
+    assert fast["custom ops"] > 0 and fast["ops"] < reference["ops"]
 
 
 def test_one_state_dict_loads_into_both():
