@@ -65,3 +65,15 @@ def test_one_state_dict_loads_into_both():
     fast.load_state_dict(reference.state_dict())
     reference.load_state_dict(fast.state_dict())
     assert fast.config == GQNConfig.preset("attention-small")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused_cells", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("share_cores", [False, True], ids=["unshared", "shared"])
+def test_cuda_matches_reference(share_cores, fused_cells, monkeypatch):
+    """On a GPU, in strict fp32 (TF32 off for cuDNN and matmuls alike): the Triton kernels and
+    the fused attention."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    config = GQNConfig.preset("attention-small", share_cores=share_cores, L=3)
+    compare(config, batch=4, views=3, seed=0, device="cuda", classes=CLASSES, fused_cells=fused_cells)
