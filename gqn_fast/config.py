@@ -24,7 +24,8 @@ ATTENTION_PATCHES = (4, 8, 16, 32, 64)
 class GQNConfig:
     """Hyper-parameters of a GQN; see ../shared/GQN_SPEC.md for what each one means.
 
-    representation: "tower" (r is r_dim x 16 x 16), "pool" or "pyramid" (r_dim x 1 x 1).
+    representation: "tower" (r is r_dim x 16 x 16), "pool" or "pyramid" (r_dim x 1 x 1); not
+    read by attention GQN, whose scene is a set of patches (its read is r_dim x 16 x 16).
     L: number of generation steps. z_dim: latent channels per step.
     hidden: ConvLSTM hidden channels. canvas: channels of the 64x64 canvas u.
     r_dim: channels of the scene representation r.
