@@ -16,8 +16,9 @@ first plan (the session's one long call):
   model tests        the whole model on CUDA against the reference first, before any speed
                      (MODEL_TESTS: fp32 with TF32 off, bf16 autocast, graphed training)
                                                      model_tests.log, model_tests.xml
-  bench train_step   bench/run.py --quick at B = 36, small, jump-small and paper tower, reference and
-                     gqn_fast, eager and CUDA-graphed, fp32 and bf16   bench/train_step/
+  bench train_step   bench/run.py --quick at B = 36, small, jump-small, attention-small and paper
+                     tower, reference and gqn_fast, eager and CUDA-graphed, fp32 and bf16
+                                                                    bench/train_step/
   train run          `gqn-fast train` on the built-in rooms for a minute at B = 36: the rate a
                      user gets, against the bench's step                  train_run/, train_run.log
   bench profile      where a step's time goes (bench/profile_step.py: host against device time,
@@ -70,7 +71,7 @@ FIRST_BENCH, OTHER_BENCH = ["train_step"], ["kernels", "conv_cell", "representat
 # The whole-model groups' presets and providers, at B = 36. train_step: eager and CUDA-graph
 # providers only; torch.compile's take minutes to compile the paper model, and are the second
 # plan's group.
-GROUP_PRESETS = {"train_step": ["small", "jump-small", "paper-tower"], "compile": ["paper-tower"]}
+GROUP_PRESETS = {"train_step": ["small", "jump-small", "attention-small", "paper-tower"], "compile": ["paper-tower"]}
 GROUP_PROVIDERS = {
     "train_step": [
         "reference-eager",

@@ -91,7 +91,9 @@ MODEL_PRESETS = {
     "paper-pool": GQNConfig.preset("paper", representation="pool"),
     "paper-pyramid": GQNConfig.preset("paper", representation="pyramid"),
     "paper-shared": GQNConfig.preset("paper", share_cores=True),
+    "attention-small": GQNConfig.preset("attention-small"),
 }
+SMALL_PRESETS = ("small", "attention-small")  # at B = 8 on a CPU, 36 on a GPU
 
 
 def model_cases(device: torch.device, full: bool, presets=None, batches=None) -> list:

@@ -1,6 +1,7 @@
 """gqn-fast: a fast, tested Generative Query Network.
 
 `from gqn_fast import GQN, GQNConfig`: the fast model, a drop-in for gqn_fast.reference.GQN.
+`from gqn_fast import AttentionGQN`: attention GQN, fast (gqn_fast.reference.AttentionGQN: its oracle).
 
 The names are imported on first use (PEP 562): `import gqn_fast.reference` runs this file,
 and the oracle must not load what it judges (the fast model, the kernels, Triton).
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["GQN", "GQNConfig"]
+__all__ = ["AttentionGQN", "GQN", "GQNConfig"]
 __version__ = "0.1.0"
 
-_LAZY = {"GQN": "gqn_fast.model", "GQNConfig": "gqn_fast.config"}
+_LAZY = {"AttentionGQN": "gqn_fast.attention", "GQN": "gqn_fast.model", "GQNConfig": "gqn_fast.config"}
 
 
 def __getattr__(name: str):

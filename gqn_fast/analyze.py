@@ -72,6 +72,15 @@ def scene_labels(scene: Scene) -> dict:
 # --- representations --------------------------------------------------------------------------
 
 
+def require_one_r(model, analysis: str) -> None:
+    """Refuse an analysis of r where the model has no single r: attention GQN's scene is a set."""
+    if model.config.model == "attention":
+        raise UsageError(
+            f"analyze {analysis}: an attention GQN represents a scene as a set of patch keys and values, "
+            f"not one vector r, so {analysis} of r means nothing for it (analyze composition works)"
+        )
+
+
 def untiled(model, r: torch.Tensor) -> torch.Tensor:
     """r [B, r_dim, 16, 16] as `represent` gives it, in the net's own shape: the pool and pyramid
     nets' r is one vector, tiled to 16x16."""
@@ -199,6 +208,7 @@ def run_tsne(ns: argparse.Namespace) -> int:
     check_int("--scenes", ns.scenes, 2)
     check_int("--subsets", ns.subsets, 2)
     device, model, model_file, images, cameras, manifest = open_checkpoint(ns)
+    require_one_r(model, "tsne")
     T = images.shape[1]
     check_int("--views", ns.views, 1, T, f" (the data has {T} views a scene)")
     require_sklearn()  # after the arguments: a bad one is named first, with or without the extra
@@ -363,6 +373,7 @@ def run_algebra(ns: argparse.Namespace) -> int:
     check_int("--context", ns.context, 1)
     properties = ns.properties or list(PROPERTIES)
     device, model, model_file, images, _, manifest = open_checkpoint(ns)
+    require_one_r(model, "algebra")
     family = (manifest.get("generator") or {}).get("family", "rooms")
     if family != "rooms":
         raise UsageError(f"--data: scene algebra edits built-in rooms, but this model was evaluated on {family!r} data")

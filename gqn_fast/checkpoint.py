@@ -218,7 +218,7 @@ def _expect(path: Path, state: dict, kinds: dict, prefix: str = "") -> None:
 
 def check_compatible(state: dict, config: GQNConfig, path: Path) -> None:
     """Refuse a checkpoint made for another model configuration, naming the field that differs."""
-    saved = state["config"]
+    saved = {**GQNConfig().to_dict(), **state["config"]}  # a field newer than the checkpoint: its default
     wanted = config.to_dict()
     for field, value in wanted.items():
         if saved.get(field) != value:

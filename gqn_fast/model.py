@@ -325,10 +325,10 @@ class CanvasView:
 
 
 class FastPaths:
-    """What the fast models share (gqn_fast.GQN, gqn_fast.jump.JUMP): where their ops run, the
-    layout of their cores, their representation net's call. For a model with `config`,
-    `representation` and the choices `custom_ops` and `cpu_core_layout` (GQN's constructor
-    documents them)."""
+    """What the fast models of the GQN family share (gqn_fast.GQN, gqn_fast.jump.JUMP,
+    gqn_fast.attention.AttentionGQN): where their convs run and in which layout, and their
+    representation net's call. For a model with `config`, `representation` and the choices
+    `custom_ops` and `cpu_core_layout` (FastCores documents them)."""
 
     @staticmethod
     def _pytorch_cpu(t: torch.Tensor) -> bool:
@@ -362,8 +362,11 @@ class FastPaths:
         return self._core_layout(_sum_views(r_k, B, M))
 
 
-class GQN(FastPaths, reference.GQN):
-    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN.
+class FastCores(FastPaths):
+    """What the fast models with GQN's generator and inference cores (this GQN,
+    gqn_fast.attention) compute alike: their ConvLSTM cells from a hoisted constant and a step
+    input, the cores' weight splits, the zero-state prior and the output image from the generator
+    states. A mixin: the model class lists it before its reference class, whose constructor it calls.
 
     Choices, keyword arguments of the constructor (not in the state_dict; fixed for the model's
     life, so torch.compile's graph of it is right), for benchmarks and comparisons:
@@ -411,9 +414,6 @@ class GQN(FastPaths, reference.GQN):
         self.fused_cells, self.backward_convs, self.gates_in_one_dot = fused_cells, backward_convs, gates_in_one_dot
         self.cpu_core_layout, self.custom_ops = cpu_core_layout, custom_ops
 
-    def represent(self, context_x, context_v) -> torch.Tensor:
-        return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
-
     def _split(self, core, runs) -> Pieces:
         weight = core.cell.conv.weight
         channels_last = self._cores_channels_last(weight)
@@ -424,6 +424,69 @@ class GQN(FastPaths, reference.GQN):
             # and a piece read once gains nothing from a copy, which would also stay alive.)
             return {run: piece.contiguous(memory_format=torch.channels_last) for run, piece in pieces.items()}
         return pieces
+
+    def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
+        upsamples = [core.upsample_h for core in self.generator_cores]
+        return image_logits(states, upsamples, self.observation, self.config.share_cores)
+
+    def _prior(self, h_g, batch: int):
+        if h_g is None:
+            return self.prior.bias.view(1, -1, 1, 1).expand(batch, -1, GRID_SIZE, GRID_SIZE).chunk(2, dim=1)
+        return self.prior(h_g).chunk(2, dim=1)
+
+    def _cell(self, x, weight, constant, c):
+        """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
+
+        Unfused (cuDNN or the CPU's conv, then the gate kernel), or fused (the 5x5 conv with the
+        gates in its epilogue) with fused_cells.
+        """
+        if self.fused_cells:
+            dtype = _conv_dtype(weight)
+            return conv_lstm_cell(
+                x.to(dtype),
+                weight.to(dtype),
+                constant,
+                c,
+                backward_convs=self.backward_convs,
+                gates_in_one_dot=self.gates_in_one_dot,
+            )
+        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
+        if self.config.share_cores:
+            # The constant lives through all L steps anyway: the gate kernel reads it in its own
+            # pass (no add writing the preactivations once more).
+            return self._gates(preact, c, constant)
+        # Read by this step alone: added in place, so that backward keeps no copy of it (the
+        # gate kernel would save it, a [B, 4H, 16, 16] tensor per step).
+        return self._gates(preact.add_(constant), c)
+
+    def _gates(self, preact, c, constant=None):
+        """The gate math of preact (+ constant, read in the kernel's own pass). The op reads a bf16
+        preact (autocast) as it is, with no fp32 copy first."""
+        return lstm_gates(preact, c, constant, custom_op=self.custom_ops)
+
+    def _sample_kl(self, mu_q, s_q, mu_p, s_p, eps):
+        """The posterior sample and its KL (kernels.posterior_sample_kl)."""
+        return posterior_sample_kl(mu_q, s_q, mu_p, s_p, eps, custom_op=self.custom_ops)
+
+    def _elbo_of(self, states: list[torch.Tensor], kls: list[torch.Tensor], query_x, sigma) -> ELBO:
+        """The ELBO from the steps' generator states and KLs."""
+        logits = self._image_logits(states)
+        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma, custom_op=self.custom_ops)
+        kl = torch.stack(kls, dim=1)
+        loss = (nll + kl.sum(dim=1)).mean()
+        return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
+
+    def _zeros(self, batch, like):
+        return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
+
+
+class GQN(FastCores, reference.GQN):
+    """The fast GQN. Constructor, methods, outputs and parameter names as gqn_fast.reference.GQN;
+    the constructor's choices are FastCores'."""
+
+    def represent(self, context_x, context_v) -> torch.Tensor:
+        return self._representation(context_x, context_v).expand(-1, -1, GRID_SIZE, GRID_SIZE)
 
     # A core's weight is split when its first step comes, not all at the start of the forward:
     # autograd runs a split's backward (the pieces' gradients concatenated, a transient second
@@ -470,21 +533,11 @@ class GQN(FastPaths, reference.GQN):
             for _ in range(self.config.L // cores):  # a shared core's L steps, or one core's one
                 yield cells
 
-    def _image_logits(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """conv1x1(u_L) from the generator states, u_L = sum_l convT_l(h_l), never building u."""
-        upsamples = [core.upsample_h for core in self.generator_cores]
-        return image_logits(states, upsamples, self.observation, self.config.share_cores)
-
     # Step 1 starts from zero states. A zero h is None here, never a tensor of zeros: every conv
     # over it contributes nothing and is skipped, in the three places that read an h (_prior,
     # _inference_step, _generator_step; generate's whole cells, the reference's conv, are given
     # zeros); the canvas view is then its bias, the same for every scene. The cell states c start
     # as zeros (the gates read them).
-
-    def _prior(self, h_g, batch: int):
-        if h_g is None:
-            return self.prior.bias.view(1, -1, 1, 1).expand(batch, -1, GRID_SIZE, GRID_SIZE).chunk(2, dim=1)
-        return self.prior(h_g).chunk(2, dim=1)
 
     def _inference_step(self, cell: InferenceCell, h_g, canvas: CanvasView, h_e, c_e):
         if h_g is None:  # h_e too: the whole step input is a constant vector, its share a closed form
@@ -498,39 +551,6 @@ class GQN(FastPaths, reference.GQN):
         if h_g is None:
             return self._cell(z, cell.z_weight, cell.constant, c_g)
         return self._cell(in_order(GENERATOR_STEP, z=z, h_g=h_g), cell.step_weight, cell.constant, c_g)
-
-    def _cell(self, x, weight, constant, c):
-        """(h, c') of a ConvLSTM cell from its step-varying input x and the hoisted `constant`.
-
-        Unfused (cuDNN or the CPU's conv, then the gate kernel), or fused (the 5x5 conv with the
-        gates in its epilogue) with fused_cells.
-        """
-        if self.fused_cells:
-            dtype = _conv_dtype(weight)
-            return conv_lstm_cell(
-                x.to(dtype),
-                weight.to(dtype),
-                constant,
-                c,
-                backward_convs=self.backward_convs,
-                gates_in_one_dot=self.gates_in_one_dot,
-            )
-        preact = F.conv2d(self._core_layout(x), weight, padding=weight.shape[-1] // 2)
-        if self.config.share_cores:
-            # The constant lives through all L steps anyway: the gate kernel reads it in its own
-            # pass (no add writing the preactivations once more).
-            return self._gates(preact, c, constant)
-        # Read by this step alone: added in place, so that backward keeps no copy of it (the
-        # gate kernel would save it, a [B, 4H, 16, 16] tensor per step).
-        return self._gates(preact.add_(constant), c)
-
-    def _gates(self, preact, c, constant=None):
-        """The gate math of preact (+ constant, read in the kernel's own pass). The op reads a bf16
-        preact (autocast) as it is, with no fp32 copy first."""
-        return lstm_gates(preact, c, constant, custom_op=self.custom_ops)
-
-    def _zeros(self, batch, like):
-        return self._core_layout(like.new_zeros(batch, self.config.hidden, GRID_SIZE, GRID_SIZE))
 
     def elbo(self, context_x, context_v, query_x, query_v, sigma, noise=None) -> ELBO:
         self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
@@ -549,19 +569,13 @@ class GQN(FastPaths, reference.GQN):
             mu_q, s_q = self.posterior(h_e).chunk(2, dim=1)
             # In the state's dtype: under autocast mu_q is bf16, and bf16 draws would be coarse.
             eps = _standard_normal(mu_q, h_e.dtype) if noise is None else noise[step]
-            z, kl = posterior_sample_kl(
-                *(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)), custom_op=self.custom_ops
-            )
+            z, kl = self._sample_kl(*(t.to(h_e.dtype) for t in (mu_q, s_q, mu_p, s_p, eps)))
             kls.append(kl)
             h_g, c_g = self._generator_step(cells.generator, z, h_g, c_g)
             states.append(h_g)
             canvas.draw(h_g)
 
-        logits = self._image_logits(states)
-        nll = pixel_nll(query_x, logits.to(query_x.dtype), sigma, custom_op=self.custom_ops)
-        kl = torch.stack(kls, dim=1)
-        loss = (nll + kl.sum(dim=1)).mean()
-        return ELBO(loss=loss, nll=nll, kl=kl, mean=torch.sigmoid(logits))
+        return self._elbo_of(states, kls, query_x, sigma)
 
     def _generate(self, r, query_v, noise) -> torch.Tensor:
         c = self.config
@@ -606,6 +620,6 @@ def compile_options(model: torch.nn.Module) -> dict:
     cells (CHANNELS_LAST_MAX_GATES) and one that costs a weight reorder per call, making the
     compiled step slower than eager. The model picks each conv's layout itself. {} for any other
     model."""
-    if isinstance(model, GQN) and model.prior.weight.device.type == "cpu":
+    if isinstance(model, FastCores) and model.prior.weight.device.type == "cpu":
         return {"layout_optimization": False}
     return {}

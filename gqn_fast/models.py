@@ -17,6 +17,7 @@ IMPLS = ("fast", "reference")
 CLASSES = {
     "gqn": {"reference": "gqn_fast.reference.gqn:GQN", "fast": "gqn_fast.model:GQN"},
     "jump": {"reference": "gqn_fast.reference.jump:JUMP", "fast": "gqn_fast.jump:JUMP"},
+    "attention": {"reference": "gqn_fast.reference.attention:AttentionGQN", "fast": "gqn_fast.attention:AttentionGQN"},
 }
 
 

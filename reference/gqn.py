@@ -51,6 +51,11 @@ class GQN(nn.Module):
         self.config = config
         c, v = config, VIEWPOINT_DIM
         self.representation = NETS[c.representation](c.r_dim, v)
+        self._add_cores_and_heads()
+
+    def _add_cores_and_heads(self) -> None:
+        """The cores (K = L, or 1 when share_cores), then the prior, posterior and output heads."""
+        c, v = self.config, VIEWPOINT_DIM
         n_cores = 1 if c.share_cores else c.L
         self.inference_cores = nn.ModuleList(InferenceCore(v, c.r_dim, c.hidden, c.canvas) for _ in range(n_cores))
         self.generator_cores = nn.ModuleList(
@@ -96,15 +101,21 @@ class GQN(nn.Module):
         noise: optional [L, B, z_dim, 16, 16] standard-normal draws for the posterior samples.
         """
         self.check_inputs(context_x, context_v, query_v, query_x=query_x, sigma=sigma, noise=noise)
+        r = self.represent(context_x, context_v)
+        return self._elbo(lambda h_g: r, query_x, query_v, sigma, noise)
+
+    def _elbo(self, read, query_x, query_v, sigma, noise) -> ELBO:
+        """elbo's steps from checked inputs. read(h_g): what the cores read as r at a step whose
+        generator state is h_g (GQN's r at every step; attention GQN attends with h_g)."""
         c = self.config
         B = query_x.shape[0]
 
-        r = self.represent(context_x, context_v)
         v_q = tile(query_v, GRID_SIZE)
         h_g, c_g, u = self._initial_state(B, query_x)
         h_e, c_e, _ = self._initial_state(B, query_x)
         kls = []
         for step in range(c.L):
+            r = read(h_g)
             mu_p, sigma_p = self._gaussian(self.prior, h_g)
             inference = self._core(self.inference_cores, step)
             h_e, c_e = inference(query_x, v_q, r, h_g, u, h_e, c_e)
@@ -143,13 +154,18 @@ class GQN(nn.Module):
 
     def _generate(self, r, query_v, noise) -> torch.Tensor:
         """generate's and generate_from's steps, from a checked r."""
+        r = r.expand(-1, -1, GRID_SIZE, GRID_SIZE)
+        return self._draw(lambda h_g: r, query_v, noise)
+
+    def _draw(self, read, query_v, noise) -> torch.Tensor:
+        """The steps of generation, z from the prior; read(h_g) as in _elbo."""
         c = self.config
         B = query_v.shape[0]
 
-        r = r.expand(-1, -1, GRID_SIZE, GRID_SIZE)
         v_q = tile(query_v, GRID_SIZE)
-        h_g, c_g, u = self._initial_state(B, r)
+        h_g, c_g, u = self._initial_state(B, query_v)
         for step in range(c.L):
+            r = read(h_g)
             mu_p, sigma_p = self._gaussian(self.prior, h_g)
             eps = torch.randn_like(mu_p) if noise is None else noise[step]
             z = mu_p + sigma_p * eps

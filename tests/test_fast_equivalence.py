@@ -48,12 +48,14 @@ def configs(draw, max_L=3):
     )
 
 
-def compare(config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", **choices):
+def compare(
+    config, batch, views, seed, dtype=torch.float32, sigma=0.7, device="cpu", classes=(ReferenceGQN, GQN), **choices
+):
     """Every output and every gradient of fast (in dtype, on device; built with the constructor's
     choices) against the float64 reference (on the CPU); the plain reference runs beside fast, in
-    the same dtype and place."""
+    the same dtype and place. classes: the reference's and the fast model's (another of the family)."""
     make_data = lambda: random_scene_batch(batch, views, dtype=torch.float64)
-    compare_with_reference(ReferenceGQN, GQN, config, make_data, seed, dtype, sigma, device, **choices)
+    compare_with_reference(*classes, config, make_data, seed, dtype, sigma, device, **choices)
 
 
 @given(
