@@ -16,7 +16,8 @@
 - feed: scenes/s the training loop receives (the loader's Batch, B = 36, M + 1 = 6 views of 64 px
   scenes, T = 15) from DeepMind's download as it is (records.RecordDataset, worker processes)
   and from the same scenes converted (memory-mapped arrays, worker threads), for 1 and 2 workers
-  (up to one per core on a bigger host), interleaved, medians; and where a download's scene goes
+  (up to one per core on a bigger host), with `--tensorflow PYTHON` beside tf.data reading and
+  decoding the same views of the download on as many cores, interleaved, medians; and where a download's scene goes
   (feed-parts: read and checksum, parse, JPEG decode per view, the batch's copy and its trip
   from a worker process), each timed alone in this process.
 
@@ -190,9 +191,11 @@ def bench_decode(src: Path, name: str, repeats: int) -> dict:
     return _row("decode", name, seconds, len(records), "records", frame_size=info.image_size, workers=1)
 
 
-def _tensorflow_seconds(python: str, src: Path, name: str, workers: int) -> tuple[int, float]:
-    """(records, seconds) of one pass of bench/tf_reader.py under `python`, on `workers` cores."""
+def _tensorflow_seconds(python: str, src: Path, name: str, workers: int, feed: tuple = ()) -> tuple[int, float]:
+    """(records, seconds) of one pass of bench/tf_reader.py under `python`, on `workers` cores;
+    feed: (views, batches) for the feed's reading (bench/tf_reader.py says what it does)."""
     command = [python, str(Path(__file__).with_name("tf_reader.py")), str(src), name, str(workers), "1"]
+    command += [str(n) for n in feed]
     if hasattr(os, "sched_getaffinity") and shutil.which("taskset"):
         cores = sorted(os.sched_getaffinity(0))[:workers]  # TensorFlow's threads held to the workers' cores
         command = ["taskset", "-c", ",".join(map(str, cores))] + command
@@ -293,18 +296,27 @@ def _feed_seconds(dataset, workers: int, batches: int, batch_size: int = 36, vie
     return time.perf_counter() - start
 
 
-def bench_feed(download: Path, converted: Path, name: str, worker_counts, batches: int, repeats: int) -> list[dict]:
-    """Scenes/s the training loop receives from the download and from its conversion, interleaved."""
+def bench_feed(
+    download: Path, converted: Path, name: str, worker_counts, batches: int, repeats: int, tensorflow: str | None = None
+) -> list[dict]:
+    """Scenes/s the training loop receives from the download and from its conversion, and with
+    `tensorflow` (an interpreter with TensorFlow) what tf.data gives from the download reading and
+    decoding the same views on as many cores, all interleaved."""
     from gqn_fast.data.folder import open_dataset
 
     datasets = {
         "download": open_dataset(download, "train", name, progress=False),
         "converted": open_dataset(converted, "train"),
     }
-    times = {(source, w): [] for w in worker_counts for source in datasets}
+    sources = [*datasets, "tensorflow"] if tensorflow else list(datasets)
+    times = {(source, w): [] for w in worker_counts for source in sources}
     for _ in range(repeats):
         for source, workers in times:
-            times[source, workers].append(_feed_seconds(datasets[source], workers, batches) / batches)
+            if source == "tensorflow":
+                seconds = _tensorflow_seconds(tensorflow, download.parent, name, workers, feed=(6, batches))[1]
+            else:
+                seconds = _feed_seconds(datasets[source], workers, batches)
+            times[source, workers].append(seconds / batches)
     return [
         _row(
             "feed",
@@ -373,7 +385,7 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int) -> li
 FEED_SET = ("shepard_metzler_7_parts", 4, 400)
 
 
-def feed_rows(smoke: bool = False, log=print) -> list[dict]:
+def feed_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> list[dict]:
     name, files, per_file = FEED_SET
     if smoke:
         files, per_file = 2, 40
@@ -397,6 +409,7 @@ def feed_rows(smoke: bool = False, log=print) -> list[dict]:
                 worker_counts,
                 batches=8 if smoke else 100,
                 repeats=1 if smoke else 5,
+                tensorflow=tensorflow,
             )
         finally:
             if previous is None:
@@ -448,7 +461,7 @@ def data_rows(
     if "convert" in groups:
         rows += convert_rows(smoke, log, tensorflow)
     if "feed" in groups:
-        rows += feed_rows(smoke, log)
+        rows += feed_rows(smoke, log, tensorflow)
     return rows
 
 
@@ -460,7 +473,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tensorflow",
         metavar="PYTHON",
-        help="an interpreter with TensorFlow: the convert group times tf.data on the same files",
+        help="an interpreter with TensorFlow: the convert and feed groups time tf.data on the same files",
     )
     parser.add_argument(
         "--out",
