@@ -96,7 +96,7 @@ PRESETS = {
     "paper": GQNConfig(),
     "small": GQNConfig(
         # Shared cores: the constant inputs' conv work is then done once instead of L times,
-        # which is where the fast path gains most on a CPU (docs/spec.md, the fast path).
+        # which is where the fast path gains most on a CPU (docs/design.md).
         representation="tower",
         L=6,
         z_dim=3,
@@ -104,20 +104,11 @@ PRESETS = {
         canvas=32,
         r_dim=64,
         share_cores=True,
-    ),
-    # Consistent GQN (JUMP) at the small preset's sizes: one latent per scene, L z_dim x 16 x 16.
-    "jump-small": GQNConfig(
-        representation="tower",
-        L=6,
-        z_dim=3,
-        hidden=32,
-        canvas=32,
-        r_dim=64,
-        share_cores=True,
-        model="jump",
     ),
 }
-# Attention GQN at the small preset's sizes; 8x8 patches: 64 a context view.
+# The family at the small preset's sizes. Consistent GQN (JUMP): one latent per scene, L z_dim x 16
+# x 16; attention GQN: 8x8 patches, 64 a context view.
+PRESETS["jump-small"] = dataclasses.replace(PRESETS["small"], model="jump")
 PRESETS["attention-small"] = dataclasses.replace(
     PRESETS["small"], model="attention", attention_patch=8, attention_key_dim=32
 )
