@@ -82,8 +82,8 @@ def environment(device: torch.device) -> dict:
 
 
 # What users run: the paper preset with each representation and with shared cores, and the
-# small presets, GQN's and Consistent GQN's (label -> config).
-SMALL_PRESETS = ("small", "jump-small")
+# small presets of GQN and its family (label -> config).
+SMALL_PRESETS = ("small", "jump-small", "attention-small")  # at B = 8 on a CPU, 36 on a GPU
 MODEL_PRESETS = {
     "small": GQNConfig.preset("small"),
     "jump-small": GQNConfig.preset("jump-small"),
@@ -93,13 +93,12 @@ MODEL_PRESETS = {
     "paper-shared": GQNConfig.preset("paper", share_cores=True),
     "attention-small": GQNConfig.preset("attention-small"),
 }
-SMALL_PRESETS = ("small", "attention-small")  # at B = 8 on a CPU, 36 on a GPU
 
 
 def model_cases(device: torch.device, full: bool, presets=None, batches=None) -> list:
     """(label, config, batch) of the whole-model comparisons. The paper preset at B = 4 and 36;
     on a CPU B = 36 only with --full (a step takes minutes there). presets, batches: the ones to
-    keep (None: all)."""
+    keep (None: all), in the order of presets where given (what matters most first)."""
     paper_batches = [4, 36] if device.type == "cuda" or full else [4]
     small_batch = 36 if device.type == "cuda" else 8
     cases = [(label, MODEL_PRESETS[label], small_batch) for label in SMALL_PRESETS]
@@ -109,9 +108,10 @@ def model_cases(device: torch.device, full: bool, presets=None, batches=None) ->
         if label not in SMALL_PRESETS
         for b in paper_batches
     ]
-    return [
-        case for case in cases if (presets is None or case[0] in presets) and (batches is None or case[2] in batches)
-    ]
+    cases = [case for case in cases if batches is None or case[2] in batches]
+    if presets is None:
+        return cases
+    return sorted((case for case in cases if case[0] in presets), key=lambda case: list(presets).index(case[0]))
 
 
 def plan(device: torch.device, smoke: bool, quick: bool, full: bool = False, presets=None, batches=None) -> dict:
