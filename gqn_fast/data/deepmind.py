@@ -132,13 +132,31 @@ def scene_features(data: bytes, info: DeepMindDataset) -> tuple[list[bytes], np.
 def decode_frames(frames: list[bytes], info: DeepMindDataset, views) -> np.ndarray:
     """Frames `views` of a scene -> uint8 [len(views), 64, 64, 3]: decoded, then area-resized
     where the set's frames are larger; ValueError naming a frame that is no image of the set's size."""
-    size = info.image_size
+    if info.image_size != IMAGE_SIZE:
+        return area_resize(_decoded(frames, info.image_size, views), IMAGE_SIZE)
+    images = np.empty((len(views), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    decode_frames_into(frames, info, views, images)
+    return images
+
+
+def decode_frames_into(frames: list[bytes], info: DeepMindDataset, views, out) -> None:
+    """decode_frames written into `out`, one uint8 [64, 64, 3] array a view (a batch's rows: no
+    copy of the images after their decode where the set's frames are 64 px)."""
+    if info.image_size != IMAGE_SIZE:
+        for dest, image in zip(out, decode_frames(frames, info, views)):
+            dest[...] = image
+        return
+    for dest, t in zip(out, views):
+        if not _decode_fast(frames[t], dest):
+            _decode_pil(frames[t], dest, t)
+
+
+def _decoded(frames: list[bytes], size: int, views) -> np.ndarray:
+    """Frames `views` decoded at the set's frame size: uint8 [len(views), size, size, 3]."""
     images = np.empty((len(views), size, size, 3), np.uint8)
-    for i, t in enumerate(views):
-        if not _decode_fast(frames[t], images[i]):
-            _decode_pil(frames[t], images[i], t)
-    if size != IMAGE_SIZE:
-        images = area_resize(images, IMAGE_SIZE)
+    for image, t in zip(images, views):
+        if not _decode_fast(frames[t], image):
+            _decode_pil(frames[t], image, t)
     return images
 
 

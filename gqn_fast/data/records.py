@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gqn_fast.data.catalog import DeepMindDataset
-from gqn_fast.data.deepmind import decode_frames, scene_features
+from gqn_fast.data.deepmind import decode_frames_into, scene_features
 from gqn_fast.data.format import IMAGE_SIZE
 from gqn_fast.data.loader import Batch, BatchArrays, BatchPlan, batch_from_arrays
 from gqn_fast.data.record_index import open_index
@@ -91,13 +91,17 @@ class RecordDataset:
         except ValueError as error:
             raise CorruptRecordError(*self._where(scene), str(error)) from None
 
+    def _decode_into(self, scene: int, frames: list[bytes], views, out) -> None:
+        try:
+            decode_frames_into(frames, self.info, views, out)
+        except ValueError as error:
+            raise CorruptRecordError(*self._where(scene), str(error)) from None
+
     def scene_views(self, scene: int, views) -> tuple[np.ndarray, np.ndarray]:
         """(images uint8 [len(views), 64, 64, 3], cameras float32 [len(views), 5]) of a scene."""
         frames, cameras = self.features(scene)
-        try:
-            images = decode_frames(frames, self.info, views)
-        except ValueError as error:
-            raise CorruptRecordError(*self._where(scene), str(error)) from None
+        images = np.empty((len(views), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        self._decode_into(scene, frames, views, images)
         return images, cameras[views]
 
     def scene(self, index) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +122,9 @@ class RecordDataset:
         query = np.empty((b, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         cameras = np.empty((b, m + 1, 5), np.float32)
         for row, (scene, chosen) in enumerate(zip(scenes, views)):
-            images, cameras[row] = self.scene_views(int(scene), chosen)
-            context[row], query[row] = images[:m], images[m]
+            frames, scene_cameras = self.features(int(scene))
+            self._decode_into(int(scene), frames, chosen, [*context[row], query[row]])  # straight into the batch
+            cameras[row] = scene_cameras[chosen]
         return BatchArrays(context, query, cameras)
 
     def gather(self, plan: BatchPlan) -> Batch:
