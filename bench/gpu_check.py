@@ -456,22 +456,28 @@ def tests_beside_a_training_run(out: Path, clock: Clock, gpu: bool) -> tuple[str
     return state + "\n    " + box, ok and export_code == 0
 
 
+def graphed_step_ms(rows: list[dict], preset: str) -> float | None:
+    """The bench's graphed gqn_fast training step of `preset` at B = 36 in fp32, median ms (None if not measured)."""
+    for r in rows:
+        if (
+            r.get("workload") == "train_step"
+            and r.get("provider") == "gqn_fast-cudagraph"
+            and r.get("preset") == preset
+            and r.get("batch") == 36
+            and r.get("precision") == "fp32"
+            and "median_ms" in r
+        ):
+            return r["median_ms"]
+    return None
+
+
 def end_to_end(rows: list[dict], rate: float | None) -> str | None:
     """The train run's rate against the bench's graphed step alone (small preset, B = 36, fp32):
     below 1 by what the loader and the host add."""
-    step = [
-        r
-        for r in rows
-        if r.get("workload") == "train_step"
-        and r.get("provider") == "gqn_fast-cudagraph"
-        and r.get("preset") == "small"
-        and r.get("batch") == 36
-        and r.get("precision") == "fp32"
-        and "median_ms" in r
-    ]
-    if rate is None or not step:
+    step_ms = graphed_step_ms(rows, "small")
+    if rate is None or step_ms is None:
         return None
-    bench_rate = 1000.0 / step[0]["median_ms"]
+    bench_rate = 1000.0 / step_ms
     return (
         f"gqn-fast train {rate:.1f} steps/s against the bench's graphed step {bench_rate:.1f}: {rate / bench_rate:.2f}"
     )
@@ -480,20 +486,11 @@ def end_to_end(rows: list[dict], rate: float | None) -> str | None:
 def feed_against_step(rows: list[dict]) -> list[str]:
     """Each feed row's scenes/s (bench/data_bench.py) against the graphed paper-tower step's
     (B = 36, fp32): above 1, the loader outruns the training step it feeds."""
-    step = [
-        r
-        for r in rows
-        if r.get("workload") == "train_step"
-        and r.get("provider") == "gqn_fast-cudagraph"
-        and r.get("preset") == "paper-tower"
-        and r.get("batch") == 36
-        and r.get("precision") == "fp32"
-        and "median_ms" in r
-    ]
+    step_ms = graphed_step_ms(rows, "paper-tower")
     feeds = [r for r in rows if r.get("workload") == "feed" and "scenes_per_s" in r]
-    if not step or not feeds:
+    if step_ms is None or not feeds:
         return []
-    step_rate = 36 * 1000.0 / step[0]["median_ms"]
+    step_rate = 36 * 1000.0 / step_ms
     return [
         f"feed from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} scenes/s, "
         f"{r['scenes_per_s'] / step_rate:.2f}x the graphed paper-tower step's {step_rate:.0f}"

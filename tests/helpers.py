@@ -102,13 +102,13 @@ def interrupt_when(argv, ready, env=None, timeout=120):
     return process.returncode, out, err
 
 
-def ctrl_c_at_module_call(monkeypatch, call: int) -> None:
-    """A real SIGINT to this process at the `call`-th call of any torch module (a layer of the
-    model at work): a Ctrl-C in the middle of a command's computation."""
+def ctrl_c_at_call(monkeypatch, owner, name: str, call: int) -> list:
+    """A real SIGINT to this process at the `call`-th call of `owner.name` (made before it runs):
+    a Ctrl-C in the middle of the work. Returns the list that counts the calls."""
     import os
     import signal
 
-    real, calls = torch.nn.Module.__call__, []
+    real, calls = getattr(owner, name), []
 
     def signalled(self, *args, **kwargs):
         calls.append(1)
@@ -116,7 +116,13 @@ def ctrl_c_at_module_call(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.Module, "__call__", signalled)
+    monkeypatch.setattr(owner, name, signalled)
+    return calls
+
+
+def ctrl_c_at_module_call(monkeypatch, call: int) -> None:
+    """A Ctrl-C at the `call`-th call of any torch module (a layer of the model at work)."""
+    ctrl_c_at_call(monkeypatch, torch.nn.Module, "__call__", call)
 
 
 def assert_state_dicts_load_both_ways(reference, fast):

@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import HostReads
+from helpers import HostReads, ctrl_c_at_call
 
 from gqn_fast import cli
 from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
@@ -126,15 +126,7 @@ def test_ctrl_c_signal_stops_at_the_next_boundary(dataset, tmp_path, straight, m
 
 
 def _ctrl_c_run(dataset, tmp_path, straight, monkeypatch, inherited):
-    backward, calls = torch.Tensor.backward, []
-
-    def signalled(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return backward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    calls = ctrl_c_at_call(monkeypatch, torch.Tensor, "backward", 2)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(args_for(dataset, out, steps=4, checkpoint_every=4))
@@ -152,15 +144,7 @@ def test_resume_with_only_out_continues_the_run_as_it_was(dataset, tmp_path, str
     out = tmp_path / "run"
     argv = ["train", "--data", str(dataset), "--steps", "4", "--batch", "3", "--max-context", "3", "--out", str(out)]
     argv += ["--log-every", "1", "--image-every", "1000", "--checkpoint-every", "4", "--keep", "2", "--device", "cpu"]
-    backward, calls = torch.Tensor.backward, []
-
-    def signalled(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return backward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    ctrl_c_at_call(monkeypatch, torch.Tensor, "backward", 2)
     assert cli.main(argv) == 130
     monkeypatch.undo()
     assert last_state(out)["step"] == 2
@@ -362,15 +346,7 @@ def test_a_log_window_split_by_a_stop_is_logged_as_the_unstopped_run_logs_it(dat
     records of steps 4 and 8 equal the unstopped run's (the window's sums travel in the checkpoint)."""
     settings = dict(steps=8, log_every=4, checkpoint_every=8)
     train(args_for(dataset, tmp_path / "straight", **settings))
-    backward, calls = torch.Tensor.backward, []
-
-    def signalled(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # asks for a stop after this step
-        return backward(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", signalled)
+    ctrl_c_at_call(monkeypatch, torch.Tensor, "backward", 3)  # asks for a stop after step 3
     with pytest.raises(KeyboardInterrupt):
         train(args_for(dataset, tmp_path / "split", **settings))
     monkeypatch.undo()
