@@ -297,7 +297,14 @@ def _feed_seconds(dataset, workers: int, batches: int, batch_size: int = 36, vie
 
 
 def bench_feed(
-    download: Path, converted: Path, name: str, worker_counts, batches: int, repeats: int, tensorflow: str | None = None
+    download: Path,
+    converted: Path,
+    name: str,
+    worker_counts,
+    batches: int,
+    repeats: int,
+    cache: Path,
+    tensorflow: str | None = None,
 ) -> list[dict]:
     """Scenes/s the training loop receives from the download and from its conversion, and with
     `tensorflow` (an interpreter with TensorFlow) what tf.data gives from the download reading and
@@ -305,7 +312,7 @@ def bench_feed(
     from gqn_fast.data.folder import open_dataset
 
     datasets = {
-        "download": open_dataset(download, "train", name, progress=False),
+        "download": open_dataset(download, "train", name, progress=False, cache_dir=cache),
         "converted": open_dataset(converted, "train"),
     }
     sources = [*datasets, "tensorflow"] if tensorflow else list(datasets)
@@ -335,7 +342,7 @@ def bench_feed(
     ]
 
 
-def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int) -> list[dict]:
+def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache: Path) -> list[dict]:
     """Where a download's scene goes, each part timed alone over `scenes` scenes: microseconds."""
     import os
     import pickle
@@ -344,7 +351,7 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int) -> li
     from gqn_fast.data.folder import open_dataset
     from gqn_fast.data.tfrecord import masked_crc32c
 
-    ds = open_dataset(download, "train", name, progress=False)
+    ds = open_dataset(download, "train", name, progress=False, cache_dir=cache)
     rng = np.random.default_rng(0)
     picks = rng.integers(0, ds.num_scenes, scenes)
     views = [np.argsort(rng.random(ds.num_views))[:6] for _ in range(scenes)]
@@ -396,26 +403,20 @@ def feed_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> 
         src, cache = Path(tmp) / "src", Path(tmp) / "cache"
         write_deepmind_files(src, name, files, per_file, distinct=4 if smoke else 16)
         convert_deepmind(src, Path(tmp) / "converted", name, splits=("train",), progress=False)
-        previous = os.environ.get("GQN_FAST_CACHE")
-        os.environ["GQN_FAST_CACHE"] = str(cache)  # the index goes with the files, not into the user's cache
-        try:
-            parts = bench_feed_parts(src / name, name, scenes=72 if smoke else 360, repeats=2 if smoke else 5)
-            for r in parts:
-                log(f"  feed part: {r['provider']}: {r['microseconds']:.1f} us")
-            measured = bench_feed(
-                src / name,
-                Path(tmp) / "converted",
-                name,
-                worker_counts,
-                batches=8 if smoke else 100,
-                repeats=1 if smoke else 5,
-                tensorflow=tensorflow,
-            )
-        finally:
-            if previous is None:
-                os.environ.pop("GQN_FAST_CACHE")
-            else:
-                os.environ["GQN_FAST_CACHE"] = previous
+        # The index goes with the files (cache), not into the user's cache folder.
+        parts = bench_feed_parts(src / name, name, scenes=72 if smoke else 360, repeats=2 if smoke else 5, cache=cache)
+        for r in parts:
+            log(f"  feed part: {r['provider']}: {r['microseconds']:.1f} us")
+        measured = bench_feed(
+            src / name,
+            Path(tmp) / "converted",
+            name,
+            worker_counts,
+            batches=8 if smoke else 100,
+            repeats=1 if smoke else 5,
+            cache=cache,
+            tensorflow=tensorflow,
+        )
     rows += parts + measured
     for r in measured:
         log(f"  feed B=36 M+1=6 64 px from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} scenes/s")

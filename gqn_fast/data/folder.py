@@ -75,9 +75,12 @@ def inspect_folder(root, dataset: str | None = None) -> DataFolder:
     return DataFolder(DOWNLOAD, name, {split: folder / split for split in SPLITS})
 
 
-def open_dataset(root, split: str, dataset: str | None = None, skip_corrupt: bool = False, progress: bool = True):
+def open_dataset(
+    root, split: str, dataset: str | None = None, skip_corrupt: bool = False, progress: bool = True, cache_dir=None
+):
     """The dataset of split `split` of --data folder `root`: a SceneDataset for a converted folder,
-    a RecordDataset (indexed on first use, `skip_corrupt` leaving damaged records out) for a download."""
+    a RecordDataset (indexed on first use into `cache_dir`, default the cache folder; `skip_corrupt`
+    leaving damaged records out) for a download."""
     from gqn_fast.data.loader import SceneDataset
 
     found = inspect_folder(root, dataset)
@@ -86,7 +89,12 @@ def open_dataset(root, split: str, dataset: str | None = None, skip_corrupt: boo
     from gqn_fast.data.records import RecordDataset
 
     return RecordDataset(
-        found.split_dirs[split], DEEPMIND_DATASETS[found.dataset], split, skip_corrupt=skip_corrupt, progress=progress
+        found.split_dirs[split],
+        DEEPMIND_DATASETS[found.dataset],
+        split,
+        skip_corrupt=skip_corrupt,
+        cache_dir=cache_dir,
+        progress=progress,
     )
 
 
