@@ -22,11 +22,13 @@ from deepmind_files import (
     crc32c_bitwise,
     crc32c_table,
     example,
+    field,
     file_name,
     frame_record,
     jpeg,
     masked,
     smooth_images,
+    varint,
     write_dataset,
 )
 from helpers import interrupt_when
@@ -111,6 +113,43 @@ def test_parse_example_reads_every_list_type():
     np.testing.assert_array_equal(features["ids"], [3, -7, 2**40])
     with pytest.raises(ValueError):
         parse_example(b"\x0a\x05ab")  # a field longer than the message
+
+
+@given(
+    frames=st.lists(st.binary(max_size=300) | st.sampled_from([b"", bytes(16384), bytes(70000)]), max_size=20),
+    cameras=st.lists(st.floats(width=32, allow_nan=False), max_size=40),
+    ids=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5),
+)
+def test_parse_example_reads_what_was_written(frames, cameras, ids):
+    # sizes of one, two and three varint bytes: the bytes list's inline reading and its general one
+    features = parse_example(
+        example({"frames": frames, "cameras": np.array(cameras, np.float32), "ids": ("int64", ids)})
+    )
+    assert len(features["frames"]) == len(frames)
+    assert features["frames"] == frames and list(features["frames"]) == frames
+    assert features["frames"][1:3] == frames[1:3]
+    np.testing.assert_array_equal(features["cameras"], np.array(cameras, np.float32))
+    np.testing.assert_array_equal(features["ids"], ids)
+
+
+def test_parse_example_reads_a_bytes_list_with_other_fields():
+    # A value, an unknown varint field, a value: the tight loop hands over to the general reading.
+    body = field(1, b"first") + varint(2 << 3) + varint(300) + field(1, b"second")
+    data = field(1, field(1, field(1, b"frames") + field(2, field(1, body))))
+    assert parse_example(data)["frames"] == [b"first", b"second"]
+
+
+@given(st.binary(max_size=200), st.data())
+def test_parse_example_refuses_broken_bytes_with_value_error(tail, data):
+    # Whatever the bytes, an Example or a ValueError: never an IndexError or garbage.
+    whole = example({"frames": [b"ab", b"cde"], "cameras": np.array([1.0], np.float32)})
+    cut = data.draw(st.integers(0, len(whole)))
+    for candidate in (whole[:cut], whole[:cut] + tail, tail):
+        try:
+            features = parse_example(candidate)
+        except ValueError:
+            continue
+        assert isinstance(features, dict)
 
 
 def _records_file(tmp_path, payloads):

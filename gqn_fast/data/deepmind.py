@@ -37,6 +37,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ from gqn_fast.data.format import (
     write_json_atomic,
 )
 from gqn_fast.data.resize import area_resize
-from gqn_fast.data.tfrecord import CorruptRecordError, count_records, parse_example, scan_records
+from gqn_fast.data.tfrecord import ByteStrings, CorruptRecordError, count_records, parse_example, scan_records
 from gqn_fast.data.workers import worker_pool
 from gqn_fast.errors import Interrupted, UsageError
 
@@ -112,16 +113,16 @@ def expected_names(name: str, split: str) -> str:
     return f"{source_name(1, count)} .. {source_name(count, count)}"
 
 
-def scene_features(data: bytes, info: DeepMindDataset) -> tuple[list[bytes], np.ndarray]:
-    """One record -> (frames: T JPEG strings, cameras float32 [T, 5]), checked; ValueError naming
-    a missing or malformed feature."""
+def scene_features(data: bytes, info: DeepMindDataset) -> tuple[ByteStrings, np.ndarray]:
+    """One record -> (frames: T JPEG strings, each copied out when read; cameras float32 [T, 5]),
+    checked; ValueError naming a missing or malformed feature."""
     features = parse_example(data)
     for key in ("frames", "cameras"):
         if key not in features:
             raise ValueError(f"'{key}': missing (the record's features: {', '.join(sorted(features)) or 'none'})")
     frames, cameras = features["frames"], features["cameras"]
-    if not isinstance(frames, list) or len(frames) != info.num_views:
-        got = len(frames) if isinstance(frames, list) else type(frames).__name__
+    if not isinstance(frames, ByteStrings) or len(frames) != info.num_views:
+        got = len(frames) if isinstance(frames, ByteStrings) else type(frames).__name__
         raise ValueError(f"'frames': expected {info.num_views} JPEG strings, got {got}")
     if not isinstance(cameras, np.ndarray) or cameras.dtype != np.float32 or cameras.size != info.num_views * 5:
         got = cameras.size if isinstance(cameras, np.ndarray) else type(cameras).__name__
@@ -129,7 +130,7 @@ def scene_features(data: bytes, info: DeepMindDataset) -> tuple[list[bytes], np.
     return frames, cameras.reshape(info.num_views, 5)
 
 
-def decode_frames(frames: list[bytes], info: DeepMindDataset, views) -> np.ndarray:
+def decode_frames(frames: Sequence[bytes], info: DeepMindDataset, views) -> np.ndarray:
     """Frames `views` of a scene -> uint8 [len(views), 64, 64, 3]: decoded, then area-resized
     where the set's frames are larger; ValueError naming a frame that is no image of the set's size."""
     if info.image_size != IMAGE_SIZE:
@@ -139,7 +140,7 @@ def decode_frames(frames: list[bytes], info: DeepMindDataset, views) -> np.ndarr
     return images
 
 
-def decode_frames_into(frames: list[bytes], info: DeepMindDataset, views, out) -> None:
+def decode_frames_into(frames: Sequence[bytes], info: DeepMindDataset, views, out) -> None:
     """decode_frames written into `out`, one uint8 [64, 64, 3] array a view (a batch's rows: no
     copy of the images after their decode where the set's frames are 64 px)."""
     if info.image_size != IMAGE_SIZE:
@@ -151,7 +152,7 @@ def decode_frames_into(frames: list[bytes], info: DeepMindDataset, views, out) -
             _decode_pil(frames[t], dest, t)
 
 
-def _decoded(frames: list[bytes], size: int, views) -> np.ndarray:
+def _decoded(frames: Sequence[bytes], size: int, views) -> np.ndarray:
     """Frames `views` decoded at the set's frame size: uint8 [len(views), size, size, 3]."""
     images = np.empty((len(views), size, size, 3), np.uint8)
     for image, t in zip(images, views):

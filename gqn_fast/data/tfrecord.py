@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -146,11 +146,40 @@ def read_records(path) -> Iterator[bytes]:
 
 
 # ----------------------------------------------------------------------------------------
-# Protobuf wire format, the subset tf.train.Example uses.
+# Protobuf wire format, the subset tf.train.Example uses. Every level is read in place, as
+# (start, end) spans of the one bytes object: nothing is copied until a value is asked for.
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    if pos >= len(buf):
+class ByteStrings(Sequence):
+    """A BytesList's values, located in the Example's bytes and copied out only when read: a
+    training batch decodes 6 of a scene's 15 (or 300) frames. Equal to the list of its values."""
+
+    __slots__ = ("_data", "_starts", "_ends")
+
+    def __init__(self, data: bytes, starts: list[int], ends: list[int]):
+        self._data, self._starts, self._ends = data, starts, ends
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._data[self._starts[index] : self._ends[index]]
+
+    def __eq__(self, other):
+        if isinstance(other, (ByteStrings, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # a sequence compared by value
+
+    def __repr__(self) -> str:
+        return f"ByteStrings({len(self)} values)"
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos >= end:
         raise ValueError("truncated varint")
     byte = buf[pos]
     if byte < 0x80:  # keys and small sizes: one byte
@@ -158,7 +187,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result, shift = byte & 0x7F, 7
     pos += 1
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise ValueError("truncated varint")
         byte = buf[pos]
         pos += 1
@@ -170,104 +199,121 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
-    """(field number, wire type, value): int for varint / fixed, memoryview for length-delimited."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
+_FIXED_SIZE = {1: 8, 5: 4}
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
+    """(field number, wire type, value) of the message buf[pos:end]: an int for a varint, the
+    (start, end) of its bytes in buf for the other wire types."""
+    while pos < end:
+        key = buf[pos]
+        if key < 0x80:  # one byte, as every key of an Example: no call
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            if pos + 8 > len(buf):
-                raise ValueError("truncated fixed64")
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > len(buf):
-                raise ValueError(f"field {number}: {size} bytes announced, {len(buf) - pos} left")
-            value, pos = buf[pos : pos + size], pos + size
-        elif wire == 5:
-            if pos + 4 > len(buf):
-                raise ValueError("truncated fixed32")
-            value, pos = buf[pos : pos + 4], pos + 4
+            value, pos = _varint(buf, pos, end)
+            yield number, wire, value
+            continue
+        if wire == 2:
+            size = buf[pos] if pos < end else 0x80
+            if size < 0x80:
+                pos += 1
+            else:
+                size, pos = _varint(buf, pos, end)
+        elif wire in _FIXED_SIZE:
+            size = _FIXED_SIZE[wire]
         else:
             raise ValueError(f"field {number}: unsupported wire type {wire}")
-        yield number, wire, value
+        if pos + size > end:
+            raise ValueError(f"field {number}: {size} bytes announced, {end - pos} left")
+        yield number, wire, (pos, pos + size)
+        pos += size
 
 
-def _bytes_list(body: memoryview) -> list[bytes]:
-    """BytesList -> its values: a scene's frames, read in one tight loop (a generator per field
+def _bytes_list(buf: bytes, pos: int, end: int) -> ByteStrings:
+    """The BytesList buf[pos:end] -> its values, located in one tight loop (a generator per value
     costs several times the rest of a scene's parse)."""
-    values, pos, end = [], 0, len(body)
+    first, starts, ends = pos, [], []
     while pos < end:
-        if body[pos] != 1 << 3 | 2:  # not a value's key: another field, read the general way
-            return [bytes(v) for n, w, v in _fields(body) if n == 1 and w == 2]
+        if buf[pos] != 1 << 3 | 2:  # not a value's key: another field, read the general way
+            spans = [v for n, w, v in _fields(buf, first, end) if n == 1 and w == 2]
+            return ByteStrings(buf, [s for s, _ in spans], [e for _, e in spans])
         # The size, a varint: one or two bytes inline (a frame under 16 KiB), else the general way.
-        first = body[pos + 1] if pos + 1 < end else 0x80
-        if first < 0x80:
-            size, pos = first, pos + 2
-        elif pos + 2 < end and body[pos + 2] < 0x80:
-            size, pos = (first & 0x7F) | body[pos + 2] << 7, pos + 3
+        size = buf[pos + 1] if pos + 1 < end else 0x80
+        if size < 0x80:
+            pos += 2
+        elif pos + 2 < end and buf[pos + 2] < 0x80:
+            size, pos = (size & 0x7F) | buf[pos + 2] << 7, pos + 3
         else:
-            size, pos = _varint(body, pos + 1)
+            size, pos = _varint(buf, pos + 1, end)
         if pos + size > end:
             raise ValueError(f"field 1: {size} bytes announced, {end - pos} left")
-        values.append(bytes(body[pos : pos + size]))
+        starts.append(pos)
         pos += size
-    return values
+        ends.append(pos)
+    return ByteStrings(buf, starts, ends)
 
 
-def _feature(buf: memoryview):
-    """Feature -> list[bytes] (bytes_list), float32 array (float_list) or int64 array (int64_list)."""
-    for number, wire, body in _fields(buf):
+def _floats(buf: bytes, start: int, end: int) -> np.ndarray:
+    if (end - start) % 4:
+        raise ValueError(f"float_list: {end - start} bytes, not a whole number of floats")
+    return np.frombuffer(buf, "<f4", count=(end - start) // 4, offset=start)
+
+
+def _feature(buf: bytes, pos: int, end: int):
+    """The Feature buf[pos:end] -> ByteStrings (bytes_list), a float32 array (float_list) or an
+    int64 array (int64_list)."""
+    for number, wire, body in _fields(buf, pos, end):
         if wire != 2:
             continue
         if number == 1:
-            return _bytes_list(body)
+            return _bytes_list(buf, *body)
         if number == 2:
             parts = []
-            for n, w, v in _fields(body):
+            for n, w, v in _fields(buf, *body):
                 if n == 1:
-                    parts.append(np.frombuffer(v, dtype="<f4") if w in (2, 5) else None)
-            if any(p is None for p in parts):
-                raise ValueError("float_list: unexpected wire type")
+                    if w not in (2, 5):
+                        raise ValueError("float_list: unexpected wire type")
+                    parts.append(_floats(buf, *v))
             return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
         if number == 3:
             values = []
-            for n, w, v in _fields(body):
+            for n, w, v in _fields(buf, *body):
                 if n != 1:
                     continue
                 if w == 0:
                     values.append(v)
                 elif w == 2:  # packed
-                    pos = 0
-                    while pos < len(v):
-                        x, pos = _varint(v, pos)
+                    at, stop = v
+                    while at < stop:
+                        x, at = _varint(buf, at, stop)
                         values.append(x)
             # int64 travels as its two's complement in 64 bits
             return np.array([x - (1 << 64) if x >= 1 << 63 else x for x in values], dtype=np.int64)
-    return []  # an empty Feature
+    return ByteStrings(buf, [], [])  # an empty Feature
 
 
 def parse_example(data: bytes) -> dict:
-    """A serialized tf.train.Example -> {name: list[bytes] | float32 array | int64 array}.
+    """A serialized tf.train.Example -> {name: ByteStrings | float32 array | int64 array}.
 
     Raises ValueError when the bytes are not a well-formed Example."""
+    buf = data if isinstance(data, bytes) else bytes(data)
     features = {}
-    for number, wire, body in _fields(memoryview(data)):
+    for number, wire, body in _fields(buf, 0, len(buf)):
         if number != 1 or wire != 2:
             continue
-        for n, w, entry in _fields(body):
+        for n, w, entry in _fields(buf, *body):
             if n != 1 or w != 2:
                 continue
-            key, value = None, memoryview(b"")
-            for en, ew, ev in _fields(entry):
+            key, value = None, (0, 0)
+            for en, ew, ev in _fields(buf, *entry):
                 if en == 1 and ew == 2:
-                    key = bytes(ev).decode("utf-8")
+                    key = buf[ev[0] : ev[1]].decode("utf-8")
                 elif en == 2 and ew == 2:
                     value = ev
             if key is None:
                 raise ValueError("a feature map entry without a key")
-            features[key] = _feature(value)
+            features[key] = _feature(buf, *value)
     return features
