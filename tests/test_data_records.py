@@ -5,6 +5,7 @@ converter (`convert_deepmind`) on the same files is the oracle of every pixel.
 """
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 from deepmind_files import example, frame_record, jpeg, smooth_images, write_dataset
 
+import gqn_fast.data.loader as loader_module
 from gqn_fast.checkpoint import load_checkpoint
 from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, DatasetFormatError, SceneDataset, make_loader
@@ -95,7 +97,7 @@ def test_workers_give_the_same_batches_and_resume_exactly(tmp_path):
         loader = make_loader(download, "train", 3, 5, seed=4, num_workers=workers, pin_memory=False)
         assert loader.processes
         loader.set_epoch(1)
-        runs[workers] = [[t.clone() for t in b] for b in loader]
+        runs[workers] = list(loader)  # each batch its own memory: intact after the later ones
     for workers in (1, 2):
         for a, b in zip(runs[0], runs[workers], strict=True):
             assert_same_batch(a, b)
@@ -110,6 +112,27 @@ def test_workers_give_the_same_batches_and_resume_exactly(tmp_path):
     resumed.load_state_dict(state)
     for a, b in zip(runs[0][2:], resumed, strict=True):
         assert_same_batch(a, b)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_worker_batches_through_shared_slots_or_the_pipe_are_the_same(tmp_path, monkeypatch, start_method):
+    # Forked workers write into shared slots (two here, reused by every other batch); spawned
+    # ones send the arrays. A smaller last batch (drop_last=False) and every M come back whole.
+    monkeypatch.setattr(loader_module, "process_context", lambda: multiprocessing.get_context(start_method))
+    src = tmp_path / "src"
+    write_dataset(src, "shepard_metzler_7_parts", "train", [11], seed=5)
+    download = record_dataset(src, "shepard_metzler_7_parts")
+    expected = list(make_loader(download, "train", 3, 9, seed=2, drop_last=False, pin_memory=False))
+    assert len(expected[-1].query_x) == 2
+    options = {"num_workers": 2, "prefetch_factor": 1, "drop_last": False, "pin_memory": False}
+    loader = make_loader(download, "train", 3, 9, seed=2, **options)
+    batches = []
+    for batch in loader:
+        assert (loader._shared is not None) == (start_method == "fork")
+        batches.append(batch)
+    for a, b in zip(expected, batches, strict=True):
+        assert_same_batch(a, b)
+    loader.close()
 
 
 def test_a_damaged_jpeg_is_named_from_a_worker_and_the_workers_end(tmp_path):

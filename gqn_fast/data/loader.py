@@ -15,6 +15,7 @@ converts and lays them out there in one pass.
 from __future__ import annotations
 
 import math
+import mmap
 import operator
 import os
 from collections import deque
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from gqn_fast.data.format import CAMERAS, IMAGES, SPLITS, open_split
+from gqn_fast.data.format import CAMERAS, IMAGE_SIZE, IMAGES, SPLITS, open_split
 from gqn_fast.data.workers import process_context, worker_init
 from gqn_fast.reference.viewpoint import transform_viewpoint
 
@@ -120,15 +121,21 @@ class SceneDataset(Dataset):
         images, cameras = self.arrays()
         return torch.from_numpy(np.array(images[i])), torch.from_numpy(np.array(cameras[i]))
 
-    def gather_arrays(self, plan: BatchPlan) -> BatchArrays:
+    def gather_arrays(self, plan: BatchPlan, out: BatchArrays | None = None) -> BatchArrays:
+        """The plan's arrays; written into `out` when given (arrays of the plan's shapes)."""
         images, cameras = self.arrays()
         scenes, views = np.asarray(plan.scenes), np.asarray(plan.views)
         m = views.shape[1] - 1
-        return BatchArrays(
+        arrays = BatchArrays(
             np.asarray(images[scenes[:, None], views[:, :m]]),
             np.asarray(images[scenes, views[:, m]]),
             np.asarray(cameras[scenes[:, None], views]),
         )
+        if out is None:
+            return arrays
+        for dest, source in zip(out, arrays):
+            dest[...] = source
+        return out
 
     def gather(self, plan: BatchPlan) -> Batch:
         """The batch a plan describes."""
@@ -210,8 +217,10 @@ class SceneLoader:
     read that releases the GIL (under 1 ms for the paper's batch), while a process worker would
     pay several times that to hand 4 MB to this process for every batch. Decoding JPEGs
     (records.RecordDataset) is Python and holds the GIL: there processes, each decoding whole
-    batches, which this process turns into Batch tensors. Workers start with the first pass and
-    serve the next epochs; an error, a Ctrl-C, a pass left early or close() stops them.
+    batches straight into a slot of memory shared with this process (SharedBatches, where
+    workers fork), which copies the batch out once (into pinned memory with pin_memory): no
+    pickling and no pipe. Workers start with the first pass and serve the next epochs; an
+    error, a Ctrl-C, a pass left early or close() stops them.
     """
 
     def __init__(
@@ -230,7 +239,7 @@ class SceneLoader:
         self.dataset, self.planner = dataset, planner
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.processes = processes
-        self._workers = None
+        self._workers = self._shared = None
         self._start = self._position = 0
 
     @property
@@ -256,27 +265,49 @@ class SceneLoader:
         return self._pinned(self.dataset.gather(plan))
 
     def _pool(self):
-        """The workers (started on the first pass, kept for the next epochs) and what this process
-        makes of what one returns."""
+        """The workers: started on the first pass, kept for the next epochs."""
         if self._workers is None:
             if self.processes:
+                context = process_context()
+                if context.get_start_method() == "fork":  # the map is inherited, not pickled
+                    slots = self.num_workers * self.prefetch_factor
+                    self._shared = SharedBatches(slots, self.planner.batch_size, self.planner.max_context + 1)
                 self._workers = ProcessPoolExecutor(
                     self.num_workers,
-                    mp_context=process_context(),
+                    mp_context=context,
                     initializer=_start_worker,
-                    initargs=(self.dataset, os.getpid()),
+                    initargs=(self.dataset, self._shared, os.getpid()),
                 )
             else:
                 self._workers = ThreadPoolExecutor(self.num_workers, thread_name_prefix="gqn-loader")
-        if self.processes:
-            return self._workers, _gather_in_worker, lambda arrays: self._pinned(batch_from_arrays(arrays))
-        return self._workers, self._fetch, lambda batch: batch
+        return self._workers
+
+    def _submit(self, plan: BatchPlan, k: int):
+        """Batch k of this pass started in a worker: a future of what `_receive` makes a Batch of.
+        At most slots batches are in flight and they come back in order: batch k's slot is free."""
+        pool = self._pool()
+        if not self.processes:
+            return pool.submit(self._fetch, plan)
+        return pool.submit(_gather_in_worker, plan, None if self._shared is None else k % self._shared.slots)
+
+    def _receive(self, future, plan: BatchPlan, k: int) -> Batch:
+        """The Batch of `_submit(plan, k)`'s future."""
+        result = future.result()
+        if not self.processes:
+            return result
+        if self._shared is None:  # the arrays came through the pipe
+            return self._pinned(batch_from_arrays(result))
+        arrays = self._shared.arrays(k % self._shared.slots, *np.shape(plan.views))
+        if self.pin_memory:  # the copy into pinned memory is the one copy out of the slot
+            return self._pinned(batch_from_arrays(arrays))
+        # numpy's copy: one thread, where torch's would wake its thread pool beside the workers
+        return batch_from_arrays(BatchArrays(*(a.copy() for a in arrays)))
 
     def close(self) -> None:
         """Stop the workers (a later pass starts new ones)."""
         if self._workers is not None:
             self._workers.shutdown(wait=True, cancel_futures=True)
-            self._workers = None
+            self._workers = self._shared = None
 
     def __del__(self):
         if getattr(self, "_workers", None) is not None:  # also when __init__ stopped early
@@ -286,16 +317,15 @@ class SceneLoader:
         if self.num_workers == 0:
             yield from map(self._fetch, plans)
             return
-        pool, work, finish = self._pool()
         pending: deque = deque()
         finished = False
         try:
-            for plan in plans:
-                pending.append(pool.submit(work, plan))
+            for k, plan in enumerate(plans):
+                pending.append((self._submit(plan, k), plan, k))
                 if len(pending) >= self.num_workers * self.prefetch_factor:
-                    yield finish(pending.popleft().result())
+                    yield self._receive(*pending.popleft())
             while pending:
-                yield finish(pending.popleft().result())
+                yield self._receive(*pending.popleft())
             finished = True
         finally:
             if not finished:  # an error, a Ctrl-C or a pass left early: no worker keeps on for it
@@ -332,21 +362,53 @@ class SceneLoader:
         self.set_epoch(state["epoch"], start_batch=state["batch"])
 
 
-# A worker process's dataset: set once when it starts (inherited, not pickled, where it forks).
-_worker_dataset = None
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+IMAGE_BYTES, CAMERA_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3, 5 * 4
 
 
-def _start_worker(dataset, parent: int) -> None:
+class SharedBatches:
+    """`slots` buffers, each the size of the largest batch (batch_size scenes of max_views views:
+    M + 1), in an anonymous shared map that worker processes forked after it is made write into
+    and this process reads (not /dev/shm, which containers keep small)."""
+
+    def __init__(self, slots: int, batch_size: int, max_views: int):
+        self.slots = slots
+        self.slot_bytes = batch_size * max_views * (IMAGE_BYTES + CAMERA_BYTES)
+        self._memory = mmap.mmap(-1, slots * self.slot_bytes)
+
+    def arrays(self, slot: int, scenes: int, views: int) -> BatchArrays:
+        """Slot `slot` as the arrays of a batch of `scenes` scenes of `views` views each (M + 1):
+        contiguous from the slot's start, writable."""
+        context, query = scenes * (views - 1) * IMAGE_BYTES, scenes * IMAGE_BYTES
+        at = slot * self.slot_bytes
+        return BatchArrays(
+            np.frombuffer(self._memory, np.uint8, context, at).reshape(scenes, views - 1, *IMAGE_SHAPE),
+            np.frombuffer(self._memory, np.uint8, query, at + context).reshape(scenes, *IMAGE_SHAPE),
+            np.frombuffer(self._memory, np.float32, scenes * views * 5, at + context + query).reshape(scenes, views, 5),
+        )
+
+
+# A worker process's dataset and shared slots: set once when it starts (inherited, not
+# pickled, where it forks).
+_worker_dataset = _worker_shared = None
+
+
+def _start_worker(dataset, shared: SharedBatches | None, parent: int) -> None:
     from threadpoolctl import threadpool_limits
 
-    global _worker_dataset
-    _worker_dataset = dataset
+    global _worker_dataset, _worker_shared
+    _worker_dataset, _worker_shared = dataset, shared
     worker_init(parent)  # Ctrl-C goes to the parent, which stops the pool; exits with the parent
     threadpool_limits(limits=1, user_api="blas")  # one core each: the resize's products gain nothing from more
 
 
-def _gather_in_worker(plan: BatchPlan) -> BatchArrays:
-    return _worker_dataset.gather_arrays(plan)
+def _gather_in_worker(plan: BatchPlan, slot: int | None) -> BatchArrays | None:
+    """The plan's batch written into shared slot `slot` (None returned), or returned where
+    there are no shared slots."""
+    if slot is None:
+        return _worker_dataset.gather_arrays(plan)
+    _worker_dataset.gather_arrays(plan, out=_worker_shared.arrays(slot, *np.shape(plan.views)))
+    return None
 
 
 def make_loader(

@@ -84,10 +84,11 @@ class RecordDataset:
         naming the file and record if it no longer reads as it did when indexed."""
         file, offset, length = int(self.index.file[scene]), int(self.index.offset[scene]), int(self.index.length[scene])
         raw = os.pread(self._fd(file), length + 4, offset)
+        payload = raw[:length]
         try:
-            if len(raw) != length + 4 or masked_crc32c(raw[:length]) != struct.unpack("<I", raw[length:])[0]:
+            if len(raw) != length + 4 or masked_crc32c(payload) != struct.unpack("<I", raw[length:])[0]:
                 raise ValueError("the file changed since it was indexed (its record no longer matches its checksum)")
-            return scene_features(raw[:length], self.info)
+            return scene_features(payload, self.info)
         except ValueError as error:
             raise CorruptRecordError(*self._where(scene), str(error)) from None
 
@@ -115,17 +116,24 @@ class RecordDataset:
         images, cameras = self.scene(index)
         return torch.from_numpy(images), torch.from_numpy(cameras)
 
-    def gather_arrays(self, plan: BatchPlan) -> BatchArrays:
+    def gather_arrays(self, plan: BatchPlan, out: BatchArrays | None = None) -> BatchArrays:
+        """The plan's arrays, each view decoded straight into its row; into `out` when given
+        (arrays of the plan's shapes: a worker's slot of memory shared with the training loop)."""
         scenes, views = np.asarray(plan.scenes), np.asarray(plan.views)
         b, m = len(scenes), views.shape[1] - 1
-        context = np.empty((b, m, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        query = np.empty((b, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        cameras = np.empty((b, m + 1, 5), np.float32)
+        if out is None:
+            out = BatchArrays(
+                np.empty((b, m, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+                np.empty((b, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+                np.empty((b, m + 1, 5), np.float32),
+            )
         for row, (scene, chosen) in enumerate(zip(scenes, views)):
             frames, scene_cameras = self.features(int(scene))
-            self._decode_into(int(scene), frames, chosen, [*context[row], query[row]])  # straight into the batch
-            cameras[row] = scene_cameras[chosen]
-        return BatchArrays(context, query, cameras)
+            self._decode_into(
+                int(scene), frames, chosen, [*out.context[row], out.query[row]]
+            )  # straight into the batch
+            out.cameras[row] = scene_cameras[chosen]
+        return out
 
     def gather(self, plan: BatchPlan) -> Batch:
         """The batch a plan describes."""
