@@ -17,9 +17,10 @@
   scenes, T = 15) from DeepMind's download as it is (records.RecordDataset, worker processes)
   and from the same scenes converted (memory-mapped arrays, worker threads), for 1 and 2 workers
   (up to one per core on a bigger host), with `--tensorflow PYTHON` beside tf.data reading and
-  decoding the same views of the download on as many cores, interleaved, medians; and where a download's scene goes
-  (feed-parts: read and checksum, parse, JPEG decode per view, the batch's copy and its trip
-  from a worker process), each timed alone in this process.
+  decoding the same views of the download on as many cores, interleaved, medians; each row also
+  gives scenes per CPU second of every process and thread taking part (the rate per core); and
+  where a download's scene goes (feed-parts: read and checksum, parse, JPEG decode per view, the
+  batch's copy out of the slot a worker wrote it into), each timed alone in this process.
 
 `data_rows(smoke, log)` returns one dict per measurement, for bench/run.py's results.json.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -43,7 +45,15 @@ from threadpoolctl import threadpool_limits
 
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
-from gqn_fast.data.loader import BatchPlan, BatchPlanner, SceneLoader, make_loader, to_model_inputs
+from gqn_fast.data.loader import (
+    BatchArrays,
+    BatchPlan,
+    BatchPlanner,
+    SceneLoader,
+    batch_from_arrays,
+    make_loader,
+    to_model_inputs,
+)
 from gqn_fast.data.render import render
 from gqn_fast.data.scenes import get_family, sample_scenes
 from gqn_fast.data.workers import worker_pool
@@ -191,17 +201,16 @@ def bench_decode(src: Path, name: str, repeats: int) -> dict:
     return _row("decode", name, seconds, len(records), "records", frame_size=info.image_size, workers=1)
 
 
-def _tensorflow_seconds(python: str, src: Path, name: str, workers: int, feed: tuple = ()) -> tuple[int, float]:
-    """(records, seconds) of one pass of bench/tf_reader.py under `python`, on `workers` cores;
-    feed: (views, batches) for the feed's reading (bench/tf_reader.py says what it does)."""
+def _tensorflow_run(python: str, src: Path, name: str, workers: int, feed: tuple = ()) -> dict:
+    """bench/tf_reader.py's result ({"records", "seconds": [one pass], ...}) under `python`, on
+    `workers` cores; feed: (views, batches) for the feed's reading (tf_reader.py says what it does)."""
     command = [python, str(Path(__file__).with_name("tf_reader.py")), str(src), name, str(workers), "1"]
     command += [str(n) for n in feed]
     if hasattr(os, "sched_getaffinity") and shutil.which("taskset"):
         cores = sorted(os.sched_getaffinity(0))[:workers]  # TensorFlow's threads held to the workers' cores
         command = ["taskset", "-c", ",".join(map(str, cores))] + command
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["records"], result["seconds"][0]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_convert(src: Path, name: str, worker_counts, repeats: int, tensorflow: str | None = None) -> list[dict]:
@@ -213,7 +222,8 @@ def bench_convert(src: Path, name: str, worker_counts, repeats: int, tensorflow:
     for _ in range(repeats):
         for provider, workers in times:
             if provider == "tensorflow":
-                records, seconds = _tensorflow_seconds(tensorflow, src, name, workers)
+                result = _tensorflow_run(tensorflow, src, name, workers)
+                records, seconds = result["records"], result["seconds"][0]
             else:
                 with tempfile.TemporaryDirectory() as out:
                     start = time.perf_counter()
@@ -277,23 +287,35 @@ class FixedContextPlanner(BatchPlanner):
         return BatchPlan(scenes, views)
 
 
-def _feed_seconds(dataset, workers: int, batches: int, batch_size: int = 36, views: int = 6) -> float:
-    """Seconds for the loader to hand out `batches` batches, after a warm-up epoch's first batches."""
+def _cpu_seconds() -> tuple[float, set[int]]:
+    """(CPU seconds, user and system, of this process's threads and of its live child processes
+    (the loader's workers; read from /proc, so Linux only), the children's process ids)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, children = time.process_time(), multiprocessing.active_children()
+    for child in children:
+        with open(f"/proc/{child.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15 of stat
+    return total, {child.pid for child in children}
+
+
+def _feed_seconds(dataset, workers: int, epochs: int, batch_size: int = 36, views: int = 6) -> tuple[float, float]:
+    """(seconds, CPU seconds of every process taking part) for the loader to hand out `epochs`
+    whole epochs, after a warm-up epoch (whole passes: the workers serve them all)."""
     planner = FixedContextPlanner(dataset.num_scenes, dataset.num_views, batch_size, views - 1, seed=0)
     loader = SceneLoader(dataset, planner, num_workers=workers, processes=dataset.worker_processes)
-    for k, _ in enumerate(loader):  # the pool started, the pages read once
-        if k == 2 * workers * loader.prefetch_factor:
-            break
-    done, epoch = 0, 1
-    start = time.perf_counter()
-    while done < batches:
+    for _ in loader:  # the pool started, the pages read once
+        pass
+    start, (cpu_start, children) = time.perf_counter(), _cpu_seconds()
+    for epoch in range(1, epochs + 1):
         loader.set_epoch(epoch)
         for _ in loader:
-            done += 1
-            if done == batches:
-                break
-        epoch += 1
-    return time.perf_counter() - start
+            pass
+    seconds, (cpu_end, children_after) = time.perf_counter() - start, _cpu_seconds()
+    loader.close()
+    if children_after != children:  # a worker's CPU time left out
+        raise RuntimeError(f"the loader's worker processes changed while timed: {children} -> {children_after}")
+    return seconds, cpu_end - cpu_start
 
 
 def bench_feed(
@@ -308,22 +330,29 @@ def bench_feed(
 ) -> list[dict]:
     """Scenes/s the training loop receives from the download and from its conversion, and with
     `tensorflow` (an interpreter with TensorFlow) what tf.data gives from the download reading and
-    decoding the same views on as many cores, all interleaved."""
+    decoding the same views on as many cores, all interleaved. Whole epochs of 36-scene batches,
+    at least `batches` of them (tf.data is given as many)."""
     from gqn_fast.data.folder import open_dataset
 
     datasets = {
         "download": open_dataset(download, "train", name, progress=False, cache_dir=cache),
         "converted": open_dataset(converted, "train"),
     }
+    per_epoch = datasets["download"].num_scenes // 36
+    epochs = -(-batches // per_epoch)
+    batches = epochs * per_epoch
     sources = [*datasets, "tensorflow"] if tensorflow else list(datasets)
     times = {(source, w): [] for w in worker_counts for source in sources}
+    cpu = {key: [] for key in times}
     for _ in range(repeats):
         for source, workers in times:
             if source == "tensorflow":
-                seconds = _tensorflow_seconds(tensorflow, download.parent, name, workers, feed=(6, batches))[1]
+                result = _tensorflow_run(tensorflow, download.parent, name, workers, feed=(6, batches))
+                seconds, cpu_seconds = result["seconds"][0], result["cpu_seconds"][0]
             else:
-                seconds = _feed_seconds(datasets[source], workers, batches)
+                seconds, cpu_seconds = _feed_seconds(datasets[source], workers, epochs)
             times[source, workers].append(seconds / batches)
+            cpu[source, workers].append(cpu_seconds / batches)
     return [
         _row(
             "feed",
@@ -337,6 +366,9 @@ def bench_feed(
             source=source,
             frame_size=64,
             measured_batches=batches,
+            # scenes per CPU second, all the processes and threads taking part: the rate per core
+            scenes_per_cpu_s=36 / statistics.median(cpu[source, w]),
+            cpu_ms=statistics.median(cpu[source, w]) * 1e3,
         )
         for (source, w), t in times.items()
     ]
@@ -344,9 +376,6 @@ def bench_feed(
 
 def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache: Path) -> list[dict]:
     """Where a download's scene goes, each part timed alone over `scenes` scenes: microseconds."""
-    import os
-    import pickle
-
     from gqn_fast.data.deepmind import decode_frames, scene_features
     from gqn_fast.data.folder import open_dataset
     from gqn_fast.data.tfrecord import masked_crc32c
@@ -359,7 +388,6 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache
     raws = [os.pread(fd, length + 4, offset) for fd, length, offset in where]
     payloads = [raw[:-4] for raw in raws]
     parsed = [scene_features(p, ds.info) for p in payloads]
-    decoded = [decode_frames(frames, ds.info, v) for (frames, _), v in zip(parsed, views)]
     plan = BatchPlan(picks[:36], np.stack(views[:36]))
     arrays = ds.gather_arrays(plan)
     parts = {
@@ -370,12 +398,9 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache
             lambda: [decode_frames(f, ds.info, v) for (f, _), v in zip(parsed, views)],
             scenes * 6,
         ),
-        "copy into the batch arrays": (
-            lambda: [np.stack([d[:5] for d in decoded]), np.stack([d[5] for d in decoded])],
-            scenes,
-        ),
-        "batch from a worker process (pickle both ways), per scene": (
-            lambda: pickle.loads(pickle.dumps(arrays, protocol=pickle.HIGHEST_PROTOCOL)),
+        # What the training loop's process does with a batch a worker wrote into a shared slot.
+        "the batch out of its shared slot, per scene": (
+            lambda: batch_from_arrays(BatchArrays(*(a.copy() for a in arrays))),
             36,
         ),
     }
@@ -419,7 +444,10 @@ def feed_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> 
         )
     rows += parts + measured
     for r in measured:
-        log(f"  feed B=36 M+1=6 64 px from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} scenes/s")
+        log(
+            f"  feed B=36 M+1=6 64 px from the {r['source']}, {r['workers']} workers: {r['scenes_per_s']:.0f} "
+            f"scenes/s, {r['scenes_per_cpu_s']:.0f} scenes per CPU second"
+        )
     return rows
 
 

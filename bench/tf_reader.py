@@ -11,7 +11,8 @@ after a warm-up pass. bench/data_bench.py runs it (`--tensorflow PYTHON`) beside
 
 With VIEWS and BATCHES, what a training loop gets instead (the feed group): per record VIEWS
 views drawn at random, only those decoded, batched by 36, BATCHES batches a repeat from a
-shuffled, repeated dataset; "records" then counts the scenes of one repeat.
+shuffled, repeated dataset; "records" then counts the scenes of one repeat, and "cpu_seconds"
+gives the CPU time of each repeat, all of TensorFlow's threads together.
 """
 
 import json
@@ -59,13 +60,14 @@ def main() -> int:
         feed = iter(dataset.prefetch(2).with_options(options).as_numpy_iterator())
         for _ in range(batches):  # warm-up: the file pages, the graph, the shuffle buffer
             next(feed)
-        seconds = []
+        seconds, cpu_seconds = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(batches):
                 next(feed)
             seconds.append(time.perf_counter() - start)
-        print(json.dumps({"records": 36 * batches, "seconds": seconds}))
+            cpu_seconds.append(time.process_time() - cpu_start)  # every thread of TensorFlow's
+        print(json.dumps({"records": 36 * batches, "seconds": seconds, "cpu_seconds": cpu_seconds}))
         return 0
     dataset = dataset.map(decode, num_parallel_calls=workers).prefetch(2).with_options(options)
     records = sum(1 for _ in dataset.as_numpy_iterator())  # warm-up: the file pages, the graph

@@ -54,6 +54,8 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     for r in rows:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["device"] == env["device"]
+    feed = [r for r in rows if r["workload"] == "feed"]  # the rate per core: CPU time of every process in it
+    assert feed and all(0 < r["scenes_per_cpu_s"] < float("inf") for r in feed)
     steps = [r for r in rows if r["workload"] == "train_step"]
     assert all(r["speedup"] > 0 and r["flops"] > 0 and r["saved_bytes"] > 0 for r in steps)
     # What each eager step dispatches (bench/op_count.py), beside its time.
