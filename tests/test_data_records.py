@@ -135,6 +135,19 @@ def test_worker_batches_through_shared_slots_or_the_pipe_are_the_same(tmp_path, 
     loader.close()
 
 
+@pytest.mark.cuda
+def test_pinned_batches_are_copied_out_of_the_shared_slots(tmp_path):
+    src = tmp_path / "src"
+    write_dataset(src, "shepard_metzler_7_parts", "train", [11], seed=6)
+    download = record_dataset(src, "shepard_metzler_7_parts")
+    expected = list(make_loader(download, "train", 3, 9, seed=2, pin_memory=False))
+    loader = make_loader(download, "train", 3, 9, seed=2, num_workers=2, prefetch_factor=1, pin_memory=True)
+    batches = list(loader)
+    for a, b in zip(expected, batches, strict=True):
+        assert all(t.is_pinned() for t in b)
+        assert_same_batch(a, b)
+
+
 def test_a_damaged_jpeg_is_named_from_a_worker_and_the_workers_end(tmp_path):
     src = tmp_path / "src"
     folder = src / "rooms_ring_camera" / "train"
