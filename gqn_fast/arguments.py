@@ -165,7 +165,8 @@ def register_train(subparsers) -> None:
         type=int,
         default=defaults.workers,
         help="data loader workers gathering batches ahead (0: in the training loop); threads for a converted "
-        "folder, processes decoding JPEGs for a download",
+        "folder, processes decoding JPEGs for a download (default: on a GPU, for a download one per core but one, "
+        "at most 8, for a folder 2; on the CPU, 1 for a download, 0 for a folder)",
     )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
     p.add_argument("--image-every", type=int, default=defaults.image_every, help="steps between progress pictures")

@@ -34,6 +34,7 @@ from gqn_fast.checkpoint import (
     set_rng_state,
 )
 from gqn_fast.config import GRID_SIZE, GQNConfig
+from gqn_fast.data.workers import default_workers
 from gqn_fast.devices import device_of
 from gqn_fast.errors import Interrupted, UsageError, UserError
 from gqn_fast.images import save_grid
@@ -41,6 +42,7 @@ from gqn_fast.models import build_model
 from gqn_fast.schedules import bits_per_dim, learning_rate, nll_floor, pixel_sigma
 from gqn_fast.train_settings import (  # noqa: F401  (TrainArgs: the API)
     TrainArgs,
+    auto_workers,
     check_args,
     check_resume_settings,
     describe_settings,
@@ -448,13 +450,17 @@ def setup(args: TrainArgs, given: frozenset[str] | None = None) -> Run:
 
         elbo = torch.compile(elbo, options=compile_options(model))
 
+    workers = args.workers
+    if workers is None:
+        ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's
+        workers = auto_workers(dataset.worker_processes, device.type == "cuda", default_workers(), ranks_on_host)
     loader = make_loader(
         dataset,
         "train",
         batch_size=args.batch,
         max_context=args.max_context,
         seed=args.seed,
-        num_workers=args.workers,
+        num_workers=workers,
         distributed=world > 1,
     )
     # An allowed change of --batch or --data can leave the old position past the epoch's end.

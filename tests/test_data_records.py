@@ -136,7 +136,7 @@ def test_worker_batches_through_shared_slots_or_the_pipe_are_the_same(tmp_path, 
 
 
 @pytest.mark.cuda
-def test_pinned_batches_are_copied_out_of_the_shared_slots(tmp_path):
+def test_cuda_pinned_batches_are_copied_out_of_the_shared_slots(tmp_path):
     src = tmp_path / "src"
     write_dataset(src, "shepard_metzler_7_parts", "train", [11], seed=6)
     download = record_dataset(src, "shepard_metzler_7_parts")
@@ -318,10 +318,16 @@ def test_train_resume_eval_and_show_on_the_download_write_nothing_into_it(tmp_pa
     download = src / "rooms_ring_camera"
     before = listing(src)
     monkeypatch.chdir(tmp_path)
+    workers = []  # each run's loader workers: without --workers, what the data needs on the CPU
+    make_loader = loader_module.make_loader  # imported by train when it runs
+    monkeypatch.setattr(
+        loader_module, "make_loader", lambda *a, **k: workers.append(k["num_workers"]) or make_loader(*a, **k)
+    )
     # Stopped at step 1 and resumed on the download == 2 steps straight on the converted arrays.
-    assert _train("--data", str(download), "--steps", "1", "--out", "on-download", "--workers", "2") == 0
-    assert _train("--data", str(download), "--steps", "2", "--out", "on-download", "--resume") == 0
+    assert _train("--data", str(download), "--steps", "1", "--out", "on-download") == 0
+    assert _train("--data", str(download), "--steps", "2", "--out", "on-download", "--resume", "--workers", "2") == 0
     assert _train("--data", str(tmp_path / "converted"), "--steps", "2", "--out", "converted") == 0
+    assert workers == [1, 2, 0]
     resumed, straight = (
         load_checkpoint(tmp_path / run / "checkpoints" / "step-00000002.pt") for run in ("on-download", "converted")
     )

@@ -15,6 +15,7 @@ from gqn_fast import cli
 from gqn_fast.checkpoint import CheckpointError, atomic_save, list_checkpoints, load_checkpoint
 from gqn_fast.errors import UsageError
 from gqn_fast.train import TrainArgs, TrainingDiverged, train
+from gqn_fast.train_settings import auto_workers
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +416,18 @@ def test_the_train_command_says_where_its_results_went(dataset, tmp_path, capsys
         f"wrote {out}: checkpoints step-00000001.pt in {out / 'checkpoints'}, "
         f"metrics in {out / 'metrics.jsonl'}, pictures in {out / 'images'}"
     )
+
+
+def test_workers_default_to_what_the_data_and_the_device_need():
+    # (decodes JPEGs, on a GPU, cores, ranks on the host) -> workers
+    cases = {
+        (False, False, 16, 1): 0,  # a converted folder on the CPU: read in the loop
+        (True, False, 16, 1): 1,  # a download on the CPU: one decoding process beside the slow step
+        (False, True, 16, 1): 2,  # a converted folder on a GPU: two reading threads
+        (True, True, 16, 1): 8,  # a download on a GPU: a core each, at most 8
+        (True, True, 6, 1): 5,  # ... one core left to the training loop
+        (True, True, 16, 4): 3,  # ... the host's cores shared by its ranks
+        (True, True, 2, 4): 1,  # ... never none
+    }
+    for (decodes, on_gpu, cores, ranks), workers in cases.items():
+        assert auto_workers(decodes, on_gpu, cores, ranks) == workers, (decodes, on_gpu, cores, ranks)
