@@ -417,24 +417,31 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache
 FEED_SET = ("shepard_metzler_7_parts", 4, 400)
 
 
-def feed_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> list[dict]:
+def write_feed_set(folder: Path, smoke: bool = False) -> tuple[Path, Path]:
+    """The feed set as DeepMind ships it, in folder/src/<name>, and converted, in folder/converted:
+    (the download's folder, the converted folder). Also what gpu_check trains on from both."""
     name, files, per_file = FEED_SET
     if smoke:
         files, per_file = 2, 40
+    write_deepmind_files(folder / "src", name, files, per_file, distinct=4 if smoke else 16)
+    convert_deepmind(folder / "src", folder / "converted", name, splits=("train",), progress=False)
+    return folder / "src" / name, folder / "converted"
+
+
+def feed_rows(smoke: bool = False, log=print, tensorflow: str | None = None) -> list[dict]:
+    name = FEED_SET[0]
     cores = default_workers()
     worker_counts = [1, 2] if smoke or cores <= 2 else sorted({1, 2, 4, 8, 16} & set(range(1, cores + 1)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src, cache = Path(tmp) / "src", Path(tmp) / "cache"
-        write_deepmind_files(src, name, files, per_file, distinct=4 if smoke else 16)
-        convert_deepmind(src, Path(tmp) / "converted", name, splits=("train",), progress=False)
-        # The index goes with the files (cache), not into the user's cache folder.
-        parts = bench_feed_parts(src / name, name, scenes=72 if smoke else 360, repeats=2 if smoke else 5, cache=cache)
+        download, converted = write_feed_set(Path(tmp), smoke)
+        cache = Path(tmp) / "cache"  # the index goes with the files, not into the user's cache folder
+        parts = bench_feed_parts(download, name, scenes=72 if smoke else 360, repeats=2 if smoke else 5, cache=cache)
         for r in parts:
             log(f"  feed part: {r['provider']}: {r['microseconds']:.1f} us")
         measured = bench_feed(
-            src / name,
-            Path(tmp) / "converted",
+            download,
+            converted,
             name,
             worker_counts,
             batches=8 if smoke else 100,
@@ -509,7 +516,17 @@ def main(argv=None) -> int:
         type=Path,
         help="a JSON file for the rows, with the machine, the command and the load (uptime) before and after",
     )
+    parser.add_argument(
+        "--write-feed-set",
+        type=Path,
+        metavar="FOLDER",
+        help="only write the feed group's set into FOLDER, as downloaded (src/) and converted (converted/)",
+    )
     args = parser.parse_args(argv)
+    if args.write_feed_set is not None:
+        download, converted = write_feed_set(args.write_feed_set, args.smoke)
+        print(f"wrote {download} and {converted}")
+        return 0
     print(f"data bench: {default_workers()} cores, torch {torch.__version__}")
     load_before = _uptime()
     rows = data_rows(args.smoke, scenes=args.scenes, groups=args.only or GROUPS, tensorflow=args.tensorflow)

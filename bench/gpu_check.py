@@ -21,6 +21,9 @@ first plan (the session's one long call):
                                                                     bench/train_step/
   train run          `gqn-fast train` on the built-in rooms for a minute at B = 36: the rate a
                      user gets, against the bench's step                  train_run/, train_run.log
+  train download     `gqn-fast train` from a DeepMind download and from its conversion, half a
+                     minute each at B = 36: the download's rate against the arrays'
+                                                                          train_download/
   bench profile      where a step's time goes (bench/profile_step.py: host against device time,
                      top kernels)                                          bench/profile/<preset>/
   other cuda tests   every other test marked `cuda`, with a small-preset training run on the GPU
@@ -55,6 +58,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -106,46 +110,32 @@ GQN_FAST = [sys.executable, "-m", "gqn_fast"]
 # Whole-model correctness on CUDA, run before anything is timed (under a minute on an H100-class
 # GPU with the workers compiling in parallel); the other CUDA tests run after the numbers.
 MODEL_TESTS = "cuda_cells_match_reference or bf16_autocast or cuda_graphed or jump_cuda_matches_reference"
-# The train run: the built-in rooms, small preset, B = 36, for a minute of steps (the fastest
-# mode the command offers: graphed, the default on one GPU); without a GPU, three CPU steps.
+# A user's train run on the GPU: small preset, B = 36 (the fastest mode the command offers:
+# graphed, the default on one GPU), a record every 50 steps, no checkpoint or picture on the way;
+# without a GPU, three CPU steps.
+RUN_ON_GPU = ["--preset", "small", "--batch", "36", "--steps", "10000000", "--log-every", "50"]
+RUN_ON_GPU += ["--checkpoint-every", "10000000", "--image-every", "10000000"]
+RUN_ON_CPU = ["--preset", "small", "--batch", "4", "--steps", "3", "--log-every", "1", "--device", "cpu"]
+# The train run: the built-in rooms for a minute of steps.
 TRAIN_RUN_ARGS = {
-    True: [
-        "--preset",
-        "small",
-        "--batch",
-        "36",
-        "--steps",
-        "10000000",
-        "--max-minutes",
-        "1",
-        "--log-every",
-        "50",
-        "--checkpoint-every",
-        "10000000",
-        "--image-every",
-        "10000000",
-    ],
-    False: [
-        "--preset",
-        "small",
-        "--batch",
-        "4",
-        "--steps",
-        "3",
-        "--builtin-scenes",
-        "16",
-        "--log-every",
-        "1",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-    ],
+    True: [*RUN_ON_GPU, "--max-minutes", "1"],
+    False: [*RUN_ON_CPU, "--builtin-scenes", "16", "--workers", "0"],
 }
+# The train runs from a download and from its conversion: half a minute each.
+TRAIN_DOWNLOAD_ARGS = {True: [*RUN_ON_GPU, "--max-minutes", "0.5"], False: RUN_ON_CPU}
+FEED_SET_NAME = "shepard_metzler_7_parts"  # bench/data_bench.py's FEED_SET
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
 PROFILE_PRESETS = ["small", "paper-tower"]
 # Seconds each part may take at most (the overall budget may cut them shorter).
-CAPS = {"install": 120, "environment": 30, "model_tests": 120, "cuda_tests": 300, "bench": 300, "train_run": 110}
+CAPS = {
+    "install": 120,
+    "environment": 30,
+    "model_tests": 120,
+    "cuda_tests": 300,
+    "bench": 300,
+    "train_run": 110,
+    "train_download": 100,
+}
 # Per CUDA test: a hypothesis test runs 15 examples, and each new channel count or image size
 # compiles the conv cell's three kernels anew (their loop bounds are constexprs), seconds each
 # with several workers compiling at once. The first H100 run (60 s per test, one process) was a
@@ -228,8 +218,9 @@ def environment(out: Path, clock: Clock, budgets: dict) -> tuple[str, bool]:
         "        'cuda available': torch.cuda.is_available()}\n"
         "try:\n    import triton; info['triton'] = triton.__version__\n"
         "except ImportError as e:\n    info['triton'] = f'missing ({e})'\n"
-        "try:\n    import google_crc32c; info['google-crc32c'] = 'installed'\n"
-        "except ImportError:\n    info['google-crc32c'] = 'missing (only the TFRecord reader needs it)'\n"
+        "for name in ('google_crc32c', 'simplejpeg'):\n"
+        "    try:\n        __import__(name); info[name] = 'installed'\n"
+        "    except ImportError:\n        info[name] = 'missing (only reading TFRecords needs it)'\n"
         "if torch.cuda.is_available():\n"
         "    p = torch.cuda.get_device_properties(0)\n"
         "    info.update({'gpu': p.name, 'capability': f'{p.major}.{p.minor}', 'SMs': p.multi_processor_count,\n"
@@ -385,24 +376,62 @@ def bench(out: Path, clock: Clock, gpu: bool, groups: list[str]) -> tuple[str, b
     return "; ".join(lines), ok, rows
 
 
-def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | None]:
-    """`gqn-fast train` as a user runs it (TRAIN_RUN_ARGS): (state, ok, its steps/s: the median
-    of its records after the first, which holds the start-up and the graphs' capture)."""
-    folder = out / "train_run"
-    command = [*GQN_FAST, "train", *TRAIN_RUN_ARGS[gpu], "--out", str(folder)]
-    code, took = run_logged(command, out / "train_run.log", clock.limit(CAPS["train_run"]))
+def run_rate(folder: Path) -> tuple[float | None, int]:
+    """(steps/s of a `gqn-fast train` run: the median of its records after the first, which holds
+    the start-up and the graphs' capture; the last step logged)."""
     records = []
     try:
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         pass
     rates = sorted(r["steps_per_s"] for r in records[1:] or records)
-    rate = rates[len(rates) // 2] if rates else None
-    steps = records[-1]["step"] if records else 0
+    return (rates[len(rates) // 2] if rates else None), (records[-1]["step"] if records else 0)
+
+
+def train_run(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool, float | None]:
+    """`gqn-fast train` as a user runs it (TRAIN_RUN_ARGS): (state, ok, its steps/s)."""
+    folder = out / "train_run"
+    command = [*GQN_FAST, "train", *TRAIN_RUN_ARGS[gpu], "--out", str(folder)]
+    code, took = run_logged(command, out / "train_run.log", clock.limit(CAPS["train_run"]))
+    rate, steps = run_rate(folder)
     where = "B=36 on the GPU" if gpu else "a few CPU steps (no GPU)"
     measured = f"{rate:.2f} steps/s" if rate is not None else "no rate logged"
     state = f"{where}: {steps} steps, {measured} (exit {code} in {took:.0f} s)"
     return state, code == 0 and rate is not None, rate
+
+
+def train_download(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
+    """`gqn-fast train` from a DeepMind download and from its conversion, one after the other
+    (TRAIN_DOWNLOAD_ARGS, the loader's workers as train chooses them): the download's steps/s
+    against the converted arrays'. The set (bench/data_bench.py's feed set) is written outside
+    `out`, which is archived, and removed after."""
+    folder = out / "train_download"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write = [sys.executable, str(ROOT / "bench" / "data_bench.py"), "--write-feed-set", tmp]
+        code, took = run_logged(write + ([] if gpu else ["--smoke"]), folder / "write.log", clock.limit(60))
+        if code != 0:
+            return f"writing the set: exit {code} in {took:.0f} s (train_download/write.log)", False
+        data = {"converted": Path(tmp) / "converted", "download": Path(tmp) / "src" / FEED_SET_NAME}
+        rates, states = {}, []
+        for source, root in data.items():
+            command = [
+                *GQN_FAST,
+                "train",
+                "--data",
+                str(root),
+                *TRAIN_DOWNLOAD_ARGS[gpu],
+                "--out",
+                str(folder / source),
+            ]
+            env = {"GQN_FAST_CACHE": str(Path(tmp) / "cache")}  # the download's index: not in the user's cache
+            code, took = run_logged(command, folder / f"{source}.log", clock.limit(CAPS["train_download"] / 2), env)
+            rates[source], steps = run_rate(folder / source)
+            measured = f"{rates[source]:.2f} steps/s" if rates[source] is not None else "no rate logged"
+            states.append(f"{source} {steps} steps, {measured} (exit {code} in {took:.0f} s)")
+    ok = None not in rates.values()
+    ratio = f"; download / converted {rates['download'] / rates['converted']:.3f}" if ok else ""
+    return "; ".join(states) + ratio, ok
 
 
 # The model in the box: a small-preset run on the GPU beside the other CUDA tests (which mostly
@@ -586,6 +615,7 @@ def main(argv=None) -> int:
             ("model tests", lambda: cuda_tests(out, clock, gpu, "model_tests", MODEL_TESTS, CAPS["model_tests"])),
             ("bench train_step", bench_part(FIRST_BENCH)),
             ("train run", train_part),
+            ("train download", lambda: train_download(out, clock, gpu)),
             ("bench profile", bench_part(["profile"])),
             ("other cuda tests", lambda: tests_beside_a_training_run(out, clock, gpu)),
             ("bench other", bench_part(OTHER_BENCH)),

@@ -29,12 +29,13 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert "every part ran to the end" in summary
     # The parts in the order of the first call: the whole model's correctness before any speed.
     parts = [line.split(":")[0] for line in summary.splitlines()[1:] if not line.startswith(" ")]
-    assert parts[:8] == [
+    assert parts[:9] == [
         "install",
         "environment",
         "model tests",
         "bench train_step",
         "train run",
+        "train download",
         "bench profile",
         "other cuda tests",
         "bench other",
@@ -52,6 +53,14 @@ def test_dry_run_without_a_gpu(tmp_path):
     assert any("graphed_training_follows_eager" in t for t in model)
     records = [json.loads(line) for line in (out / "train_run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3 and "train run: a few CPU steps (no GPU): 3 steps" in summary
+    # The same runs from a download and from its conversion, the set written outside the archive.
+    for source in ("converted", "download"):
+        records = [
+            json.loads(line) for line in (out / "train_download" / source / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert records[-1]["step"] == 3, source
+        assert f"{source} 3 steps" in summary
+    assert "download / converted " in summary
     # The run beside the other CUDA tests, exported as the model in the box (fp16 safetensors).
     assert "box run: step-00000003.pt (exit 0), exported to box_model/ (exit 0)" in summary
     from gqn_fast.model_file import read_model_file
@@ -67,6 +76,7 @@ def test_dry_run_without_a_gpu(tmp_path):
         names = tar.getnames()
         assert "check/summary.txt" in names and "check/bench/smoke/kernels/results.json" in names
         assert "check/box_model/model.safetensors" in names and not [n for n in names if "/checkpoints" in n]
+        assert not [n for n in names if n.endswith((".tfrecord", ".npy"))]  # no data set in the archive
     assert archive.stat().st_size < 16 * 2**20  # what the device tool brings back
 
 
