@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -36,6 +35,7 @@ from gqn_fast.evaluate import (
     prediction_errors,
     scene_views,
     split_views,
+    write_report,
 )
 from gqn_fast.images import save_grid
 from gqn_fast.reference import transform_viewpoint
@@ -235,15 +235,13 @@ def run_tsne(ns: argparse.Namespace) -> int:
         ],
     }
     out = output_folder(ns.out, ns.checkpoint, "analyze-tsne", model_file.step)
-    (out / "tsne.json").write_text(json.dumps(result, indent=1))
-    acc = result["nearest_neighbour_accuracy"]
-    plot_tsne(
-        xy,
-        scene_ids.numpy(),
-        labels,
+    write_report(
+        out / "tsne.json",
+        result,
         out / "tsne.png",
-        tsne_title(result),
+        lambda report, picture: plot_tsne(xy, scene_ids.numpy(), labels, picture, tsne_title(report)),
     )
+    acc = result["nearest_neighbour_accuracy"]
     print(
         f"nearest-neighbour scene accuracy: r {acc['r']:g}, raw pixels {acc['pixels']:g}, "
         f"chance {acc['chance']:g}; wrote {out / 'tsne.json'} and {out / 'tsne.png'}"
@@ -415,10 +413,14 @@ def run_algebra(ns: argparse.Namespace) -> int:
         rows += [t["picture"] for t in triples]
     out = output_folder(ns.out, ns.checkpoint, "analyze-algebra", model_file.step)
     report["grid_columns"] = ["A", "B", "C", "", "D (truth)"] + methods
-    (out / "algebra.json").write_text(json.dumps(report, indent=1))
     short = {"r(A) - r(B) + r(C)": "r(A)-r(B)+r(C)", "r(D), the true context": "r(D)"}  # to fit under a cell
     names = [short.get(name, name) for name in report["grid_columns"]]
-    save_grid(rows, out / "algebra.png", captions=[None] * (len(rows) - 1) + [names])
+    write_report(
+        out / "algebra.json",
+        report,
+        out / "algebra.png",
+        lambda _, picture: save_grid(rows, picture, captions=[None] * (len(rows) - 1) + [names]),
+    )
     for prop, entry in report["properties"].items():
         errors = ", ".join(f"{name} {e['mse']:.4f}" for name, e in entry["mean"].items())
         print(f"{prop}: MSE against the true render of D: {errors}")
@@ -522,11 +524,15 @@ def run_composition(ns: argparse.Namespace) -> int:
         "per_scene": [{k: v for k, v in r.items() if k != "pictures"} for r in rows],
     }
     out = output_folder(ns.out, ns.checkpoint, "analyze-composition", model_file.step)
-    (out / "composition.json").write_text(json.dumps(report, indent=1))
     picked = [r for name in groups for r in [r for r in rows if r["group"] == name][: ns.show]]
     # Under each row: its group below the first context view, then what the last two cells are.
     captions = [[r["group"]] + [""] * ns.context + ["target", f"mean of {ns.samples} samples"] for r in picked]
-    save_grid([r["pictures"] for r in picked], out / "composition.png", captions=captions)
+    write_report(
+        out / "composition.json",
+        report,
+        out / "composition.png",
+        lambda _, picture: save_grid([r["pictures"] for r in picked], picture, captions=captions),
+    )
     for name, group in groups.items():
         if group["scenes"]:
             print(

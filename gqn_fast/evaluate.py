@@ -22,6 +22,7 @@ from tqdm import tqdm
 from gqn_fast.config import GRID_SIZE
 from gqn_fast.consistency import consistency_metrics, consistency_sums
 from gqn_fast.consistency import targets as consistency_targets
+from gqn_fast.data.format import write_json_atomic
 from gqn_fast.devices import device_of
 from gqn_fast.errors import Interrupted, UsageError, check_int
 from gqn_fast.images import save_gif, save_grid
@@ -335,6 +336,21 @@ def output_folder(out: str | None, checkpoint: Path, kind: str, step: int) -> Pa
     raise UsageError(f"{parent}: holds 10000 results for step {step} already; pass --out")
 
 
+def write_report(path: Path, report: dict, picture: Path, draw) -> None:
+    """A command's results: `report` as JSON at `path` (whole or not at all), then its picture,
+    `draw(report, picture)`. A Ctrl-C on the way leaves no half-drawn picture and says what was kept."""
+    written = False
+    try:
+        write_json_atomic(path, report)
+        written = True
+        draw(report, picture)
+    except KeyboardInterrupt:
+        picture.unlink(missing_ok=True)
+        if written:
+            raise Interrupted(f"kept {path}; its picture was not drawn") from None
+        raise
+
+
 def run_eval(ns: argparse.Namespace) -> int:
     check_int("--scenes", ns.scenes, 1)
     check_int("--batch", ns.batch, 1)
@@ -350,8 +366,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     metrics = evaluate(model, images, cameras, sigma, K, ns.scenes, ns.batch, ns.samples, ns.seed, device)
     metrics["checkpoint"], metrics["step"] = str(ns.checkpoint), model_file.step
     out = output_folder(ns.out, ns.checkpoint, "eval", model_file.step)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_curve(metrics, out / "context_curve.png")
+    write_report(out / "metrics.json", metrics, out / "context_curve.png", plot_curve)
     rec, pred, first = metrics["reconstruction"], metrics["prediction"], metrics["curve"][0]["prediction"]
     print(
         f"step {model_file.step}, {metrics['scenes']} test scenes, {K} context views:\n"

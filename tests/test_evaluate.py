@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import ctrl_c_at_module_call
+from helpers import ctrl_c_at_call, ctrl_c_at_module_call
 from tiny_run import make_tiny_checkpoint, make_tiny_dataset
 
 from gqn_fast import cli, evaluate
@@ -273,3 +273,14 @@ def test_ctrl_c_during_eval_is_one_line_and_writes_nothing(run, tmp_path, monkey
     assert cli.main(["eval", str(ckpt), "--scenes", "3", "--device", "cpu", "--out", str(out)]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "gqn-fast eval: interrupted: nothing written"
     assert not out.exists()
+
+
+def test_ctrl_c_while_eval_draws_its_picture_keeps_the_metrics(run, tmp_path, monkeypatch, capsys):
+    _, ckpt = run
+    ctrl_c_at_call(monkeypatch, evaluate, "plot_curve", 1)  # the metrics are written, the picture not yet
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(ckpt), "--scenes", "3", "--device", "cpu", "--out", str(out)]) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == f"gqn-fast eval: interrupted: kept {out / 'metrics.json'}; its picture was not drawn"
+    assert json.loads((out / "metrics.json").read_text())["scenes"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # no half-drawn picture, no temporary
