@@ -41,7 +41,7 @@ from gqn_fast.cli import main
 from gqn_fast.data import CorruptRecordError, SceneDataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind
 from gqn_fast.data.resize import area_resize, area_weights
-from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_records, scan_records
+from gqn_fast.data.tfrecord import crc32c, masked_crc32c, parse_example, read_records, scan_frames, scan_records
 
 # The reader checks every record's CRC32C with google-crc32c (a dependency; --no-deps installs lack it).
 pytest.importorskip("google_crc32c")
@@ -527,6 +527,25 @@ def _corrupt_payload(path, record, record_bytes):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_the_converter_names_the_first_damaged_file_in_order_whichever_worker_meets_its_error_first(tmp_path):
+    # File 1's damage is in its last record; file 3 is empty: its worker (done with the one record of
+    # file 2) meets that error first, yet the error named is file 1's, as the index names it.
+    src = tmp_path / "src"
+    write_dataset(src, "rooms_ring_camera", "train", [8, 1], seed=11)
+    folder = src / "rooms_ring_camera" / "train"
+    last = list(scan_frames(folder / "0001-of-2160.tfrecord"))[7]
+    with open(folder / "0001-of-2160.tfrecord", "rb+") as f:  # a byte of its payload flipped
+        f.seek(last.offset + last.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (folder / "0003-of-2160.tfrecord").write_bytes(b"")
+    for _ in range(3):
+        with pytest.raises(CorruptRecordError) as caught:
+            convert_deepmind(src, tmp_path / "out", "rooms_ring_camera", splits=("train",), workers=2, progress=False)
+        assert (Path(caught.value.path).name, caught.value.index) == ("0001-of-2160.tfrecord", 7)
 
 
 def test_corrupt_record_errors_travel_back_from_worker_processes(tmp_path, capsys):

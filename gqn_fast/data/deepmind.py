@@ -292,7 +292,8 @@ def _convert_task(args) -> dict:
 
 
 def _run(todo: list, workers: int, bar) -> None:
-    """convert_file for each task; the first error stops the others (their parts are redone)."""
+    """convert_file for each task; an error stops the others (their parts are redone), and the one
+    raised is that of the first damaged file in order, whichever worker met its error first."""
     if workers <= 1 or len(todo) <= 1:
         for task in todo:
             _convert_task(task)
@@ -300,7 +301,7 @@ def _run(todo: list, workers: int, bar) -> None:
         return
     # Leaving the block terminates the workers, also on an error or Ctrl-C.
     with worker_pool(min(workers, len(todo))) as pool:
-        for _ in pool.imap_unordered(_convert_task, todo):
+        for _ in pool.imap(_convert_task, todo):
             bar.update(1)
 
 
