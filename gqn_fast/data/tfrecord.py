@@ -206,22 +206,14 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int | tu
     """(field number, wire type, value) of the message buf[pos:end]: an int for a varint, the
     (start, end) of its bytes in buf for the other wire types."""
     while pos < end:
-        key = buf[pos]
-        if key < 0x80:  # one byte, as every key of an Example: no call
-            pos += 1
-        else:
-            key, pos = _varint(buf, pos, end)
+        key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(buf, pos, end)
             yield number, wire, value
             continue
         if wire == 2:
-            size = buf[pos] if pos < end else 0x80
-            if size < 0x80:
-                pos += 1
-            else:
-                size, pos = _varint(buf, pos, end)
+            size, pos = _varint(buf, pos, end)
         elif wire in _FIXED_SIZE:
             size = _FIXED_SIZE[wire]
         else:
