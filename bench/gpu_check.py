@@ -123,7 +123,6 @@ TRAIN_RUN_ARGS = {
 }
 # The train runs from a download and from its conversion: half a minute each.
 TRAIN_DOWNLOAD_ARGS = {True: [*RUN_ON_GPU, "--max-minutes", "0.5"], False: RUN_ON_CPU}
-FEED_SET_NAME = "shepard_metzler_7_parts"  # bench/data_bench.py's FEED_SET
 # "profile" is bench/profile_step.py (not a bench/run.py group), at B = 36 for these presets.
 PROFILE_PRESETS = ["small", "paper-tower"]
 # Seconds each part may take at most (the overall budget may cut them shorter).
@@ -412,7 +411,8 @@ def train_download(out: Path, clock: Clock, gpu: bool) -> tuple[str, bool]:
         code, took = run_logged(write + ([] if gpu else ["--smoke"]), folder / "write.log", clock.limit(60))
         if code != 0:
             return f"writing the set: exit {code} in {took:.0f} s (train_download/write.log)", False
-        data = {"converted": Path(tmp) / "converted", "download": Path(tmp) / "src" / FEED_SET_NAME}
+        (download,) = (Path(tmp) / "src").iterdir()  # the one set written, under its DeepMind name
+        data = {"converted": Path(tmp) / "converted", "download": download}
         rates, states = {}, []
         for source, root in data.items():
             command = [
