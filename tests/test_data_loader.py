@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch.utils.data.distributed import DistributedSampler
 
 from gqn_fast.data import BatchPlanner, SceneDataset, make_dataset, make_loader, to_model_inputs
+from gqn_fast.data.loader import SceneLoader
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,16 @@ def test_same_seed_same_batches_any_workers_and_new_epochs_differ(root):
     assert plans(7, 0) == plans(7, 0)
     assert plans(7, 0) != plans(7, 1)
     assert plans(7, 0) != plans(8, 0)
+
+
+def test_a_memory_mapped_split_gathered_in_worker_processes_gives_the_same_batches(root):
+    # Threads serve a converted split; processes (writing into shared slots) must give the same.
+    dataset = SceneDataset(root, "train")
+    expected = list(make_loader(dataset, "train", 4, 9, seed=3, drop_last=False, pin_memory=False))
+    planner = BatchPlanner(dataset.num_scenes, dataset.num_views, 4, 9, seed=3, drop_last=False)
+    loader = SceneLoader(dataset, planner, num_workers=2, prefetch_factor=1, processes=True)
+    assert_same_batches(expected, list(loader))  # 8 batches through 2 slots, the last of 1 scene
+    loader.close()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
