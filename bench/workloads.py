@@ -479,6 +479,7 @@ def kernel_rows(device, dtypes, sizes, smoke, repeats, copy_GBps, log):
                             outs = out if isinstance(out, tuple) else (out,)
                             torch.autograd.backward([o.float().sum() for o in outs])
 
+                    what = dict(workload=op, provider=name, mode=mode, batch=B, precision=str(dtype).split(".")[-1])
                     try:
                         start = time.perf_counter()
                         run()
@@ -486,27 +487,14 @@ def kernel_rows(device, dtypes, sizes, smoke, repeats, copy_GBps, log):
                         timing = time_fn(run, device, repeats=repeats)
                     except Exception as error:
                         log(f"  {op} B={B} {name} {mode}: FAILED {type(error).__name__}: {error}")
-                        rows.append(
-                            dict(
-                                workload=op,
-                                provider=name,
-                                mode=mode,
-                                batch=B,
-                                precision=str(dtype).split(".")[-1],
-                                error=str(error),
-                            )
-                        )
+                        rows.append(dict(what, error=str(error)))
                         continue
                     moved = fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0)
                     gbps = moved / timing.median_ms / 1e6
                     log(f"  {op} B={B} {str(dtype)[6:]} {name} {mode}: {timing.median_ms:.4f} ms, {gbps:.0f} GB/s")
                     rows.append(
                         dict(
-                            workload=op,
-                            provider=name,
-                            mode=mode,
-                            batch=B,
-                            precision=str(dtype).split(".")[-1],
+                            what,
                             median_ms=timing.median_ms,
                             p20_ms=timing.p20_ms,
                             p80_ms=timing.p80_ms,
