@@ -74,6 +74,12 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
             assert image.width > 100 and image.height > 100
 
 
+def merge(out, *runs):
+    """bench/report.py merging the run folders `runs` into `out`, as a user calls it."""
+    command = [sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(out), *map(str, runs)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 def test_merged_runs_keep_each_rows_commit(tmp_path):
     """bench/report.py --out DIR RUN...: one table from runs of one preset each."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -99,18 +105,7 @@ def test_merged_runs_keep_each_rows_commit(tmp_path):
         report.write(
             tmp_path / name, dict(env, commit=commit, date=name, command=f"run {name}"), {"copy_GBps": 1.0}, rows
         )
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "report.py"),
-            "--out",
-            str(tmp_path / "merged"),
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = merge(tmp_path / "merged", tmp_path / "a", tmp_path / "b")
     assert run.returncode == 0, run.stderr
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["environment"]["commit"] == "abc; def" and merged["environment"]["command"] == "run a; run b"
@@ -119,18 +114,7 @@ def test_merged_runs_keep_each_rows_commit(tmp_path):
     assert speedups[("paper-pool", "gqn_fast-eager")] == (4.0, "def")
     other = dict(env, device="NVIDIA H100", commit="x", date="c")
     report.write(tmp_path / "c", other, {"copy_GBps": 1.0}, [dict(row, provider="reference-eager")])
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "report.py"),
-            "--out",
-            str(tmp_path / "m2"),
-            str(tmp_path / "a"),
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = merge(tmp_path / "m2", tmp_path / "a", tmp_path / "c")
     assert run.returncode != 0 and "expected one device" in run.stderr
 
 
