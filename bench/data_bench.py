@@ -46,11 +46,10 @@ from threadpoolctl import threadpool_limits
 from gqn_fast.data.builtin import _worker_init, default_workers, make_dataset
 from gqn_fast.data.deepmind import DEEPMIND_DATASETS, convert_deepmind, decode_scene
 from gqn_fast.data.loader import (
-    BatchArrays,
     BatchPlan,
     BatchPlanner,
     SceneLoader,
-    batch_from_arrays,
+    batch_copied_from,
     make_loader,
     to_model_inputs,
 )
@@ -400,7 +399,7 @@ def bench_feed_parts(download: Path, name: str, scenes: int, repeats: int, cache
         ),
         # What the training loop's process does with a batch a worker wrote into a shared slot.
         "the batch out of its shared slot, per scene": (
-            lambda: batch_from_arrays(BatchArrays(*(a.copy() for a in arrays))),
+            lambda: batch_copied_from(arrays),
             36,
         ),
     }

@@ -70,6 +70,12 @@ def batch_from_arrays(arrays: BatchArrays) -> Batch:
     )
 
 
+def batch_copied_from(arrays: BatchArrays) -> Batch:
+    """The Batch of arrays that will be written over (a shared slot), copied out with numpy: one
+    thread, where torch's copy would wake its thread pool beside the workers."""
+    return batch_from_arrays(BatchArrays(*(a.copy() for a in arrays)))
+
+
 class BatchPlan(NamedTuple):
     """Scenes [B] of a batch and, per scene, the views [B, M + 1]: M context views, then the query."""
 
@@ -300,8 +306,7 @@ class SceneLoader:
         arrays = self._shared.arrays(k % self._shared.slots, *np.shape(plan.views))
         if self.pin_memory:  # the copy into pinned memory is the one copy out of the slot
             return self._pinned(batch_from_arrays(arrays))
-        # numpy's copy: one thread, where torch's would wake its thread pool beside the workers
-        return batch_from_arrays(BatchArrays(*(a.copy() for a in arrays)))
+        return batch_copied_from(arrays)
 
     def close(self) -> None:
         """Stop the workers (a later pass starts new ones)."""
